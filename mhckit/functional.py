@@ -1,0 +1,106 @@
+"""Public functional API: the fast default path, same names and signatures as :mod:`mhckit.reference`.
+
+Each function takes ``backend=`` (``"auto"``, ``"torch"``, ``"reference"``; see :mod:`mhckit.ops`).
+The ``torch`` backend differs from the reference only in how it computes, never in what: its
+Sinkhorn saves just the logits and recomputes the iterations in backward
+(:class:`mhckit.ops.autograd.SinkhornFunction`), and its pre / post-res use single batched matmuls.
+Parity with the reference (forward and every gradient) is tested.
+
+Shape legend: ``...`` leading dims, ``n`` streams, ``C`` width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._validate import (
+    check_coefficient,
+    check_iters,
+    check_phi_bias,
+    check_square,
+    check_streams,
+    compute_dtype,
+)
+from .ops import resolve_backend
+from .ops.autograd import SinkhornFunction
+from .reference import DEFAULT_RMS_EPS
+
+__all__ = ["sinkhorn", "mhc_logits", "mhc_coeffs", "mhc_pre", "mhc_post_res"]
+
+
+def sinkhorn(logits: Tensor, iters: int = 20, *, backend: str = "auto") -> Tensor:
+    """Sinkhorn-Knopp onto the doubly stochastic matrices; see :func:`mhckit.reference.sinkhorn`."""
+    if resolve_backend(backend) == "reference":
+        return reference.sinkhorn(logits, iters)
+    check_square(logits, "logits")
+    check_iters(iters)
+    return SinkhornFunction.apply(logits.to(compute_dtype(logits)), iters)
+
+
+def mhc_logits(
+    x: Tensor,
+    phi: Tensor,
+    bias: Tensor,
+    alpha: Tensor,
+    *,
+    rms_eps: float = DEFAULT_RMS_EPS,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gated dynamic logits ``(a_pre, a_post, a_res)``; see :func:`mhckit.reference.mhc_logits`."""
+    resolve_backend(backend)
+    return reference.mhc_logits(x, phi, bias, alpha, rms_eps=rms_eps)
+
+
+def mhc_coeffs(
+    x: Tensor,
+    phi: Tensor,
+    bias: Tensor,
+    alpha: Tensor,
+    *,
+    iters: int = 20,
+    rms_eps: float = DEFAULT_RMS_EPS,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(h_pre, h_post, h_res)`` of one mHC sublayer; see :func:`mhckit.reference.mhc_coeffs`."""
+    if resolve_backend(backend) == "reference":
+        return reference.mhc_coeffs(x, phi, bias, alpha, iters=iters, rms_eps=rms_eps)
+    n, c = check_streams(x, "x")
+    check_phi_bias(phi, bias, n, c, res_logits=n * n)
+    check_iters(iters)
+    a_pre, a_post, a_res = reference.mhc_logits(x, phi, bias, alpha, rms_eps=rms_eps)
+    h_res = SinkhornFunction.apply(a_res.unflatten(-1, (n, n)), iters)
+    return torch.sigmoid(a_pre), 2.0 * torch.sigmoid(a_post), h_res
+
+
+def mhc_pre(x: Tensor, h_pre: Tensor, *, backend: str = "auto") -> Tensor:
+    """``u = sum_j h_pre[j] x[j]``, ``[..., n, C] -> [..., C]``; see :func:`mhckit.reference.mhc_pre`."""
+    if resolve_backend(backend) == "reference":
+        return reference.mhc_pre(x, h_pre)
+    n, _ = check_streams(x, "x")
+    check_coefficient(h_pre, "h_pre", x.shape[:-2] + (n,))
+    u = torch.matmul(h_pre.unsqueeze(-2), x.to(h_pre.dtype))  # [..., 1, C]
+    return u.squeeze(-2).to(x.dtype)
+
+
+def mhc_post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, *, backend: str = "auto") -> Tensor:
+    """``x_new = h_res @ x + h_post y``; see :func:`mhckit.reference.mhc_post_res`."""
+    if resolve_backend(backend) == "reference":
+        return reference.mhc_post_res(x, y, h_post, h_res)
+    n, c = check_streams(x, "x")
+    lead = x.shape[:-2]
+    check_coefficient(y, "y", lead + (c,))
+    check_coefficient(h_post, "h_post", lead + (n,))
+    check_coefficient(h_res, "h_res", lead + (n, n))
+    dt = h_res.dtype
+    mixed = torch.matmul(h_res, x.to(dt))  # [..., n, C]
+    return torch.addcmul(mixed, h_post.to(dt).unsqueeze(-1), y.to(dt).unsqueeze(-2)).to(x.dtype)
+
+
+def residual_update(x: Tensor, y: Tensor, h_post: Tensor) -> Tensor:
+    """``x_new[k] = x[k] + h_post[k] y`` (``h_res = I``, the identity / iHC variant)."""
+    n, c = check_streams(x, "x")
+    check_coefficient(h_post, "h_post", x.shape[:-2] + (n,))
+    dt = h_post.dtype
+    return (x.to(dt) + h_post.unsqueeze(-1) * y.to(dt).unsqueeze(-2)).to(x.dtype)

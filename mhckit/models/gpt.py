@@ -1,0 +1,171 @@
+"""A compact GPT whose residual variant is one config field.
+
+Pre-norm blocks (RMSNorm), causal self-attention through ``scaled_dot_product_attention`` with
+RoPE, a SwiGLU MLP, tied or untied embeddings. Attention and MLP are separate hyper-connection
+sublayers (layer indices ``2i`` and ``2i + 1``); the streams are expanded once after the
+embedding and reduced once before the final norm. ``GPTConfig.hc.variant = "residual"`` gives a
+plain pre-norm GPT, bit for bit.
+
+Shape legend: ``B`` batch, ``T`` time, ``n`` streams, ``C`` width, ``H`` heads, ``D`` head dim,
+``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MHCConfig
+from ..modules import HyperConnection, ReduceStreams, expand_streams
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # V (256 for the byte tokenizer)
+    seq_len: int = 128  # maximum context T (RoPE table size)
+    n_layer: int = 4  # transformer blocks (2 hyper-connection sublayers each)
+    n_head: int = 4  # attention heads H
+    d_model: int = 128  # width C
+    mlp_hidden: int = 0  # SwiGLU hidden width; 0 means 8/3 * C rounded up to a multiple of 16
+    tie_embeddings: bool = True  # share the token embedding and the LM head
+    rope_base: float = 10000.0  # RoPE frequency base
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    init_std: float = 0.02  # std of weight init; output projections are scaled by 1/sqrt(2 n_layer)
+    reduce: str = "mean"  # stream collapse before the final norm: "mean", "sum" or "head"
+    hc: MHCConfig = field(default_factory=MHCConfig)  # the hyper-connection (variant, n_streams, ...)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: got {v!r}; expected a positive int")
+        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+            raise ValueError(
+                f"d_model: got {self.d_model} with n_head={self.n_head}; expected d_model divisible by "
+                "n_head with an even head dim (RoPE)"
+            )
+        if isinstance(self.hc, dict):
+            self.hc = MHCConfig(**self.hc)
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_hidden or 16 * math.ceil(8 * self.d_model / 3 / 16)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_table(seq_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # [D/2]
+    ang = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)  # [T, D/2]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (first half, second half) of the head dim; ``x: [B, H, T, D]``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    """Branch ``RMSNorm -> causal multi-head attention with RoPE``: ``[B, T, C] -> [B, T, C]``."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        cos, sin = rope_table(cfg.seq_len, cfg.d_model // cfg.n_head, cfg.rope_base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, u: Tensor) -> Tensor:
+        b, t, c = u.shape
+        q, k, v = self.qkv(self.norm(u)).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        cos, sin = self.cos[:t], self.sin[:t]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D]
+        return self.out(y.transpose(1, 2).reshape(b, t, c))
+
+
+class MLP(nn.Module):
+    """Branch ``RMSNorm -> SwiGLU``: ``[..., C] -> [..., C]``."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.hidden, bias=False)
+        self.out = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
+
+    def forward(self, u: Tensor) -> Tensor:
+        gate, up = self.gate_up(self.norm(u)).chunk(2, dim=-1)
+        return self.out(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, index: int):
+        super().__init__()
+        self.attn = HyperConnection(cfg.d_model, Attention(cfg), layer_index=2 * index, config=cfg.hc)
+        self.mlp = HyperConnection(cfg.d_model, MLP(cfg), layer_index=2 * index + 1, config=cfg.hc)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.attn(x))
+
+
+class GPT(nn.Module):
+    """``tokens [B, T] -> logits [B, T, V]`` (and the mean cross-entropy if ``targets`` are given)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_streams = cfg.hc.streams
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.reduce = ReduceStreams(cfg.d_model, self.n_streams, cfg.reduce)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; output projections scaled by ``1/sqrt(2 n_layer)``, and by
+        ``1/sqrt(n)`` more when the streams are summed at the end (HC, arXiv 2409.19606)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layer)
+        if self.cfg.reduce == "sum":
+            out_std /= math.sqrt(self.n_streams)
+        nn.init.normal_(self.embed.weight, std=std)
+        nn.init.normal_(self.head.weight, std=std)
+        for block in self.blocks:
+            for branch in (block.attn.branch, block.mlp.branch):
+                for name, p in branch.named_parameters():
+                    if name.endswith("norm.weight"):
+                        nn.init.ones_(p)
+                    else:
+                        nn.init.normal_(p, std=out_std if name.startswith("out.") else std)
+
+    def forward(self, tokens: Tensor, targets: Tensor | None = None):
+        if tokens.dim() != 2 or tokens.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"tokens.shape: got {tuple(tokens.shape)}; expected [B, T] with T <= seq_len={self.cfg.seq_len}")
+        x = expand_streams(self.embed(tokens), self.n_streams)  # [B, T, n, C]
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm(self.reduce(x)))  # [B, T, V]
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
