@@ -1,0 +1,39 @@
+"""Shared test helpers: one per-dtype tolerance table and small factories."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# (rtol, atol) for comparing a fast path with the reference run in the same dtype.
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+
+def assert_close(actual, expected, dtype=None, msg=""):
+    rtol, atol = TOL[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}")
+
+
+def make_mhc_inputs(lead, n, c, dtype=torch.float64, seed=0, phi_scale=0.5, requires_grad=False):
+    """Random streams and mHC parameters with non-zero phi, bias and alpha."""
+    g = torch.Generator().manual_seed(seed)
+    k = n * n + 2 * n
+    x = torch.randn(*lead, n, c, generator=g, dtype=torch.float64).to(dtype)
+    phi = torch.randn(n * c, k, generator=g, dtype=torch.float64) * phi_scale / (n * c) ** 0.5
+    bias = torch.randn(k, generator=g, dtype=torch.float64)
+    alpha = torch.rand(3, generator=g, dtype=torch.float64) + 0.2
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    out = [x, phi.to(pdt), bias.to(pdt), alpha.to(pdt)]
+    if requires_grad:
+        out = [t.detach().requires_grad_() for t in out]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,87 @@
+"""mhckit.functional (the fast default path) against mhckit.reference: forward and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mhckit import functional as F
+from mhckit import reference as R
+from tests.conftest import TOL, make_mhc_inputs
+
+SHAPES = [((5,), 1, 3), ((2, 3), 2, 16), ((7,), 3, 10), ((2, 5), 4, 24), ((3,), 6, 5)]
+
+
+def _run(mod, x, phi, bias, alpha, y):
+    h_pre, h_post, h_res = mod.mhc_coeffs(x, phi, bias, alpha, iters=20)
+    u = mod.mhc_pre(x, h_pre)
+    out = mod.mhc_post_res(x, y + u, h_post, h_res)  # y depends on u: exercises the chain
+    return h_pre, h_post, h_res, u, out
+
+
+def _loss(outs, weights):
+    return sum((o.float() * w).sum() for o, w in zip(outs, weights))
+
+
+@pytest.mark.parametrize("lead,n,c", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_and_all_gradients_match_reference(lead, n, c, dtype):
+    x, phi, bias, alpha = make_mhc_inputs(lead, n, c, dtype=dtype, seed=n + c, requires_grad=True)
+    y = torch.randn(*lead, c, dtype=dtype, requires_grad=True)
+    leaves = (x, phi, bias, alpha, y)
+    ref = _run(R, *leaves)
+    fast = _run(F, *leaves)
+    weights = [torch.randn(o.shape, dtype=torch.float32) for o in ref]
+    g_ref = torch.autograd.grad(_loss(ref, weights), leaves)
+    g_fast = torch.autograd.grad(_loss(fast, weights), leaves)
+    rtol, atol = TOL[dtype]
+    for name, a, b in zip(("h_pre", "h_post", "h_res", "u", "x_new"), fast, ref):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
+    for name, a, b in zip(("x", "phi", "bias", "alpha", "y"), g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=rtol * 10, atol=atol * 10, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_gradcheck_float64(n):
+    x, phi, bias, alpha = make_mhc_inputs((2,), n, 3, seed=11, requires_grad=True)
+    y = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, phi, bias, alpha, y):
+        h_pre, h_post, h_res = F.mhc_coeffs(x, phi, bias, alpha, iters=5)
+        return F.mhc_post_res(x, y * F.mhc_pre(x, h_pre).sum(), h_post, h_res)
+
+    assert torch.autograd.gradcheck(fn, (x, phi, bias, alpha, y))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_streams_error_at_most_twice_the_references(dtype):
+    """flash-attention's rule: fast path's error vs fp32 reference <= 2x the reference's own error in dtype."""
+    lead, n, c = (4, 16), 4, 64
+    x32, phi, bias, alpha = make_mhc_inputs(lead, n, c, dtype=torch.float32, seed=3)
+    y32 = torch.randn(*lead, c)
+    gold = _run(R, x32, phi, bias, alpha, y32)
+    xh, yh = x32.to(dtype), y32.to(dtype)
+    ref_h = _run(R, xh, phi, bias, alpha, yh)
+    fast_h = _run(F, xh, phi, bias, alpha, yh)
+    for name, g, r, f in zip(("h_pre", "h_post", "h_res", "u", "x_new"), gold, ref_h, fast_h):
+        assert f.dtype == r.dtype, name
+        err_ref = (r.float() - g.float()).abs().max().item()
+        err_fast = (f.float() - g.float()).abs().max().item()
+        assert err_fast <= 2 * err_ref + 1e-6, f"{name}: fast {err_fast} vs reference {err_ref}"
+
+
+def test_backend_reference_is_the_reference():
+    x, phi, bias, alpha = make_mhc_inputs((3,), 4, 8, seed=5)
+    a = F.mhc_coeffs(x, phi, bias, alpha, backend="reference")
+    b = R.mhc_coeffs(x, phi, bias, alpha)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_unknown_and_unavailable_backends_raise():
+    x = torch.randn(2, 4, 4)
+    with pytest.raises(ValueError, match=r"backend: got 'cuda-magic'.*expected one of"):
+        F.sinkhorn(x, backend="cuda-magic")
+    with pytest.raises(ValueError, match=r"backend: got 'triton', which is not available"):
+        F.sinkhorn(x, backend="triton")
