@@ -1,25 +1,36 @@
-"""The ``mhckit`` command."""
+"""The ``mhckit`` command: ``mhckit <command> [options]``; ``mhckit <command> --help`` for each."""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
+
+COMMANDS = {
+    "compare": ("mhckit.train.compare", "train residual / HC / mHC / mHC-lite GPTs and write a report (the main job)"),
+    "train": ("mhckit.train.cli_train", "train one GPT from a preset and --key=value overrides"),
+    "sample": ("mhckit.train.sample", "generate text from a checkpoint"),
+    "diagnose": ("mhckit.train.diagnose", "diagnostics and plots for a checkpoint"),
+    "demo": ("mhckit.demo", "a 10-second end-to-end example (no download)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: mhckit <command> [options]", "", "commands:"]
+    lines += [f"  {name:9s} {doc}" for name, (_, doc) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mhckit", description="Manifold-Constrained Hyper-Connections toolkit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train tiny residual and mHC GPTs on CPU and print gain diagnostics")
-    demo.add_argument("--steps", type=int, default=60, help="training steps per model (default 60)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        if args.steps < 1:
-            parser.error(f"--steps: got {args.steps}; expected an int >= 1")
-        from .demo import run
-
-        run(steps=args.steps, seed=args.seed)
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"mhckit: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ RESIDUAL_VARIANTS = ("residual",)
 class MHCConfig:
     """Everything that defines one hyper-connection sublayer (besides its width and branch)."""
 
-    variant: str = "mhc"  # one of VARIANTS
+    variant: str = "mhc"  # "residual", "hc", "mhc", "mhc-lite" or "identity"
     n_streams: int = 4  # n, residual streams; 1 (or variant="residual") gives exactly x + f(x)
-    init: str = "preserving"  # one of INITS
+    init: str = "preserving"  # "preserving" (function-preserving, h_res learns) or "identity" (public-code start)
     sinkhorn_iters: int = 20  # t_max, Sinkhorn-Knopp iterations (mhc)
     alpha_init: float = 0.01  # initial value of the scalar gates alpha (pre, post, res)
     res_init_strength: float = 3.0  # logit margin of the soft-identity h_res of the "preserving" start

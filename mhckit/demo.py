@@ -46,6 +46,20 @@ def train(variant: str, data: torch.Tensor, steps: int, seed: int) -> tuple[GPT,
     return model, losses, time.perf_counter() - t0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``mhckit demo [--steps N] [--seed S]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="mhckit demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="training steps per model (default 60)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps: got {args.steps}; expected an int >= 1")
+    run(steps=args.steps, seed=args.seed)
+    return 0
+
+
 def run(steps: int = 60, seed: int = 0) -> dict:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     data = load_bytes()

@@ -1,0 +1,181 @@
+"""Checkpoints that survive being killed at any moment.
+
+Layout of ``<run>/checkpoints/step_00000100/``:
+    model.safetensors   weights (safetensors: no pickle, tied weights handled)
+    state.pt            optimiser, RNG and data-sampler state (loaded with ``weights_only=True``)
+    meta.json           step, config, metrics summary and the sha256 of the two files above
+
+A checkpoint is written into ``step_XXXXXXXX.tmp/``, flushed, and renamed into place, so a
+directory without the ``.tmp`` suffix is always complete; ``<run>/checkpoints/LATEST`` (also
+replaced atomically) names the newest one. The loader verifies the checksums and falls back to
+the previous complete checkpoint, saying which file was bad.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CKPT_DIR = "checkpoints"
+FILES = ("model.safetensors", "state.pt")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (missing, truncated or corrupted)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    meta: dict[str, Any]
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CKPT_DIR
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write a complete checkpoint atomically and prune old ones; returns its directory."""
+    from safetensors.torch import save_file
+
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = _dedupe_shared(model_state)
+    save_file(weights, str(tmp / FILES[0]))
+    torch.save(state, tmp / FILES[1])
+    for name in FILES:
+        with open(tmp / name, "rb+") as f:
+            os.fsync(f.fileno())
+    meta = dict(meta, step=step, sha256={name: _sha256(tmp / name) for name in FILES})
+    _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_atomic(root / "LATEST", final.name.encode())
+    _prune(root, keep)
+    return final
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies; tensors sharing storage (tied weights) are stored once."""
+    out, seen = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.device.type != "meta" else None
+        if key is not None and key in seen:
+            continue
+        seen[key] = name
+        out[name] = t.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = complete_checkpoints(root.parent)
+    for ckpt in done[:-keep]:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    for stale in root.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first (``.tmp`` ones are never complete)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Return ``meta`` if every file is present with its recorded sha256, else raise CheckpointError."""
+    meta_path = path / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable ({e})") from e
+    for name in FILES:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if _sha256(f) != meta.get("sha256", {}).get(name):
+            raise CheckpointError(f"{f}: checksum mismatch (truncated or corrupted)")
+    return meta
+
+
+def find_checkpoint(run_dir: Path, log=print) -> Checkpoint | None:
+    """The newest checkpoint that verifies; bad ones are reported through ``log`` and skipped."""
+    for path in reversed(complete_checkpoints(run_dir)):
+        try:
+            meta = verify_checkpoint(path)
+        except CheckpointError as e:
+            log(f"checkpoint {path.name} rejected: {e}; trying the previous one")
+            continue
+        return Checkpoint(path, int(meta["step"]), meta)
+    return None
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Load ``model.safetensors`` into ``model`` (tied weights restored from their one copy)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / FILES[0]))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {n for n in missing if _is_tied(model, n, weights)}
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{path / FILES[0]}: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+
+
+def _is_tied(model: nn.Module, name: str, weights: dict) -> bool:
+    state = model.state_dict(keep_vars=True)
+    t = state[name]
+    return any(other in weights and state[other] is t for other in state if other != name)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """``state.pt`` without executing pickled code."""
+    return torch.load(path / FILES[1], map_location="cpu", weights_only=True)
