@@ -26,35 +26,54 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
-def _normalise(x: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``y = x / clamp(sum_dim(x))``; returns ``(y, divisor, unclamped_mask)``."""
-    s = x.sum(dim=dim, keepdim=True)
-    tiny = torch.finfo(x.dtype).tiny
-    c = s.clamp_min(tiny)
-    return x / c, c, s >= tiny
+def _tokens_last(t: Tensor) -> Tensor:
+    """``[..., n, n] -> [n, n, T]`` contiguous: reductions over the n x n axes then run over long,
+    contiguous token vectors (on the CPU ~50x faster than reducing tiny trailing axes)."""
+    n = t.shape[-1]
+    return t.reshape(-1, n, n).permute(1, 2, 0).contiguous()
+
+
+def _tokens_first(t: Tensor, shape: torch.Size) -> Tensor:
+    return t.permute(2, 0, 1).reshape(shape)
+
+
+# axis of the [n(rows k), n(cols j), T] layout that each normalisation sums over
+_ROWS, _COLS = 1, 0
+
+
+def _steps(iters: int) -> list[int]:
+    """Summation axes after the softmax (which normalised the columns): rows, cols, ..., rows."""
+    return [_ROWS if i % 2 == 0 else _COLS for i in range(2 * iters - 1)]
 
 
 def sinkhorn_forward(logits: Tensor, iters: int, keep: list | None = None) -> Tensor:
-    """Run the iterations; append ``(y, divisor, mask, dim)`` per step to ``keep`` if given."""
-    m = torch.softmax(logits, dim=-2)
+    """Sinkhorn on ``[n, n, T]`` logits, in place after the softmax.
+
+    If ``keep`` is a list, ``(y, divisor, unclamped_mask)`` of every normalisation is appended
+    (the softmax output first, with ``None`` for the divisor and mask).
+    """
+    tiny = torch.finfo(logits.dtype).tiny
+    m = torch.softmax(logits, dim=_COLS)
     if keep is not None:
-        keep.append((m, None, None, -2))
-    for step in range(2 * iters - 1):
-        dim = -1 if step % 2 == 0 else -2  # rows first (after the softmax's columns), rows last
-        m, c, ok = _normalise(m, dim)
+        keep.append((m, None, None))
+    for axis in _steps(iters):
+        s = m.sum(dim=axis, keepdim=True)
+        c = s.clamp_min(tiny)
+        m = m / c if keep is not None else m.div_(c)
         if keep is not None:
-            keep.append((m, c, ok, dim))
+            keep.append((m, c, s >= tiny))
     return m
 
 
 def sinkhorn_backward(logits: Tensor, iters: int, grad: Tensor) -> Tensor:
+    """Recompute the iterates of :func:`sinkhorn_forward` and walk them in reverse."""
     keep: list = []
     sinkhorn_forward(logits, iters, keep)
     g = grad
-    for y, c, ok, dim in reversed(keep[1:]):
-        g = (g - (g * y).sum(dim=dim, keepdim=True) * ok) / c
+    for axis, (y, c, ok) in zip(reversed(_steps(iters)), reversed(keep[1:])):
+        g = (g - (g * y).sum(dim=axis, keepdim=True) * ok) / c
     m = keep[0][0]
-    return m * (g - (g * m).sum(dim=-2, keepdim=True))
+    return m * (g - (g * m).sum(dim=_COLS, keepdim=True))
 
 
 class SinkhornFunction(torch.autograd.Function):
@@ -64,10 +83,158 @@ class SinkhornFunction(torch.autograd.Function):
     def forward(ctx, logits: Tensor, iters: int) -> Tensor:
         ctx.iters = iters
         ctx.save_for_backward(logits)
-        return sinkhorn_forward(logits, iters)
+        return _tokens_first(sinkhorn_forward(_tokens_last(logits), iters), logits.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         (logits,) = ctx.saved_tensors
-        return sinkhorn_backward(logits, ctx.iters, grad.to(logits.dtype)), None
+        g = sinkhorn_backward(_tokens_last(logits), ctx.iters, _tokens_last(grad.to(logits.dtype)))
+        return _tokens_first(g, logits.shape), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Stream read and write-back (mHC Eq. 3) for the CPU: elementwise passes instead of batched GEMMs
+# ----------------------------------------------------------------------------------------------
+# Per token the mixes are [1, n] @ [n, C] and [n, n] @ [n, C]; as a batched matmul over tokens
+# they run as thousands of tiny GEMMs (CPU bmm: ~10x slower than the elementwise passes below).
+#
+#   pre:       u = sum_j h_pre[j] x[j]
+#              du/dx[j] = h_pre[j] gu ;  dL/dh_pre[j] = <gu, x[j]>
+#   post_res:  x_new[k] = sum_j h_res[k, j] x[j] + h_post[k] y
+#              dL/dx[j] = sum_k h_res[k, j] g[k] ;  dL/dy = sum_k h_post[k] g[k]
+#              dL/dh_res[k, j] = <g[k], x[j]> ;  dL/dh_post[k] = <g[k], y>
+# Accumulation is in the coefficients' dtype (fp32 / fp64); outputs are cast to the streams' dtype.
+# Saved for backward: the inputs only (x, y and the small coefficient tensors).
+
+
+def _mix(coeff: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``out[..., k, :] (+)= sum_j coeff[..., k, j] * x[..., j, :]``: one in-place pass per ``j``.
+
+    In-place ``addcmul_`` matters on the CPU: a fresh ``[..., n, C]`` temporary per term costs
+    page faults that make the out-of-place form ~8x slower.
+    """
+    n = x.shape[-2]
+    shape = (*x.shape[:-2], coeff.shape[-2], x.shape[-1])
+    if out is None:
+        out = torch.zeros(shape, dtype=coeff.dtype, device=x.device)
+    for j in range(n):
+        out.addcmul_(coeff[..., :, j, None], x[..., j, None, :].to(coeff.dtype))
+    return out
+
+
+def _contract(g: Tensor, x: Tensor) -> Tensor:
+    """``[..., k, j] = <g[..., k, :], x[..., j, :]>`` (reduction over C), one reused temporary."""
+    n = x.shape[-2]
+    buf = torch.empty_like(g)
+    cols = [torch.mul(g, x[..., j, None, :].to(g.dtype), out=buf).sum(-1) for j in range(n)]  # n x [..., k]
+    return torch.stack(cols, dim=-1)
+
+
+class PreFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, h_pre: Tensor) -> Tensor:
+        ctx.save_for_backward(x, h_pre)
+        u = _mix(h_pre.unsqueeze(-2), x).squeeze(-2)  # [..., C]
+        return u.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gu: Tensor):
+        x, h_pre = ctx.saved_tensors
+        g = gu.to(h_pre.dtype).unsqueeze(-2)  # [..., 1, C]
+        grad_x = (h_pre.unsqueeze(-1) * g).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_h = _contract(g, x).squeeze(-2) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_h
+
+
+class PostResFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+        ctx.save_for_backward(x, y, h_post, h_res)
+        dt = h_res.dtype
+        out = h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)  # [..., n, C]
+        return _mix(h_res, x, out).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        x, y, h_post, h_res = ctx.saved_tensors
+        dt = h_res.dtype
+        g = g.to(dt)
+        need = ctx.needs_input_grad
+        grad_x = _mix(h_res.transpose(-1, -2), g).to(x.dtype) if need[0] else None
+        grad_y = _mix(h_post.to(dt).unsqueeze(-2), g).squeeze(-2).to(y.dtype) if need[1] else None
+        grad_post = (g * y.to(dt).unsqueeze(-2)).sum(-1).to(h_post.dtype) if need[2] else None
+        grad_res = _contract(g, x) if need[3] else None
+        return grad_x, grad_y, grad_post, grad_res
+
+
+# ----------------------------------------------------------------------------------------------
+# mHC coefficients (Eq. 7-9), fused: projection + RMS + gates + activations + Sinkhorn
+# ----------------------------------------------------------------------------------------------
+#   v = flatten(x) [T, nC];  r = sqrt(|v|^2 / nC + eps);  z = (v @ phi) / r   [T, K = 2n + n^2]
+#   a = gate * z + bias  (gate = alpha_pre | alpha_post | alpha_res per slice)
+#   h_pre = sigmoid(a_pre);  h_post = 2 sigmoid(a_post);  h_res = sinkhorn(a_res)
+# Backward, with da from the activations and the Sinkhorn recompute:
+#   dbias = sum_T da;  dalpha_i = sum_T sum_slice(i) da * z;  gz = gate * da
+#   dphi = v^T (gz / r);  dv = (gz / r) phi^T - v * sum_K(gz * z) / (nC r^2)
+# Saved: x (alive anyway), phi, bias, alpha and the small per-token r [T, 1] and z [T, K];
+# no [T, nC] float copy is kept for fp32 streams.
+
+
+class CoeffsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
+        n, c = x.shape[-2], x.shape[-1]
+        dt = phi.dtype
+        v = x.reshape(-1, n * c).to(dt)  # [T, nC]
+        r = torch.sqrt(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_() / (n * c) + rms_eps)  # [T, 1]
+        z = (v @ phi).div_(r)  # [T, K]
+        gate = _gates(alpha, n, phi.shape[1])
+        a = torch.addcmul(bias, z, gate)
+        h_pre = torch.sigmoid(a[:, :n])
+        h_post = torch.sigmoid(a[:, n : 2 * n]).mul_(2.0)
+        logits = a[:, 2 * n :].reshape(-1, n, n)
+        h_res = _tokens_first(sinkhorn_forward(_tokens_last(logits), iters), logits.shape)
+        ctx.save_for_backward(x, phi, alpha, r, z, a)
+        ctx.iters, ctx.lead = iters, x.shape[:-2]
+        lead = x.shape[:-2]
+        return h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_pre: Tensor, g_post: Tensor, g_res: Tensor):
+        x, phi, alpha, r, z, a = ctx.saved_tensors
+        n, c = x.shape[-2], x.shape[-1]
+        dt = phi.dtype
+        da = torch.zeros_like(a)
+        if g_pre is not None:
+            s = torch.sigmoid(a[:, :n])
+            da[:, :n] = g_pre.reshape(-1, n).to(dt) * s * (1 - s)
+        if g_post is not None:
+            s = torch.sigmoid(a[:, n : 2 * n])
+            da[:, n : 2 * n] = g_post.reshape(-1, n).to(dt) * 2 * s * (1 - s)
+        if g_res is not None:
+            logits = _tokens_last(a[:, 2 * n :].reshape(-1, n, n))
+            g = sinkhorn_backward(logits, ctx.iters, _tokens_last(g_res.reshape(-1, n, n).to(dt)))
+            da[:, 2 * n :] = _tokens_first(g, (a.shape[0], n, n)).reshape(-1, n * n)
+        gate = _gates(alpha, n, phi.shape[1])
+        grad_bias = da.sum(0)
+        dz = da * z
+        grad_alpha = torch.stack([dz[:, :n].sum(), dz[:, n : 2 * n].sum(), dz[:, 2 * n :].sum()])
+        gzr = (da * gate).div_(r)  # gz / r, [T, K]
+        v = x.reshape(-1, n * c).to(dt)
+        grad_phi = v.t() @ gzr if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            coef = (gzr * z).sum(-1, keepdim=True).div_(-(n * c) * r)  # -sum(gz z) / (nC r^2)
+            grad_v = (gzr @ phi.t()).addcmul_(v, coef)
+            grad_x = grad_v.reshape(x.shape).to(x.dtype)
+        return grad_x, grad_phi, grad_bias, grad_alpha.to(alpha.dtype), None, None
+
+
+def _gates(alpha: Tensor, n: int, k: int) -> Tensor:
+    """``[K]`` per-column gate: ``alpha[0]`` on pre, ``alpha[1]`` on post, ``alpha[2]`` on res."""
+    reps = torch.tensor([n, n, k - 2 * n], device=alpha.device)
+    return torch.repeat_interleave(alpha.to(torch.promote_types(alpha.dtype, torch.float32)), reps)

@@ -1,0 +1,90 @@
+"""One benchmark harness: interleaved runs (A B A B ...) in one process, medians and paired ratios.
+
+Every benchmark describes its cases as zero-argument callables that run one iteration (e.g.
+forward + backward of one layer). :func:`compare` warms each case up, then runs rounds in which
+every case runs once, in a rotating order, so that slow drift of the machine (thermal, other
+load) hits all cases alike; it reports each case's median time and the median over rounds of
+its time divided by the baseline's time in the same round (the paired ratio).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Result:
+    case: str
+    median_ms: float
+    ratio: float  # median of per-round ratios to the baseline
+    ratio_iqr: tuple[float, float]
+    rounds: int
+    params: dict = field(default_factory=dict)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def compare(
+    cases: dict[str, Callable[[], object]],
+    baseline: str,
+    *,
+    rounds: int = 15,
+    warmup: int = 3,
+    inner: int = 1,
+    device: str = "cpu",
+    params: dict | None = None,
+) -> list[Result]:
+    """Time every case interleaved; ratios are against ``cases[baseline]`` in the same round."""
+    names = list(cases)
+    for name in names:
+        for _ in range(warmup):
+            cases[name]()
+    _sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                cases[name]()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) / inner)
+    out = []
+    for name in names:
+        ratios = sorted(t / b for t, b in zip(times[name], times[baseline]))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else (ratios[0], ratios[-1])
+        out.append(Result(name, 1e3 * statistics.median(times[name]), statistics.median(ratios), (q[0], q[-1]),
+                          rounds, dict(params or {})))
+    return out
+
+
+def write_results(results: list[Result], path_stem: Path, meta: dict) -> None:
+    """``<stem>.csv`` (one row per case) and ``<stem>.md`` (a table with the run's metadata)."""
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for r in results for k in r.params})
+    with open(path_stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*keys, "case", "median_ms", "ratio_vs_baseline", "ratio_q1", "ratio_q3", "rounds", *meta])
+        for r in results:
+            w.writerow([*(r.params.get(k, "") for k in keys), r.case, f"{r.median_ms:.4f}", f"{r.ratio:.4f}",
+                        f"{r.ratio_iqr[0]:.4f}", f"{r.ratio_iqr[1]:.4f}", r.rounds, *meta.values()])
+    lines = [f"# {path_stem.name}", "", "```", json.dumps(meta, indent=1), "```", "",
+             "| " + " | ".join([*keys, "case", "median ms", "ratio (median, IQR)"]) + " |",
+             "|" + "---|" * (len(keys) + 3)]
+    for r in results:
+        cells = [*(str(r.params.get(k, "")) for k in keys), r.case, f"{r.median_ms:.3f}",
+                 f"{r.ratio:.3f} ({r.ratio_iqr[0]:.2f}-{r.ratio_iqr[1]:.2f})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    path_stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
