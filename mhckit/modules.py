@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from . import reference
+from . import recompute, reference
 from ._validate import check_choice, check_n_streams, check_streams
 from .config import MHCConfig
 from .constraints import IdentityConstraint, PermutationMixture, ResConstraint, SinkhornConstraint
@@ -230,8 +230,15 @@ class HyperConnection(nn.Module):
 
         def finish(y: Tensor) -> Tensor:
             if h_res is None:
-                return F.residual_update(x, y, h_post)
-            return F.mhc_post_res(x, y, h_post, h_res, backend=backend)
+                out = F.residual_update(x, y, h_post)
+                replay = (F.residual_update, y.detach(), h_post.detach())
+            else:
+                out = F.mhc_post_res(x, y, h_post, h_res, backend=backend)
+                replay = (_post_res_replay, y.detach(), h_post.detach(), h_res.detach(), backend)
+            rc = recompute.active()
+            if rc is not None:
+                rc.record(out, *replay)
+            return out
 
         return u, finish
 
@@ -243,6 +250,10 @@ class HyperConnection(nn.Module):
         if isinstance(out, tuple):
             return (finish(out[0]), *out[1:])
         return finish(out)
+
+
+def _post_res_replay(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, backend: str) -> Tensor:
+    return F.mhc_post_res(x, y, h_post, h_res, backend=backend)
 
 
 def expand_streams(x: Tensor, n: int) -> Tensor:

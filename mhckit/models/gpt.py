@@ -12,6 +12,7 @@ Shape legend: ``B`` batch, ``T`` time, ``n`` streams, ``C`` width, ``H`` heads, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -19,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import recompute
 from ..config import MHCConfig
 from ..modules import HyperConnection, ReduceStreams, expand_streams
+from ..recompute import StreamRecompute, default_interval
 
 
 @dataclass
@@ -36,6 +39,7 @@ class GPTConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     init_std: float = 0.02  # std of weight init; output projections are scaled by 1/sqrt(2 n_layer)
     reduce: str = "mean"  # stream collapse before the final norm: "mean", "sum" or "head"
+    recompute: int = 0  # keep the streams every L_r sublayers only (mHC 4.3); 0 = off, -1 = sqrt(nL/(n+2))
     hc: MHCConfig = field(default_factory=MHCConfig)  # the hyper-connection (variant, n_streams, ...)
 
     def __post_init__(self) -> None:
@@ -48,6 +52,8 @@ class GPTConfig:
                 f"d_model: got {self.d_model} with n_head={self.n_head}; expected d_model divisible by "
                 "n_head with an even head dim (RoPE)"
             )
+        if isinstance(self.recompute, bool) or not isinstance(self.recompute, int) or self.recompute < -1:
+            raise ValueError(f"recompute: got {self.recompute!r}; expected 0 (off), -1 (auto) or an int >= 1")
         if isinstance(self.hc, dict):
             self.hc = MHCConfig(**self.hc)
 
@@ -117,11 +123,18 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, index: int):
         super().__init__()
+        self.index = index
         self.attn = HyperConnection(cfg.d_model, Attention(cfg), layer_index=2 * index, config=cfg.hc)
         self.mlp = HyperConnection(cfg.d_model, MLP(cfg), layer_index=2 * index + 1, config=cfg.hc)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(self.attn(x))
+        rc = recompute.active()
+        if rc is not None:
+            rc.at_sublayer(2 * self.index, x)
+        x = self.attn(x)
+        if rc is not None:
+            rc.at_sublayer(2 * self.index + 1, x)
+        return self.mlp(x)
 
 
 class GPT(nn.Module):
@@ -158,12 +171,25 @@ class GPT(nn.Module):
                     else:
                         nn.init.normal_(p, std=out_std if name.startswith("out.") else std)
 
+    @property
+    def recompute_interval(self) -> int:
+        """``L_r`` in sublayers (0 when recomputation is off or there is a single stream)."""
+        r = self.cfg.recompute
+        if r == 0 or self.n_streams == 1:
+            return 0
+        return default_interval(self.n_streams, 2 * self.cfg.n_layer) if r == -1 else r
+
+    def _recompute(self):
+        every = self.recompute_interval
+        return StreamRecompute(every) if every and torch.is_grad_enabled() else contextlib.nullcontext()
+
     def forward(self, tokens: Tensor, targets: Tensor | None = None):
         if tokens.dim() != 2 or tokens.shape[1] > self.cfg.seq_len:
             raise ValueError(f"tokens.shape: got {tuple(tokens.shape)}; expected [B, T] with T <= seq_len={self.cfg.seq_len}")
         x = expand_streams(self.embed(tokens), self.n_streams)  # [B, T, n, C]
-        for block in self.blocks:
-            x = block(x)
+        with self._recompute():
+            for block in self.blocks:
+                x = block(x)
         logits = self.head(self.norm(self.reduce(x)))  # [B, T, V]
         if targets is None:
             return logits

@@ -115,19 +115,17 @@ def _mix(coeff: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
     page faults that make the out-of-place form ~8x slower.
     """
     n = x.shape[-2]
-    shape = (*x.shape[:-2], coeff.shape[-2], x.shape[-1])
-    if out is None:
-        out = torch.zeros(shape, dtype=coeff.dtype, device=x.device)
     for j in range(n):
-        out.addcmul_(coeff[..., :, j, None], x[..., j, None, :].to(coeff.dtype))
+        c, xj = coeff[..., :, j, None], x[..., j, None, :].to(coeff.dtype)
+        out = torch.mul(c, xj) if out is None else out.addcmul_(c, xj)
     return out
 
 
-def _contract(g: Tensor, x: Tensor) -> Tensor:
-    """``[..., k, j] = <g[..., k, :], x[..., j, :]>`` (reduction over C), one reused temporary."""
-    n = x.shape[-2]
+def _contract(g: Tensor, *vectors: Tensor) -> Tensor:
+    """``[..., k, j] = <g[..., k, :], v_j>`` over C for every ``[..., C]`` vector ``v_j``, with one
+    reused temporary (no per-term allocation)."""
     buf = torch.empty_like(g)
-    cols = [torch.mul(g, x[..., j, None, :].to(g.dtype), out=buf).sum(-1) for j in range(n)]  # n x [..., k]
+    cols = [torch.mul(g, v.unsqueeze(-2).to(g.dtype), out=buf).sum(-1) for v in vectors]  # [..., k] each
     return torch.stack(cols, dim=-1)
 
 
@@ -144,7 +142,7 @@ class PreFunction(torch.autograd.Function):
         x, h_pre = ctx.saved_tensors
         g = gu.to(h_pre.dtype).unsqueeze(-2)  # [..., 1, C]
         grad_x = (h_pre.unsqueeze(-1) * g).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_h = _contract(g, x).squeeze(-2) if ctx.needs_input_grad[1] else None
+        grad_h = _contract(g, *x.unbind(-2)).squeeze(-2) if ctx.needs_input_grad[1] else None
         return grad_x, grad_h
 
 
@@ -165,8 +163,10 @@ class PostResFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         grad_x = _mix(h_res.transpose(-1, -2), g).to(x.dtype) if need[0] else None
         grad_y = _mix(h_post.to(dt).unsqueeze(-2), g).squeeze(-2).to(y.dtype) if need[1] else None
-        grad_post = (g * y.to(dt).unsqueeze(-2)).sum(-1).to(h_post.dtype) if need[2] else None
-        grad_res = _contract(g, x) if need[3] else None
+        grad_post = grad_res = None
+        if need[2] or need[3]:
+            both = _contract(g, *x.unbind(-2), y)  # [..., n, n + 1]: <g[k], x[j]> and <g[k], y>
+            grad_res, grad_post = both[..., :-1], both[..., -1].to(h_post.dtype)
         return grad_x, grad_y, grad_post, grad_res
 
 
@@ -179,7 +179,8 @@ class PostResFunction(torch.autograd.Function):
 # Backward, with da from the activations and the Sinkhorn recompute:
 #   dbias = sum_T da;  dalpha_i = sum_T sum_slice(i) da * z;  gz = gate * da
 #   dphi = v^T (gz / r);  dv = (gz / r) phi^T - v * sum_K(gz * z) / (nC r^2)
-# Saved: x (alive anyway), phi, bias, alpha and the small per-token r [T, 1] and z [T, K];
+# Saved: x (alive anyway), phi, bias, alpha and the small per-token r [T, 1] and z [T, K] (the
+# gated logits are recomputed);
 # no [T, nC] float copy is kept for fp32 streams.
 
 
@@ -197,7 +198,7 @@ class CoeffsFunction(torch.autograd.Function):
         h_post = torch.sigmoid(a[:, n : 2 * n]).mul_(2.0)
         logits = a[:, 2 * n :].reshape(-1, n, n)
         h_res = _tokens_first(sinkhorn_forward(_tokens_last(logits), iters), logits.shape)
-        ctx.save_for_backward(x, phi, alpha, r, z, a)
+        ctx.save_for_backward(x, phi, bias, alpha, r, z)
         ctx.iters, ctx.lead = iters, x.shape[:-2]
         lead = x.shape[:-2]
         return h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
@@ -205,9 +206,11 @@ class CoeffsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_pre: Tensor, g_post: Tensor, g_res: Tensor):
-        x, phi, alpha, r, z, a = ctx.saved_tensors
+        x, phi, bias, alpha, r, z = ctx.saved_tensors
         n, c = x.shape[-2], x.shape[-1]
         dt = phi.dtype
+        gate = _gates(alpha, n, phi.shape[1])
+        a = torch.addcmul(bias, z, gate)  # recomputed: cheaper to redo than to keep
         da = torch.zeros_like(a)
         if g_pre is not None:
             s = torch.sigmoid(a[:, :n])
@@ -219,7 +222,6 @@ class CoeffsFunction(torch.autograd.Function):
             logits = _tokens_last(a[:, 2 * n :].reshape(-1, n, n))
             g = sinkhorn_backward(logits, ctx.iters, _tokens_last(g_res.reshape(-1, n, n).to(dt)))
             da[:, 2 * n :] = _tokens_first(g, (a.shape[0], n, n)).reshape(-1, n * n)
-        gate = _gates(alpha, n, phi.shape[1])
         grad_bias = da.sum(0)
         dz = da * z
         grad_alpha = torch.stack([dz[:, :n].sum(), dz[:, n : 2 * n].sum(), dz[:, 2 * n :].sum()])
