@@ -238,5 +238,5 @@ class CoeffsFunction(torch.autograd.Function):
 
 def _gates(alpha: Tensor, n: int, k: int) -> Tensor:
     """``[K]`` per-column gate: ``alpha[0]`` on pre, ``alpha[1]`` on post, ``alpha[2]`` on res."""
-    reps = torch.tensor([n, n, k - 2 * n], device=alpha.device)
-    return torch.repeat_interleave(alpha.to(torch.promote_types(alpha.dtype, torch.float32)), reps)
+    a = alpha.to(torch.promote_types(alpha.dtype, torch.float32))
+    return torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(k - 2 * n)])
