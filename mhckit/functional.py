@@ -1,6 +1,8 @@
 """Public functional API: the fast default path, same names and signatures as :mod:`mhckit.reference`.
 
-Each function takes ``backend=`` (``"auto"``, ``"torch"``, ``"reference"``; see :mod:`mhckit.ops`).
+Each function takes ``backend=`` (``"auto"``, ``"torch"``, ``"reference"``, ``"triton"``; see
+:mod:`mhckit.ops`). ``"triton"`` runs the fused kernels of :mod:`mhckit.ops.triton` through the
+custom ops of :mod:`mhckit.ops.triton_autograd` (imported on first use only).
 The ``torch`` backend differs from the reference only in how it computes, never in what: its
 Sinkhorn saves just the logits and recomputes the iterations in backward
 (:class:`mhckit.ops.autograd.SinkhornFunction`), and its pre / post-res use single batched matmuls.
@@ -16,6 +18,7 @@ from torch import Tensor
 
 from . import reference
 from ._validate import (
+    check_alpha,
     check_coefficient,
     check_iters,
     check_phi_bias,
@@ -24,18 +27,28 @@ from ._validate import (
     compute_dtype,
 )
 from .ops import resolve_backend
-from .ops.autograd import SinkhornFunction
+from .ops.autograd import CoeffsFunction, PostResFunction, PreFunction, SinkhornFunction
 from .reference import DEFAULT_RMS_EPS
 
 __all__ = ["sinkhorn", "mhc_logits", "mhc_coeffs", "mhc_pre", "mhc_post_res"]
 
 
+def _triton():
+    """The Triton backend's entry points (lazy: importing mhckit never imports Triton)."""
+    from .ops import triton_autograd
+
+    return triton_autograd
+
+
 def sinkhorn(logits: Tensor, iters: int = 20, *, backend: str = "auto") -> Tensor:
     """Sinkhorn-Knopp onto the doubly stochastic matrices; see :func:`mhckit.reference.sinkhorn`."""
-    if resolve_backend(backend) == "reference":
+    resolved = resolve_backend(backend, logits)
+    if resolved == "reference":
         return reference.sinkhorn(logits, iters)
     check_square(logits, "logits")
     check_iters(iters)
+    if resolved == "triton":
+        return _triton().sinkhorn(logits, iters)
     return SinkhornFunction.apply(logits.to(compute_dtype(logits)), iters)
 
 
@@ -48,8 +61,12 @@ def mhc_logits(
     rms_eps: float = DEFAULT_RMS_EPS,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gated dynamic logits ``(a_pre, a_post, a_res)``; see :func:`mhckit.reference.mhc_logits`."""
-    resolve_backend(backend)
+    """Gated dynamic logits ``(a_pre, a_post, a_res)``; see :func:`mhckit.reference.mhc_logits`.
+
+    Every backend computes the logits with torch (the ``triton`` backend fuses them only inside
+    :func:`mhc_coeffs`).
+    """
+    resolve_backend(backend, x, phi, bias, alpha)
     return reference.mhc_logits(x, phi, bias, alpha, rms_eps=rms_eps)
 
 
@@ -64,38 +81,44 @@ def mhc_coeffs(
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(h_pre, h_post, h_res)`` of one mHC sublayer; see :func:`mhckit.reference.mhc_coeffs`."""
-    if resolve_backend(backend) == "reference":
+    resolved = resolve_backend(backend, x, phi, bias, alpha)
+    if resolved == "reference":
         return reference.mhc_coeffs(x, phi, bias, alpha, iters=iters, rms_eps=rms_eps)
     n, c = check_streams(x, "x")
     check_phi_bias(phi, bias, n, c, res_logits=n * n)
     check_iters(iters)
-    a_pre, a_post, a_res = reference.mhc_logits(x, phi, bias, alpha, rms_eps=rms_eps)
-    h_res = SinkhornFunction.apply(a_res.unflatten(-1, (n, n)), iters)
-    return torch.sigmoid(a_pre), 2.0 * torch.sigmoid(a_post), h_res
+    check_alpha(alpha)
+    if resolved == "triton":
+        return _triton().mhc_coeffs(x, phi, bias, alpha, iters=iters, rms_eps=rms_eps)
+    dt = compute_dtype(x, phi)
+    return CoeffsFunction.apply(x, phi.to(dt), bias.to(dt), alpha.to(dt), iters, rms_eps)
 
 
 def mhc_pre(x: Tensor, h_pre: Tensor, *, backend: str = "auto") -> Tensor:
     """``u = sum_j h_pre[j] x[j]``, ``[..., n, C] -> [..., C]``; see :func:`mhckit.reference.mhc_pre`."""
-    if resolve_backend(backend) == "reference":
+    resolved = resolve_backend(backend, x, h_pre)
+    if resolved == "reference":
         return reference.mhc_pre(x, h_pre)
     n, _ = check_streams(x, "x")
     check_coefficient(h_pre, "h_pre", x.shape[:-2] + (n,))
-    u = torch.matmul(h_pre.unsqueeze(-2), x.to(h_pre.dtype))  # [..., 1, C]
-    return u.squeeze(-2).to(x.dtype)
+    if resolved == "triton":
+        return _triton().mhc_pre(x, h_pre)
+    return PreFunction.apply(x, h_pre)
 
 
 def mhc_post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, *, backend: str = "auto") -> Tensor:
     """``x_new = h_res @ x + h_post y``; see :func:`mhckit.reference.mhc_post_res`."""
-    if resolve_backend(backend) == "reference":
+    resolved = resolve_backend(backend, x, y, h_post, h_res)
+    if resolved == "reference":
         return reference.mhc_post_res(x, y, h_post, h_res)
     n, c = check_streams(x, "x")
     lead = x.shape[:-2]
     check_coefficient(y, "y", lead + (c,))
     check_coefficient(h_post, "h_post", lead + (n,))
     check_coefficient(h_res, "h_res", lead + (n, n))
-    dt = h_res.dtype
-    mixed = torch.matmul(h_res, x.to(dt))  # [..., n, C]
-    return torch.addcmul(mixed, h_post.to(dt).unsqueeze(-1), y.to(dt).unsqueeze(-2)).to(x.dtype)
+    if resolved == "triton":
+        return _triton().mhc_post_res(x, y, h_post, h_res)
+    return PostResFunction.apply(x, y, h_post, h_res)
 
 
 def residual_update(x: Tensor, y: Tensor, h_post: Tensor) -> Tensor:

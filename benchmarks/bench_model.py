@@ -1,0 +1,136 @@
+"""Model-level benchmark: GPT training step, tokens/s and memory, residual vs mHC (+ recomputation).
+
+    python -m benchmarks.bench_model [--preset default|gpt124m] [--steps 20] [--variants ...]
+
+Each variant is a full GPT training step (forward, backward, AdamW) on random tokens; the
+variants are stepped interleaved (A B C A B C ...) and the medians of the step times give
+tokens/s and paired ratios against the residual. Memory: on CUDA the peak allocated bytes of a
+step (``torch.cuda.max_memory_allocated``); on the CPU, which has no allocator statistics, an
+exact count of what training holds at the peak of a step: parameters + gradients + AdamW state
++ the distinct storages autograd saves for backward (activations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import Result, write_results
+from mhckit import MHCConfig
+from mhckit.models import GPT, GPTConfig
+from mhckit.train.runinfo import run_info
+
+RESULTS = Path(__file__).parent / "results"
+PRESETS = {
+    # the default `mhckit compare` model (CPU)
+    "default": dict(n_layer=4, d_model=64, n_head=4, seq_len=64, batch=16, vocab=256),
+    # GPT-2 small shape
+    "gpt124m": dict(n_layer=12, d_model=768, n_head=12, seq_len=1024, batch=16, vocab=50304),
+}
+VARIANTS = {
+    "residual": dict(variant="residual", recompute=0),
+    "mhc": dict(variant="mhc", recompute=0),
+    "mhc+recompute": dict(variant="mhc", recompute=-1),
+}
+
+
+def build(preset: dict, spec: dict, device: str, backend: str) -> tuple[GPT, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=preset["vocab"], seq_len=preset["seq_len"], n_layer=preset["n_layer"],
+                    n_head=preset["n_head"], d_model=preset["d_model"], recompute=spec["recompute"],
+                    hc=MHCConfig(variant=spec["variant"], backend=backend))
+    model = GPT(cfg).to(device)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+
+
+def step_fn(model, opt, tokens, device):
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def cpu_training_bytes(model, opt, tokens) -> int:
+    """Params + grads + AdamW state + distinct saved storages of one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    del loss
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 4 * params + sum(seen.values())  # weights, grads, exp_avg, exp_avg_sq
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    preset, dev = PRESETS[args.preset], args.device
+    names = args.variants.split(",")
+    tokens = torch.randint(0, preset["vocab"], (preset["batch"], preset["seq_len"] + 1), device=dev)
+    runs = {n: build(preset, VARIANTS[n], dev, args.backend) for n in names}
+    steps = {n: step_fn(m, o, tokens, dev) for n, (m, o) in runs.items()}
+    memory = {}
+    for n in names:
+        model, opt = runs[n]
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            steps[n]()
+            torch.cuda.synchronize()
+            memory[n] = torch.cuda.max_memory_allocated()
+        else:
+            memory[n] = cpu_training_bytes(model, opt, tokens)
+        for _ in range(args.warmup):
+            steps[n]()
+    times = {n: [] for n in names}
+    for r in range(args.steps):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            steps[n]()
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[n].append(time.perf_counter() - t0)
+    ntok = preset["batch"] * preset["seq_len"]
+    base = names[0]
+    results = []
+    for n in names:
+        ratios = sorted(b / t for t, b in zip(times[n], times[base]))  # throughput ratio vs baseline
+        med = statistics.median(times[n])
+        params = {"preset": args.preset, "variant": n, "tokens_per_s": round(ntok / med),
+                  "memory_MB": round(memory[n] / 2**20, 1), "memory_ratio": round(memory[n] / memory[base], 3),
+                  "memory_kind": "cuda peak allocated" if dev.startswith("cuda") else "params+grads+adam+saved"}
+        q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else (ratios[0], ratios[-1])
+        results.append(Result(n, 1e3 * med, statistics.median(ratios), (q[0], q[-1]), args.steps, params))
+        print(f"{n:15s} {1e3 * med:9.1f} ms/step  {ntok / med:10,.0f} tok/s  throughput x{statistics.median(ratios):.3f} "
+              f"vs {base}  memory {memory[n] / 2**20:8.1f} MB (x{memory[n] / memory[base]:.2f})")
+    stem = Path(args.out) if args.out else RESULTS / f"model_{args.preset}_{dev.split(':')[0]}"
+    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads()))
+    print(f"wrote {stem}.csv and {stem}.md  (ratio column = throughput relative to {base})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

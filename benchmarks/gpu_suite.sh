@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# GPU validation of mhckit's Triton backend on one CUDA machine (made for an H200), in one go:
+#   (a) the Triton parity tests (tests/ops/test_triton_*.py) on the GPU, one config per kernel
+#       (MHCKIT_TRITON_AUTOTUNE=0) to keep compilation short; skipped if pytest is missing
+#       (benchmarks/gpu_check.py has its own small parity section);
+#   (b) benchmarks/gpu_check.py: parity at small shapes + timings and peak memory vs the torch
+#       backend and a plain residual; CSV + markdown + JSON into OUT_DIR.
+# Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]      (default benchmarks/results/)
+# Needs python with torch (CUDA) and triton; nothing is installed or downloaded. Budget: under
+# 6 minutes on one H200 including Triton compilation and autotuning (tests <= TEST_TIMEOUT s,
+# benchmarks <= BENCH_TIMEOUT s). Every step is recorded; a failing step does not stop the next.
+# Environment: PYTHON (default python3), MHCKIT_COMMIT (commit tag when there is no .git),
+# TEST_TIMEOUT (default 170), BENCH_TIMEOUT (default 170), PYTEST_WORKERS (default 8).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${1:-benchmarks/results}"
+PY="${PYTHON:-python3}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-170}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-170}"
+WORKERS="${PYTEST_WORKERS:-8}"
+mkdir -p "$OUT"
+SUMMARY="$OUT/gpu_suite_summary.txt"
+START=$(date +%s)
+if git rev-parse --short HEAD >/dev/null 2>&1; then
+  export MHCKIT_COMMIT="${MHCKIT_COMMIT:-$(git rev-parse --short HEAD)}"
+else
+  export MHCKIT_COMMIT="${MHCKIT_COMMIT:-unknown}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1
+unset TRITON_INTERPRET || true
+
+{
+  echo "== mhckit gpu_suite: $(date -u +%Y-%m-%dT%H:%M:%SZ) commit $MHCKIT_COMMIT"
+  "$PY" - <<'EOF' || echo "version probe failed"
+import platform, torch
+try:
+    import triton; tv = triton.__version__
+except Exception as e:
+    tv = f"not importable ({e})"
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE"
+print(f"python {platform.python_version()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {tv} | gpu {gpu}")
+EOF
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
+} | tee "$SUMMARY"
+
+# ---------------------------------------------------------------- (a) parity tests on the GPU
+tests_status="skipped (pytest not importable)"
+if "$PY" -c "import pytest" >/dev/null 2>&1; then
+  xdist=()
+  if "$PY" -c "import xdist" >/dev/null 2>&1 && [ "$WORKERS" -gt 1 ]; then
+    xdist=(-n "$WORKERS")
+  fi
+  rc=0
+  MHCKIT_TRITON_AUTOTUNE=0 timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest tests/ops/test_triton_*.py \
+    -q -p no:cacheprovider -o addopts="" ${xdist[@]+"${xdist[@]}"} --durations=10 -rfE \
+    >"$OUT/gpu_tests.log" 2>&1 || rc=$?
+  tail -n 40 "$OUT/gpu_tests.log"
+  last=$(grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 1 || true)
+  case "$rc" in
+    0) tests_status="PASS: $last" ;;
+    124|137) tests_status="TIMEOUT after ${TEST_TIMEOUT}s: $last" ;;
+    *) tests_status="FAIL (rc=$rc): $last" ;;
+  esac
+fi
+echo "tests: $tests_status" | tee -a "$SUMMARY"
+
+# ---------------------------------------------------------------- (b) benchmarks
+rc=0
+MHCKIT_BENCH_BUDGET_S="${MHCKIT_BENCH_BUDGET_S:-$((BENCH_TIMEOUT - 40))}" \
+  timeout -k 10 "$BENCH_TIMEOUT" "$PY" benchmarks/gpu_check.py "$OUT" >"$OUT/gpu_check.log" 2>&1 || rc=$?
+sed -n '/==== gpu_check summary ====/,$p' "$OUT/gpu_check.log"
+case "$rc" in
+  0) bench_status="OK" ;;
+  1) bench_status="done, with FAIL/ERROR rows (see gpu_check.md)" ;;
+  124|137) bench_status="TIMEOUT after ${BENCH_TIMEOUT}s (partial rows in gpu_check.csv)" ;;
+  *) bench_status="CRASHED (rc=$rc): $(tail -n 3 "$OUT/gpu_check.log" | tr '\n' ' ')" ;;
+esac
+echo "gpu_check: $bench_status" | tee -a "$SUMMARY"
+
+echo "== gpu_suite done in $(( $(date +%s) - START )) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$SUMMARY"
+exit 0
