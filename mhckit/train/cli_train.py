@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     from .trainer import train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except ValueError as e:  # refused before any work (bad data path, existing run, ...)
+        print(f"mhckit train: error: {e}", file=sys.stderr)
+        return 2
     print(f"{summary['name']}: val_loss {summary['val_loss']:.4f}, {summary['params']:,} params")
     return 0
 

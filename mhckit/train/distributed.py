@@ -8,6 +8,7 @@ average over ranks (equal-sized shards: the global mean).
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -69,20 +70,43 @@ def _options(**kw):
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``{alias: name}`` for every parameter registered under a second name (tied weights, e.g.
+    ``head.weight -> embed.weight``), with the names of the unwrapped model."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in unwrap(model).named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
 def full_model_state(model: nn.Module) -> dict:
+    """The full (unsharded) model state dict, on rank 0 (other ranks: ``{}`` under FSDP).
+
+    Tied weights are stored once, under their first name, whatever the parallelism: a plain or
+    DDP state dict shares their storage (the checkpoint writer keeps one copy), while FSDP's
+    gathered state dict has a separate copy per name, so the aliases are dropped here.
+    """
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(model, options=_options())
+        state = get_model_state_dict(model, options=_options())
+        for alias in tied_aliases(model):
+            state.pop(alias, None)
+        return state
     return unwrap(model).state_dict()
 
 
 def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
-    if _is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    """The full optimiser state dict keyed by parameter name (``"embed.weight"``, not an index
+    and never with DDP's ``module.`` prefix), on rank 0: the same layout for a single process,
+    DDP and FSDP, so a checkpoint written under one resumes under any other."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, opt, options=_options())
-    return opt.state_dict()
+    return get_optimizer_state_dict(model, opt, options=_options())
 
 
 def load_model_state(model: nn.Module, path, ckpt) -> None:
@@ -93,18 +117,33 @@ def load_model_state(model: nn.Module, path, ckpt) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     weights = load_file(str(path / ckpt.FILES[0]))
-    if "head.weight" not in weights and getattr(model.cfg, "tie_embeddings", False):
-        weights["head.weight"] = weights["embed.weight"]
+    for alias, name in tied_aliases(model).items():  # FSDP wants every name, tied ones included
+        if alias not in weights and name in weights:
+            weights[alias] = weights[name]
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
 def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    if _is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    """Load a full optimiser state dict (every rank passes the whole of it).
 
-        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    Name-keyed (what :func:`full_optimizer_state` writes) under any parallelism; a plain
+    ``Optimizer.state_dict()`` (integer keys, as older checkpoints of this trainer stored outside
+    FSDP) only without FSDP.
+    """
+    named = all(isinstance(k, str) for g in state["param_groups"] for k in g["params"])
+    if not named:
+        if _is_fsdp(model):
+            raise ValueError("optimizer state: keyed by parameter index, which FSDP cannot load; "
+                             "resume it without FSDP")
+        opt.load_state_dict(state)
         return
-    opt.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    for group in opt.param_groups:  # its flatten / unflatten turns tuples (betas) into lists
+        for key, value in group.items():
+            if key != "params" and isinstance(value, list):
+                group[key] = tuple(value)
 
 
 def _is_fsdp(model: nn.Module) -> bool:
@@ -132,5 +171,8 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> None:
 
 
 def teardown(info: DistInfo) -> None:
+    """Destroy the process group once nothing holds it: drop the wrapped model first (see
+    ``Trainer.close``); the collection here frees the reference cycles of DDP / FSDP."""
     if info.world_size > 1 and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -75,6 +75,14 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def _record_step(line: str) -> float:
+    """The step of one JSONL record; ``inf`` (dropped on resume) for a blank line or one torn by a kill."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsLog:
     """Append-only JSONL, truncated on resume to the checkpoint's step (nothing logged twice)."""
 
@@ -84,8 +92,10 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = [line for line in self.path.read_text().splitlines() if _record_step(line) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")  # a kill now leaves the old log whole
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
 
     def write(self, **record: Any) -> None:
         if self.enabled:
@@ -125,6 +135,7 @@ class Trainer:
         self.probe = probe[0]
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.is_main)
         self.step = 0
+        self.loss_ema = None  # running mean of the train loss, for spike_ratio (checkpointed)
 
     # ------------------------------------------------------------------ checkpoints
     def _start(self) -> None:
@@ -153,6 +164,7 @@ class Trainer:
         if torch.cuda.is_available() and "rng_cuda" in state:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.step = found.step
+        self.loss_ema = state.get("loss_ema")
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {found.path} (step {self.step})")
 
@@ -169,6 +181,7 @@ class Trainer:
                 "optimizer": opt_state,
                 "sampler": self.sampler.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
+                "loss_ema": self.loss_ema,
             }
             if torch.cuda.is_available():
                 state["rng_cuda"] = torch.cuda.get_rng_state_all()
@@ -218,7 +231,7 @@ class Trainer:
         self._start()
         tokens_per_step = cfg.batch_size * cfg.model.seq_len
         bar = _progress(cfg, self.step, self.is_main)
-        ema, t_start, steps_timed, val_loss = None, time.perf_counter(), 0, None
+        t_start, steps_timed, val_loss = time.perf_counter(), 0, None
         while self.step < cfg.steps:
             x, y = next(self.sampler)
             t0 = time.perf_counter()
@@ -226,8 +239,9 @@ class Trainer:
             dt = time.perf_counter() - t0
             self.step += 1
             steps_timed += 1
+            ema = self.loss_ema
             spike = loss / ema if ema is not None else 1.0
-            ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+            self.loss_ema = loss if ema is None else 0.9 * ema + 0.1 * loss
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.metrics.write(kind="train", step=self.step, loss=loss, grad_norm=gnorm, lr=lr_at(self.step - 1, cfg),
                                    tokens_per_s=tokens_per_step / dt, spike_ratio=spike)
@@ -258,6 +272,11 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        if self.dist.world_size > 1:
+            # DDP's reducer and FSDP's state hold the process group through reference cycles: free
+            # them before destroying it, or gloo may abort ("terminate called without an active
+            # exception") or hang when they are collected at exit.
+            self.model = self.forward = self.raw_model = self.opt = None
         dist_utils.teardown(self.dist)
 
 
