@@ -1,16 +1,19 @@
 """Named configurations ("config is code"): each preset is a dict of ``--key=value`` overrides.
 
-``default`` is sized so that ``mhckit compare`` (4 variants x seeds) finishes in under 10
-minutes on a 2-core CPU; the GPU presets are for real comparisons.
+``default`` is sized so that ``mhckit compare`` (4 variants x 3 seeds) finishes in about 4.5
+minutes on an idle 2-core CPU (measured: 262 s); the GPU presets are for real comparisons.
 """
 
 from __future__ import annotations
 
 PRESETS: dict[str, dict[str, object]] = {
-    # tiny byte-level GPT for CPU: 4 blocks (8 hyper-connection sublayers), C=64, n=4
+    # small byte-level GPT for CPU: 6 blocks (12 hyper-connection sublayers), C=64, n=4. On the idle 2-core
+    # dev CPU (torch's default 2 threads) one run takes residual ~11 s, hc ~25 s, mhc ~26 s, mhc-lite ~20 s,
+    # so `mhckit compare` (4 variants x 3 seeds x 300 steps, plus evaluation and report) takes ~262 s.
+    # A busy machine is much slower: 2 seeds took 1134 s at load average ~4.
     "default": {
-        "steps": 150, "batch_size": 16, "lr": 3e-3, "warmup_steps": 15, "eval_every": 50, "eval_batches": 8,
-        "diag_every": 25, "log_every": 5, "ckpt_every": 0, "model.n_layer": 4, "model.d_model": 64,
+        "steps": 300, "batch_size": 16, "lr": 3e-3, "warmup_steps": 20, "eval_every": 25, "eval_batches": 8,
+        "diag_every": 25, "log_every": 5, "ckpt_every": 100, "model.n_layer": 6, "model.d_model": 64,
         "model.n_head": 4, "model.seq_len": 64,
     },
     # deeper, narrower, high learning rate, no clipping: where unconstrained HC's composite gain can run away

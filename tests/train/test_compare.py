@@ -1,0 +1,204 @@
+"""Tests for ``mhckit compare`` and its report (tiny models on a local text file, no network).
+
+One module-scoped comparison (hc + mhc, one seed) is shared by the report, figure, skip,
+sample and diagnose tests; the residual baseline, mhc-lite and two seeds are covered by one more
+comparison. Everything runs on one torch thread (~10 s in all on the 2-core dev machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pydoc_data.topics
+import pytest
+
+from mhckit.train import compare, report
+from mhckit.train.report import RunResult, VariantStats
+
+TOPICS = Path(pydoc_data.topics.__file__)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = [
+    "--model.n_layer=2", "--model.d_model=16", "--model.n_head=2", "--model.seq_len=16", "--steps=6",
+    "--batch_size=4", "--eval_every=3", "--diag_every=2", "--log_every=1", "--eval_batches=2", "--ckpt_every=3",
+    "--warmup_steps=2", "--progress=false", f"--data={TOPICS}",
+]
+
+
+def tiny_args(tmp: Path, name: str = "cmp", variants: str = "hc,mhc", seeds: int = 1) -> list[str]:
+    return [f"--variants={variants}", f"--seeds={seeds}", f"--name={name}", f"--out_dir={tmp}",
+            f"--cache_dir={tmp / 'cache'}", *TINY]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and far faster on a shared, busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_compare(_one_thread, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    assert compare.main(tiny_args(root)) == 0
+    return root, root / "cmp"
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_compare_writes_report_table_and_pngs(tiny_compare, capsys):
+    _, out = tiny_compare
+    text = (out / "report.md").read_text()
+    assert "| variant |" in text and "| hc |" in text and "| mhc |" in text
+    for name in report.FIGURES.values():
+        path = out / name
+        assert _is_png(path), name
+        assert path.stat().st_size < 150_000, name
+        assert f"]({name})" in text
+    for run in ("hc-s0", "mhc-s0"):
+        d = out / run
+        assert (d / "summary.json").is_file() and (d / "metrics.jsonl").is_file()
+        extra = json.loads((d / "compare_run.json").read_text())
+        mem = extra["memory"]
+        assert mem["activation_bytes"] > 0
+        assert mem["total_bytes"] == mem["param_bytes"] * 4 + mem["activation_bytes"]
+    assert "estimated training memory (params+grads+Adam+saved activations)" in text
+    meta = json.loads((out / "compare.json").read_text())
+    assert meta["seeds"] == [0] and meta["variants"] == ["hc", "mhc"]
+    assert meta["data"]["num_tokens"] == meta["data"]["train_tokens"] + meta["data"]["val_tokens"]
+
+
+def test_report_states_max_composite_gain_for_hc_and_mhc(tiny_compare):
+    _, out = tiny_compare
+    text = (out / "report.md").read_text()
+    for variant in ("hc", "mhc"):
+        line = next(l for l in text.splitlines() if f"**max composite gain** ({variant})" in l)
+        assert "forward" in line and "backward" in line
+        assert any(ch.isdigit() for ch in line.split("forward", 1)[1])
+    assert "mHC's largest composite gain is" in text
+    assert any(k in text for k in ("HC did not blow up", "HC's composite gain grew", "blew up", "non-finite"))
+
+
+def test_rerun_skips_finished_runs(tiny_compare, capsys):
+    root, out = tiny_compare
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+    assert compare.main(tiny_args(root)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") == 2
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == before
+    assert json.loads((out / "compare.json").read_text())["runs"]["mhc-s0"]["status"] == "skipped"
+
+
+def test_rerun_with_other_config_is_an_error(tiny_compare, capsys):
+    root, _ = tiny_compare
+    args = [a for a in tiny_args(root) if not a.startswith("--steps=")] + ["--steps=7"]
+    with pytest.raises(SystemExit) as e:
+        compare.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "steps: 6 on disk, 7 now" in err and "--name" in err
+
+
+def test_killed_run_is_resumed(tmp_path, capsys):
+    """A run without summary.json but with a checkpoint is resumed, not restarted or skipped."""
+    args = tiny_args(tmp_path, variants="mhc")
+    assert compare.main(args) == 0
+    run = tmp_path / "cmp" / "mhc-s0"
+    final_loss = json.loads((run / "summary.json").read_text())["val_loss"]
+    (run / "summary.json").unlink()
+    from mhckit.train import checkpoint as ckpt
+    import shutil
+
+    done = ckpt.complete_checkpoints(run)
+    shutil.rmtree(done[-1])  # "killed" after the step-3 checkpoint
+    (run / "checkpoints" / "LATEST").unlink(missing_ok=True)
+    capsys.readouterr()
+    assert compare.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "resuming mhc" in printed and "resumed from" in printed
+    assert json.loads((run / "summary.json").read_text())["val_loss"] == pytest.approx(final_loss, abs=1e-6)
+
+
+def test_sample_prints_requested_number_of_tokens(tiny_compare, capsys):
+    from mhckit.train import sample
+
+    _, out = tiny_compare
+    text, ids = sample.sample_text(out / "mhc-s0", prompt="The ", tokens=37, seed=1)
+    assert len(ids) == 37 and all(0 <= i < 256 for i in ids)
+    again, ids2 = sample.sample_text(out / "mhc-s0", prompt="The ", tokens=37, seed=1)
+    assert ids2 == ids  # seeded
+    assert sample.main([f"--run={out / 'mhc-s0'}", "--tokens=20", "--prompt=abc", "--temperature=0"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("abc")
+
+
+def test_sample_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from mhckit.train import sample
+
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--run={tmp_path}"])
+    assert e.value.code == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_diagnose_writes_pngs_and_table(tiny_compare, tmp_path, capsys):
+    from mhckit.train import diagnose
+
+    _, out = tiny_compare
+    dest = tmp_path / "diag"
+    assert diagnose.main([f"--run={out / 'hc-s0'}", f"--out={dest}", f"--data={TOPICS}"]) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.0.attn" in printed and "max composite gain" in printed
+    for name in (diagnose.FIG_GAIN, diagnose.FIG_HEAT):
+        assert _is_png(dest / name)
+    record = json.loads((dest / "diagnose.json").read_text())
+    assert record["variant"] == "hc" and len(record["forward_gain"]) == 4
+
+
+# --------------------------------------------------------------------------- the reading (pure)
+
+
+def _stats(variant: str, losses: list[float], gain: float | None = None) -> VariantStats:
+    runs = [RunResult(variant, i, Path("."), {"val_loss": v, "params": 1}, [], [], [], {}) for i, v in enumerate(losses)]
+    s = report.variant_stats(variant, runs)
+    s.max_fwd_gain = s.max_bwd_gain = s.final_fwd_gain = s.final_bwd_gain = gain
+    return s
+
+
+def test_reading_only_claims_what_the_seed_spread_supports():
+    base = _stats("residual", [2.00, 2.02])
+    overlap = _stats("mhc", [1.99, 2.01], 1.0)
+    clear = _stats("mhc", [1.90, 1.91], 1.0)
+    assert "overlap" in report._compare_losses(overlap, base) and "no difference" in report._compare_losses(overlap, base)
+    assert "beyond the seed spread" in report._compare_losses(clear, base)
+    single = report._compare_losses(_stats("mhc", [1.9], 1.0), _stats("residual", [2.0]))
+    assert "one seed" in single and "not evidence" in single
+    diverged = report._compare_losses(_stats("hc", [math.nan, 2.0], 5.0), base)
+    assert "non-finite" in diverged
+
+
+def test_gain_sentences_hc_blowup_and_mhc_bound():
+    calm = report.gain_sentences({"hc": _stats("hc", [2.0], 1.3), "mhc": _stats("mhc", [2.0], 1.0)})
+    assert any("HC did not blow up" in s and "1.300" in s for s in calm)
+    assert any("stays at most 2" in s for s in calm)
+    wild = report.gain_sentences({"hc": _stats("hc", [2.0], 4321.0), "mhc": _stats("mhc", [2.0], 2.5)})
+    assert any("blew up to 4.321e+03" in s for s in wild)
+    middle = report.gain_sentences({"hc": _stats("hc", [2.0], 14.7)})
+    assert any("grew to 14.7" in s and "did not blow up" in s for s in middle)
+    assert any("ABOVE 2" in s for s in wild)
+
+
+def test_full_compare_four_variants_two_seeds(tmp_path):
+    assert compare.main(tiny_args(tmp_path, variants="residual,hc,mhc,mhc-lite", seeds=2)) == 0
+    text = (tmp_path / "cmp" / "report.md").read_text()
+    for v in ("residual", "hc", "mhc", "mhc-lite"):
+        assert f"| {v} |" in text
+    assert "Δ vs residual" in text and "2 seeds" in text
+    assert len(list((tmp_path / "cmp").glob("*-s1/summary.json"))) == 4
