@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m mhckit.cli demo
+	$(PY) -m mhckit.cli compare
 
 test: setup
 	$(PY) -m pytest -m "not slow and not network" --durations=10 $(PYTEST_ARGS)

@@ -14,10 +14,15 @@ VARIANTS = ("residual", "hc", "mhc", "mhc-lite", "identity")
 ``mhc-lite``: as mhc, ``h_res`` a convex combination of the n! permutations (arXiv 2601.05732).
 ``identity``: as mhc with ``h_res = I`` (the iHC ablation)."""
 
-INITS = ("preserving", "identity")
-"""``preserving`` (default): with identical input streams the stack equals the plain residual
+INITS = ("preserving", "mean-preserving", "identity")
+"""``preserving``: with identical input streams the stack equals the plain residual
 stack at step 0 (``phi = 0``, pre weights sum to 1 with most weight on the home stream
 ``layer_index mod n``, ``h_post = 1``, ``h_res`` a soft identity whose gradient is alive).
+``mean-preserving`` (default): the *mean* of the streams equals the plain residual state at step 0, and the
+streams differ from the first sublayer on (``phi = 0``, uniform ``h_pre = 1/n``, ``h_post`` of mean 1
+with ``1 + post_spread`` on the home stream, ``h_res`` the same soft identity): with identical input
+streams and a mean collapse the stack again equals the residual stack, but the n streams do not stay
+copies of each other (under ``preserving`` they stay identical until gradients separate them).
 ``identity``: the start of public mHC code: ``b_pre = +1`` on the home stream and ``-1``
 elsewhere, ``h_post = 1``, ``h_res ~ I`` with off-diagonal logits ``-8``; saturated, so ``h_res``
 barely learns. For ``hc`` both presets are the HC paper's exact Pre-Norm-equivalent start."""
@@ -31,11 +36,12 @@ class MHCConfig:
 
     variant: str = "mhc"  # "residual", "hc", "mhc", "mhc-lite" or "identity"
     n_streams: int = 4  # n, residual streams; 1 (or variant="residual") gives exactly x + f(x)
-    init: str = "preserving"  # "preserving" (function-preserving, h_res learns) or "identity" (public-code start)
+    init: str = "mean-preserving"  # "mean-preserving" (streams differ from step 0), "preserving" or "identity"
     sinkhorn_iters: int = 20  # t_max, Sinkhorn-Knopp iterations (mhc)
     alpha_init: float = 0.01  # initial value of the scalar gates alpha (pre, post, res)
     res_init_strength: float = 3.0  # logit margin of the soft-identity h_res of the "preserving" start
     pre_home_weight: float = 0.7  # "preserving" start: h_pre weight of the home stream (rest shared)
+    post_spread: float = 0.5  # "mean-preserving" start: h_post = 1 + spread on the home stream, mean 1
     rms_eps: float = 1e-6  # epsilon of the RMS statistic over the n*C values
     hc_dynamic: bool = True  # hc only: add the input-dependent (tanh) terms to the static ones
     backend: str = "auto"  # "auto", "torch" or "reference" (see mhckit.ops)
@@ -48,6 +54,8 @@ class MHCConfig:
         check_positive(self.alpha_init, "alpha_init")
         check_positive(self.res_init_strength, "res_init_strength")
         check_positive(self.rms_eps, "rms_eps")
+        if not 0.0 <= self.post_spread < 1.0:
+            raise ValueError(f"post_spread: got {self.post_spread!r}; expected a number in [0, 1)")
         if not 0.0 < self.pre_home_weight < 1.0:
             raise ValueError(f"pre_home_weight: got {self.pre_home_weight!r}; expected a number in (0, 1)")
         if not isinstance(self.hc_dynamic, bool):

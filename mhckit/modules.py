@@ -70,15 +70,22 @@ class DynamicCoefficients(nn.Module):
         home = layer_index % n
         self.phi.zero_()
         self.alpha.fill_(cfg.alpha_init)
+        b_post = torch.zeros(n)  # h_post = 2 sigmoid(0) = 1
         if cfg.init == "preserving":
             pre = _home_pre_weights(n, home, cfg.pre_home_weight)
             b_pre = torch.log(pre / (1.0 - pre))  # sigmoid(b_pre) = pre, sum = 1
+            b_res = self.constraint.identity_bias(cfg.res_init_strength)
+        elif cfg.init == "mean-preserving":
+            b_pre = torch.full((n,), _logit(1.0 / n))  # uniform read: u = mean of the streams
+            post = torch.full((n,), 1.0 - cfg.post_spread / (n - 1), dtype=torch.float64)
+            post[home] = 1.0 + cfg.post_spread  # mean(h_post) = 1
+            b_post = torch.log(post / (2.0 - post)).float()  # 2 sigmoid(b_post) = post
             b_res = self.constraint.identity_bias(cfg.res_init_strength)
         else:  # "identity": the public mHC code's start
             b_pre = torch.full((n,), -1.0)
             b_pre[home] = 1.0
             b_res = self.constraint.identity_bias(8.0)
-        self.bias.copy_(torch.cat([b_pre.float(), torch.zeros(n), b_res.float()]))
+        self.bias.copy_(torch.cat([b_pre.float(), b_post, b_res.float()]))
 
     def forward(self, x: Tensor) -> Coefficients:
         cfg = self.cfg
