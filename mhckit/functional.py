@@ -27,10 +27,10 @@ from ._validate import (
     compute_dtype,
 )
 from .ops import resolve_backend
-from .ops.autograd import CoeffsFunction, PostResFunction, PreFunction, SinkhornFunction
+from .ops.autograd import CoeffsFunction, CoeffsPreFunction, PostResFunction, PreFunction, SinkhornFunction
 from .reference import DEFAULT_RMS_EPS
 
-__all__ = ["sinkhorn", "mhc_logits", "mhc_coeffs", "mhc_pre", "mhc_post_res"]
+__all__ = ["sinkhorn", "mhc_logits", "mhc_coeffs", "mhc_coeffs_pre", "mhc_pre", "mhc_post_res"]
 
 
 def _triton():
@@ -92,6 +92,30 @@ def mhc_coeffs(
         return _triton().mhc_coeffs(x, phi, bias, alpha, iters=iters, rms_eps=rms_eps)
     dt = compute_dtype(x, phi)
     return CoeffsFunction.apply(x, phi.to(dt), bias.to(dt), alpha.to(dt), iters, rms_eps)
+
+
+def mhc_coeffs_pre(
+    x: Tensor,
+    phi: Tensor,
+    bias: Tensor,
+    alpha: Tensor,
+    *,
+    iters: int = 20,
+    rms_eps: float = DEFAULT_RMS_EPS,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(u, h_pre, h_post, h_res)``: :func:`mhc_coeffs` followed by :func:`mhc_pre`, fused on the
+    ``torch`` backend (one stream gradient written in backward instead of two added by autograd)."""
+    resolved = resolve_backend(backend, x, phi, bias, alpha)
+    if resolved != "torch":
+        h_pre, h_post, h_res = mhc_coeffs(x, phi, bias, alpha, iters=iters, rms_eps=rms_eps, backend=resolved)
+        return mhc_pre(x, h_pre, backend=resolved), h_pre, h_post, h_res
+    n, c = check_streams(x, "x")
+    check_phi_bias(phi, bias, n, c, res_logits=n * n)
+    check_iters(iters)
+    check_alpha(alpha)
+    dt = compute_dtype(x, phi)
+    return CoeffsPreFunction.apply(x, phi.to(dt), bias.to(dt), alpha.to(dt), iters, rms_eps)
 
 
 def mhc_pre(x: Tensor, h_pre: Tensor, *, backend: str = "auto") -> Tensor:

@@ -87,6 +87,16 @@ class DynamicCoefficients(nn.Module):
             b_res = self.constraint.identity_bias(8.0)
         self.bias.copy_(torch.cat([b_pre.float(), b_post, b_res.float()]))
 
+    def read(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(u, h_pre, h_post, h_res)``: coefficients and the branch input in one fused op (mHC)."""
+        cfg = self.cfg
+        if isinstance(self.constraint, SinkhornConstraint):
+            return F.mhc_coeffs_pre(
+                x, self.phi, self.bias, self.alpha, iters=cfg.sinkhorn_iters, rms_eps=cfg.rms_eps, backend=cfg.backend
+            )
+        h_pre, h_post, h_res = self(x)
+        return F.mhc_pre(x, h_pre, backend=cfg.backend), h_pre, h_post, h_res
+
     def forward(self, x: Tensor) -> Coefficients:
         cfg = self.cfg
         if isinstance(self.constraint, SinkhornConstraint):
@@ -229,11 +239,14 @@ class HyperConnection(nn.Module):
         self._check(x)
         if self.coeffs is None:  # plain residual: u is the single stream
             return x.squeeze(-2), lambda y: x + y.unsqueeze(-2)
-        h_pre, h_post, h_res = self.coeffs(x)
+        backend = self.cfg.backend
+        if isinstance(self.coeffs, DynamicCoefficients):
+            u, h_pre, h_post, h_res = self.coeffs.read(x)
+        else:
+            h_pre, h_post, h_res = self.coeffs(x)
+            u = F.mhc_pre(x, h_pre, backend=backend)
         if self._capture is not None:
             self._capture.append((h_pre.detach(), h_post.detach(), None if h_res is None else h_res.detach()))
-        backend = self.cfg.backend
-        u = F.mhc_pre(x, h_pre, backend=backend)
 
         def finish(y: Tensor) -> Tensor:
             if h_res is None:

@@ -85,3 +85,31 @@ def test_unknown_and_unavailable_backends_raise():
         F.sinkhorn(x, backend="cuda-magic")
     with pytest.raises(ValueError, match=r"backend: got 'triton', which is not available"):
         F.sinkhorn(x, backend="triton")
+
+
+@pytest.mark.parametrize("lead,n,c", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_coeffs_pre_matches_composition(lead, n, c, dtype):
+    """mhc_coeffs_pre (one Function on the torch backend) equals reference coeffs + pre, forward and grads."""
+    x, phi, bias, alpha = make_mhc_inputs(lead, n, c, dtype=dtype, seed=7 * n + c, requires_grad=True)
+    leaves = (x, phi, bias, alpha)
+    ref_c = R.mhc_coeffs(x, phi, bias, alpha)
+    ref = (R.mhc_pre(x, ref_c[0]), *ref_c)
+    fast = F.mhc_coeffs_pre(x, phi, bias, alpha)
+    weights = [torch.randn(o.shape, dtype=torch.float32) for o in ref]
+    g_ref = torch.autograd.grad(_loss(ref, weights), leaves)
+    g_fast = torch.autograd.grad(_loss(fast, weights), leaves)
+    tol_dt = torch.float32 if dtype == torch.bfloat16 else dtype
+    rtol, atol = TOL[tol_dt]
+    for name, a, b in zip(("u", "h_pre", "h_post", "h_res"), fast, ref):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol * (100 if dtype == torch.bfloat16 else 1),
+                                   atol=atol * (100 if dtype == torch.bfloat16 else 1), msg=name)
+    g_rtol, g_atol = TOL[torch.bfloat16] if dtype == torch.bfloat16 else (rtol * 10, atol * 10)
+    for name, a, b in zip(("x", "phi", "bias", "alpha"), g_fast, g_ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=g_rtol, atol=g_atol, msg=f"grad {name}")
+
+
+def test_fused_coeffs_pre_gradcheck_float64():
+    x, phi, bias, alpha = make_mhc_inputs((2,), 3, 4, seed=3, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: F.mhc_coeffs_pre(*a, iters=5), (x, phi, bias, alpha))

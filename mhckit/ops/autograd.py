@@ -184,56 +184,110 @@ class PostResFunction(torch.autograd.Function):
 # no [T, nC] float copy is kept for fp32 streams.
 
 
+def _coeffs_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
+    """``(h_pre [T, n], h_post [T, n], h_res [T, n, n], r [T, 1], z [T, K])`` for flattened tokens."""
+    n, c = x.shape[-2], x.shape[-1]
+    v = x.reshape(-1, n * c).to(phi.dtype)  # [T, nC]
+    r = torch.sqrt(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_() / (n * c) + rms_eps)  # [T, 1]
+    z = (v @ phi).div_(r)  # [T, K]
+    a = torch.addcmul(bias, z, _gates(alpha, n, phi.shape[1]))
+    h_pre = torch.sigmoid(a[:, :n])
+    h_post = torch.sigmoid(a[:, n : 2 * n]).mul_(2.0)
+    logits = a[:, 2 * n :].reshape(-1, n, n)
+    h_res = _tokens_first(sinkhorn_forward(_tokens_last(logits), iters), logits.shape)
+    return h_pre, h_post, h_res, r, z
+
+
+def _coeffs_backward(saved, iters: int, g_pre, g_post, g_res, need_x: bool, need_phi: bool):
+    """Gradients ``(grad_v [T, nC] fp32 or None, grad_phi, grad_bias, grad_alpha)``; see the banner."""
+    x, phi, bias, alpha, r, z = saved
+    n, c = x.shape[-2], x.shape[-1]
+    dt = phi.dtype
+    gate = _gates(alpha, n, phi.shape[1])
+    a = torch.addcmul(bias, z, gate)  # recomputed: cheaper to redo than to keep
+    da = torch.zeros_like(a)
+    if g_pre is not None:
+        s = torch.sigmoid(a[:, :n])
+        da[:, :n] = g_pre.reshape(-1, n).to(dt) * s * (1 - s)
+    if g_post is not None:
+        s = torch.sigmoid(a[:, n : 2 * n])
+        da[:, n : 2 * n] = g_post.reshape(-1, n).to(dt) * 2 * s * (1 - s)
+    if g_res is not None:
+        logits = _tokens_last(a[:, 2 * n :].reshape(-1, n, n))
+        g = sinkhorn_backward(logits, iters, _tokens_last(g_res.reshape(-1, n, n).to(dt)))
+        da[:, 2 * n :] = _tokens_first(g, (a.shape[0], n, n)).reshape(-1, n * n)
+    grad_bias = da.sum(0)
+    dz = da * z
+    grad_alpha = torch.stack([dz[:, :n].sum(), dz[:, n : 2 * n].sum(), dz[:, 2 * n :].sum()]).to(alpha.dtype)
+    gzr = (da * gate).div_(r)  # gz / r, [T, K]
+    v = x.reshape(-1, n * c).to(dt)
+    grad_phi = v.t() @ gzr if need_phi else None
+    grad_v = None
+    if need_x:
+        coef = (gzr * z).sum(-1, keepdim=True).div_(-(n * c) * r)  # -sum(gz z) / (nC r^2)
+        grad_v = (gzr @ phi.t()).addcmul_(v, coef)
+    return grad_v, grad_phi, grad_bias, grad_alpha
+
+
 class CoeffsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
-        n, c = x.shape[-2], x.shape[-1]
-        dt = phi.dtype
-        v = x.reshape(-1, n * c).to(dt)  # [T, nC]
-        r = torch.sqrt(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_() / (n * c) + rms_eps)  # [T, 1]
-        z = (v @ phi).div_(r)  # [T, K]
-        gate = _gates(alpha, n, phi.shape[1])
-        a = torch.addcmul(bias, z, gate)
-        h_pre = torch.sigmoid(a[:, :n])
-        h_post = torch.sigmoid(a[:, n : 2 * n]).mul_(2.0)
-        logits = a[:, 2 * n :].reshape(-1, n, n)
-        h_res = _tokens_first(sinkhorn_forward(_tokens_last(logits), iters), logits.shape)
+        h_pre, h_post, h_res, r, z = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps)
         ctx.save_for_backward(x, phi, bias, alpha, r, z)
-        ctx.iters, ctx.lead = iters, x.shape[:-2]
-        lead = x.shape[:-2]
+        ctx.iters = iters
+        lead, n = x.shape[:-2], x.shape[-2]
         return h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_pre: Tensor, g_post: Tensor, g_res: Tensor):
-        x, phi, bias, alpha, r, z = ctx.saved_tensors
+        x = ctx.saved_tensors[0]
+        need = ctx.needs_input_grad
+        grad_v, grad_phi, grad_bias, grad_alpha = _coeffs_backward(
+            ctx.saved_tensors, ctx.iters, g_pre, g_post, g_res, need[0], need[1]
+        )
+        grad_x = grad_v.reshape(x.shape).to(x.dtype) if grad_v is not None else None
+        return grad_x, grad_phi, grad_bias, grad_alpha, None, None
+
+
+class CoeffsPreFunction(torch.autograd.Function):
+    """Coefficients and the branch read ``u = sum_j h_pre[j] x[j]`` in one Function, so that the
+    backward writes ONE stream gradient (coefficient path + ``h_pre`` x ``du``, accumulated in place)
+    instead of two that autograd would add. Returns ``(u, h_pre, h_post, h_res)``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
+        h_pre, h_post, h_res, r, z = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps)
+        lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+        x3 = x.reshape(-1, n, c)
+        u = _mix(h_pre.unsqueeze(-2), x3).squeeze(-2).to(x.dtype)  # [T, C]
+        ctx.save_for_backward(x, phi, bias, alpha, r, z)
+        ctx.iters = iters
+        return u.reshape(*lead, c), h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_u: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor):
+        x, phi = ctx.saved_tensors[0], ctx.saved_tensors[1]
         n, c = x.shape[-2], x.shape[-1]
         dt = phi.dtype
-        gate = _gates(alpha, n, phi.shape[1])
-        a = torch.addcmul(bias, z, gate)  # recomputed: cheaper to redo than to keep
-        da = torch.zeros_like(a)
-        if g_pre is not None:
-            s = torch.sigmoid(a[:, :n])
-            da[:, :n] = g_pre.reshape(-1, n).to(dt) * s * (1 - s)
-        if g_post is not None:
-            s = torch.sigmoid(a[:, n : 2 * n])
-            da[:, n : 2 * n] = g_post.reshape(-1, n).to(dt) * 2 * s * (1 - s)
-        if g_res is not None:
-            logits = _tokens_last(a[:, 2 * n :].reshape(-1, n, n))
-            g = sinkhorn_backward(logits, ctx.iters, _tokens_last(g_res.reshape(-1, n, n).to(dt)))
-            da[:, 2 * n :] = _tokens_first(g, (a.shape[0], n, n)).reshape(-1, n * n)
-        grad_bias = da.sum(0)
-        dz = da * z
-        grad_alpha = torch.stack([dz[:, :n].sum(), dz[:, n : 2 * n].sum(), dz[:, 2 * n :].sum()])
-        gzr = (da * gate).div_(r)  # gz / r, [T, K]
-        v = x.reshape(-1, n * c).to(dt)
-        grad_phi = v.t() @ gzr if ctx.needs_input_grad[1] else None
+        x3 = x.reshape(-1, n, c)
+        gu = g_u.reshape(-1, 1, c).to(dt) if g_u is not None else None
+        if gu is not None:  # dL/dh_pre[j] += <du, x[j]>
+            read = _contract(gu, *x3.unbind(-2)).squeeze(-2)  # [T, n]
+            g_pre = read if g_pre is None else g_pre.reshape(-1, n).to(dt) + read
+        need = ctx.needs_input_grad
+        grad_v, grad_phi, grad_bias, grad_alpha = _coeffs_backward(
+            ctx.saved_tensors, ctx.iters, g_pre, g_post, g_res, need[0], need[1]
+        )
         grad_x = None
-        if ctx.needs_input_grad[0]:
-            coef = (gzr * z).sum(-1, keepdim=True).div_(-(n * c) * r)  # -sum(gz z) / (nC r^2)
-            grad_v = (gzr @ phi.t()).addcmul_(v, coef)
-            grad_x = grad_v.reshape(x.shape).to(x.dtype)
-        return grad_x, grad_phi, grad_bias, grad_alpha.to(alpha.dtype), None, None
+        if need[0]:
+            grad_x3 = grad_v.view(-1, n, c)
+            if gu is not None:  # du/dx[j] = h_pre[j] du, added in place
+                a_pre = torch.addcmul(ctx.saved_tensors[2][:n], ctx.saved_tensors[5][:, :n], ctx.saved_tensors[3][0].to(dt))
+                grad_x3.addcmul_(torch.sigmoid(a_pre).unsqueeze(-1), gu)
+            grad_x = grad_x3.reshape(x.shape).to(x.dtype)
+        return grad_x, grad_phi, grad_bias, grad_alpha, None, None
 
 
 def _gates(alpha: Tensor, n: int, k: int) -> Tensor:
