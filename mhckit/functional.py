@@ -84,14 +84,18 @@ def mhc_coeffs(
     resolved = resolve_backend(backend, x, phi, bias, alpha)
     if resolved == "reference":
         return reference.mhc_coeffs(x, phi, bias, alpha, iters=iters, rms_eps=rms_eps)
-    n, c = check_streams(x, "x")
-    check_phi_bias(phi, bias, n, c, res_logits=n * n)
-    check_iters(iters)
-    check_alpha(alpha)
+    _check_mhc(x, phi, bias, alpha, iters)
     if resolved == "triton":
         return _triton().mhc_coeffs(x, phi, bias, alpha, iters=iters, rms_eps=rms_eps)
     dt = compute_dtype(x, phi)
     return CoeffsFunction.apply(x, phi.to(dt), bias.to(dt), alpha.to(dt), iters, rms_eps)
+
+
+def _check_mhc(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int) -> None:
+    n, c = check_streams(x, "x")
+    check_phi_bias(phi, bias, n, c, res_logits=n * n)
+    check_iters(iters)
+    check_alpha(alpha)
 
 
 def mhc_coeffs_pre(
@@ -110,10 +114,7 @@ def mhc_coeffs_pre(
     if resolved != "torch":
         h_pre, h_post, h_res = mhc_coeffs(x, phi, bias, alpha, iters=iters, rms_eps=rms_eps, backend=resolved)
         return mhc_pre(x, h_pre, backend=resolved), h_pre, h_post, h_res
-    n, c = check_streams(x, "x")
-    check_phi_bias(phi, bias, n, c, res_logits=n * n)
-    check_iters(iters)
-    check_alpha(alpha)
+    _check_mhc(x, phi, bias, alpha, iters)
     dt = compute_dtype(x, phi)
     return CoeffsPreFunction.apply(x, phi.to(dt), bias.to(dt), alpha.to(dt), iters, rms_eps)
 

@@ -76,7 +76,7 @@ def test_n_streams_below_one_and_empty_streams():
 def test_unknown_variant_init_and_mode():
     with pytest.raises(ValueError, match=r"variant: got 'mhc2'; expected one of 'residual', 'hc', 'mhc', 'mhc-lite'"):
         mhckit.HyperConnection(8, torch.nn.Identity(), variant="mhc2")
-    with pytest.raises(ValueError, match=r"init: got 'zeros'; expected one of 'preserving', 'identity'"):
+    with pytest.raises(ValueError, match=r"init: got 'zeros'; expected one of 'preserving', 'mean-preserving', 'identity'"):
         mhckit.MHCConfig(init="zeros")
     with pytest.raises(ValueError, match=r"mode: got 'max'; expected one of 'sum', 'mean', 'head'"):
         mhckit.reduce_streams(torch.randn(2, 3, 4), "max")
