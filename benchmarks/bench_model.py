@@ -5,9 +5,9 @@
 Each variant is a full GPT training step (forward, backward, AdamW) on random tokens; the
 variants are stepped interleaved (A B C A B C ...) and the medians of the step times give
 tokens/s and paired ratios against the residual. Memory: on CUDA the peak allocated bytes of a
-step (``torch.cuda.max_memory_allocated``); on the CPU, which has no allocator statistics, an
-exact count of what training holds at the peak of a step: parameters + gradients + AdamW state
-+ the distinct storages autograd saves for backward (activations).
+step (``torch.cuda.max_memory_allocated``); on the CPU, which has no allocator statistics, the
+estimate of :func:`mhckit.train.memory.estimate_training_memory` (parameters + gradients + AdamW
+state + the distinct storages autograd saves for backward), the same number `mhckit compare` reports.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from benchmarks.harness import Result, write_results
 from mhckit import MHCConfig
 from mhckit.models import GPT, GPTConfig
+from mhckit.train.memory import estimate_training_memory
 from mhckit.train.runinfo import run_info
 
 RESULTS = Path(__file__).parent / "results"
@@ -59,21 +60,6 @@ def step_fn(model, opt, tokens, device):
     return step
 
 
-def cpu_training_bytes(model, opt, tokens) -> int:
-    """Params + grads + AdamW state + distinct saved storages of one forward."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _, loss = model(tokens[:, :-1], tokens[:, 1:])
-    del loss
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return 4 * params + sum(seen.values())  # weights, grads, exp_avg, exp_avg_sq
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
@@ -99,7 +85,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             memory[n] = torch.cuda.max_memory_allocated()
         else:
-            memory[n] = cpu_training_bytes(model, opt, tokens)
+            memory[n] = estimate_training_memory(model, tokens[:, :-1], tokens[:, 1:])["total_bytes"]
         for _ in range(args.warmup):
             steps[n]()
     times = {n: [] for n in names}

@@ -5,7 +5,8 @@ Each function takes ``backend=`` (``"auto"``, ``"torch"``, ``"reference"``, ``"t
 custom ops of :mod:`mhckit.ops.triton_autograd` (imported on first use only).
 The ``torch`` backend differs from the reference only in how it computes, never in what: its
 Sinkhorn saves just the logits and recomputes the iterations in backward
-(:class:`mhckit.ops.autograd.SinkhornFunction`), and its pre / post-res use single batched matmuls.
+(:class:`mhckit.ops.autograd.SinkhornFunction`), its coefficients are one Function that recomputes
+its intermediates, and its pre / post-res are in-place elementwise passes (no batched tiny GEMMs).
 Parity with the reference (forward and every gradient) is tested.
 
 Shape legend: ``...`` leading dims, ``n`` streams, ``C`` width.

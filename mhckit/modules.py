@@ -251,13 +251,14 @@ class HyperConnection(nn.Module):
         def finish(y: Tensor) -> Tensor:
             if h_res is None:
                 out = F.residual_update(x, y, h_post)
-                replay = (F.residual_update, y.detach(), h_post.detach())
             else:
                 out = F.mhc_post_res(x, y, h_post, h_res, backend=backend)
-                replay = (_post_res_replay, y.detach(), h_post.detach(), h_res.detach(), backend)
             rc = recompute.active()
-            if rc is not None:
-                rc.record(out, *replay)
+            if rc is not None:  # only then build the replay recipe (nothing extra on the plain path)
+                if h_res is None:
+                    rc.record(out, F.residual_update, y.detach(), h_post.detach())
+                else:
+                    rc.record(out, _post_res_replay, y.detach(), h_post.detach(), h_res.detach(), backend)
             return out
 
         return u, finish

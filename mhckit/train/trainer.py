@@ -14,7 +14,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +115,6 @@ class Trainer:
         self.data = data or load_token_data(cfg.data, cfg.tokenizer, cfg.cache_dir, cfg.val_fraction)
         vocab = self.data.tokenizer.vocab_size
         if cfg.model.vocab_size != vocab:
-            from dataclasses import replace
-
             cfg.model = replace(cfg.model, vocab_size=vocab)  # the tokenizer fixes the vocabulary
         self.run_dir = Path(cfg.out_dir) / cfg.name
         torch.manual_seed(cfg.seed)
