@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import cpu
+
 
 def _tokens_last(t: Tensor) -> Tensor:
     """``[..., n, n] -> [n, n, T]`` contiguous: reductions over the n x n axes then run over long,
@@ -83,12 +85,16 @@ class SinkhornFunction(torch.autograd.Function):
     def forward(ctx, logits: Tensor, iters: int) -> Tensor:
         ctx.iters = iters
         ctx.save_for_backward(logits)
+        if cpu.available(logits, n=logits.shape[-1]):
+            return cpu.sinkhorn_fwd(logits, iters)
         return _tokens_first(sinkhorn_forward(_tokens_last(logits), iters), logits.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         (logits,) = ctx.saved_tensors
+        if cpu.available(logits, n=logits.shape[-1]):
+            return cpu.sinkhorn_bwd(logits, grad, ctx.iters), None
         g = sinkhorn_backward(_tokens_last(logits), ctx.iters, _tokens_last(grad.to(logits.dtype)))
         return _tokens_first(g, logits.shape), None
 
@@ -133,6 +139,8 @@ class PreFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, h_pre: Tensor) -> Tensor:
         ctx.save_for_backward(x, h_pre)
+        if cpu.available(x, h_pre, n=x.shape[-2]):
+            return cpu.pre_fwd(x, h_pre)
         u = _mix(h_pre.unsqueeze(-2), x).squeeze(-2)  # [..., C]
         return u.to(x.dtype)
 
@@ -140,6 +148,8 @@ class PreFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gu: Tensor):
         x, h_pre = ctx.saved_tensors
+        if cpu.available(x, h_pre, n=x.shape[-2]):
+            return cpu.pre_bwd(x, h_pre, gu, *ctx.needs_input_grad)
         g = gu.to(h_pre.dtype).unsqueeze(-2)  # [..., 1, C]
         grad_x = (h_pre.unsqueeze(-1) * g).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_h = _contract(g, *x.unbind(-2)).squeeze(-2) if ctx.needs_input_grad[1] else None
@@ -150,6 +160,8 @@ class PostResFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
         ctx.save_for_backward(x, y, h_post, h_res)
+        if cpu.available(x, y, h_post, h_res, n=x.shape[-2]):
+            return cpu.post_res_fwd(x, y, h_post, h_res)
         dt = h_res.dtype
         out = h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)  # [..., n, C]
         return _mix(h_res, x, out).to(x.dtype)
@@ -158,6 +170,8 @@ class PostResFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: Tensor):
         x, y, h_post, h_res = ctx.saved_tensors
+        if cpu.available(x, y, h_post, h_res, n=x.shape[-2]):
+            return cpu.post_res_bwd(x, y, h_post, h_res, g, ctx.needs_input_grad)
         dt = h_res.dtype
         g = g.to(dt)
         need = ctx.needs_input_grad
@@ -190,6 +204,9 @@ def _coeffs_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: 
     v = x.reshape(-1, n * c).to(phi.dtype)  # [T, nC]
     r = torch.sqrt(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_() / (n * c) + rms_eps)  # [T, 1]
     z = (v @ phi).div_(r)  # [T, K]
+    if cpu.available(z, n=n):  # gates, activations and Sinkhorn in one compiled pass
+        h_pre, h_post, h_res = cpu.tail_fwd(z, bias, alpha, n, iters)
+        return h_pre, h_post, h_res, r, z
     a = torch.addcmul(bias, z, _gates(alpha, n, phi.shape[1]))
     h_pre = torch.sigmoid(a[:, :n])
     h_post = torch.sigmoid(a[:, n : 2 * n]).mul_(2.0)
@@ -198,12 +215,9 @@ def _coeffs_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: 
     return h_pre, h_post, h_res, r, z
 
 
-def _coeffs_backward(saved, iters: int, g_pre, g_post, g_res, need_x: bool, need_phi: bool):
-    """Gradients ``(grad_v [T, nC] fp32 or None, grad_phi, grad_bias, grad_alpha)``; see the banner."""
-    x, phi, bias, alpha, r, z = saved
-    n, c = x.shape[-2], x.shape[-1]
-    dt = phi.dtype
-    gate = _gates(alpha, n, phi.shape[1])
+def _tail_backward(z: Tensor, bias: Tensor, gate: Tensor, n: int, iters: int, g_pre, g_post, g_res) -> Tensor:
+    """``dL/da [T, K]`` through the gates, activations and Sinkhorn, with PyTorch ops."""
+    dt = z.dtype
     a = torch.addcmul(bias, z, gate)  # recomputed: cheaper to redo than to keep
     da = torch.zeros_like(a)
     if g_pre is not None:
@@ -216,6 +230,19 @@ def _coeffs_backward(saved, iters: int, g_pre, g_post, g_res, need_x: bool, need
         logits = _tokens_last(a[:, 2 * n :].reshape(-1, n, n))
         g = sinkhorn_backward(logits, iters, _tokens_last(g_res.reshape(-1, n, n).to(dt)))
         da[:, 2 * n :] = _tokens_first(g, (a.shape[0], n, n)).reshape(-1, n * n)
+    return da
+
+
+def _coeffs_backward(saved, iters: int, g_pre, g_post, g_res, need_x: bool, need_phi: bool):
+    """Gradients ``(grad_v [T, nC] fp32 or None, grad_phi, grad_bias, grad_alpha)``; see the banner."""
+    x, phi, bias, alpha, r, z = saved
+    n, c = x.shape[-2], x.shape[-1]
+    dt = phi.dtype
+    gate = _gates(alpha, n, phi.shape[1])
+    if cpu.available(z, n=n):  # compiled twin of _tail_backward
+        da = cpu.tail_bwd(z, bias, alpha, g_pre, g_post, g_res, n, iters)
+    else:
+        da = _tail_backward(z, bias, gate, n, iters, g_pre, g_post, g_res)
     grad_bias = da.sum(0)
     dz = da * z
     grad_alpha = torch.stack([dz[:, :n].sum(), dz[:, n : 2 * n].sum(), dz[:, 2 * n :].sum()]).to(alpha.dtype)
@@ -260,7 +287,10 @@ class CoeffsPreFunction(torch.autograd.Function):
         h_pre, h_post, h_res, r, z = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps)
         lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
         x3 = x.reshape(-1, n, c)
-        u = _mix(h_pre.unsqueeze(-2), x3).squeeze(-2).to(x.dtype)  # [T, C]
+        if cpu.available(x, h_pre, n=n):
+            u = cpu.pre_fwd(x3, h_pre)
+        else:
+            u = _mix(h_pre.unsqueeze(-2), x3).squeeze(-2).to(x.dtype)  # [T, C]
         ctx.save_for_backward(x, phi, bias, alpha, r, z)
         ctx.iters = iters
         return u.reshape(*lead, c), h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
@@ -274,7 +304,10 @@ class CoeffsPreFunction(torch.autograd.Function):
         x3 = x.reshape(-1, n, c)
         gu = g_u.reshape(-1, 1, c).to(dt) if g_u is not None else None
         if gu is not None:  # dL/dh_pre[j] += <du, x[j]>
-            read = _contract(gu, *x3.unbind(-2)).squeeze(-2)  # [T, n]
+            if cpu.available(x, gu, n=n):
+                read = cpu.pre_bwd(x3, None, gu, False, True)[1]
+            else:
+                read = _contract(gu, *x3.unbind(-2)).squeeze(-2)  # [T, n]
             g_pre = read if g_pre is None else g_pre.reshape(-1, n).to(dt) + read
         need = ctx.needs_input_grad
         grad_v, grad_phi, grad_bias, grad_alpha = _coeffs_backward(

@@ -1,0 +1,294 @@
+"""Compiled CPU kernels for the per-token coefficient tail (gates, activations, Sinkhorn).
+
+At small widths the CPU cost of mHC is not memory traffic but the number of PyTorch ops: the
+20-iteration Sinkhorn alone is ~120 whole-tensor ops forward and ~400 backward (each a few µs
+of dispatch on tensors of a few thousand elements). ``mhc_cpu.c`` does the same arithmetic token
+by token in one pass (forward; the backward recomputes the iterates per token, nothing stored).
+
+The library is compiled on first use with the system C compiler (``$CC``, else ``cc`` / ``gcc``
+/ ``clang``), with OpenMP when the compiler has it, into a cache directory
+(``$MHCKIT_CACHE/kernels``, default ``~/.cache/mhckit/kernels``), keyed by a hash of the source
+and flags, and loaded with :mod:`ctypes`: no Python or torch headers, ~1 s to build. Without a
+compiler, or with ``MHCKIT_CPU_KERNELS=0``, or under ``torch.compile`` (ctypes calls do not
+trace), mhckit uses its PyTorch ops instead (same results to rounding; tests check both).
+
+:func:`status` says which path is active and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "available", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
+    "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "MAX_STREAMS",
+]
+
+MAX_STREAMS = 8
+_SOURCE = Path(__file__).with_name("mhc_cpu.c")
+_ABI = 1
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}  # "lib": CDLL | None, "why": str | None, "path": str
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("MHCKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mhckit"
+    )
+    return Path(base) / "kernels"
+
+
+def _compiler() -> str | None:
+    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu99", "-fno-fast-math"]
+
+
+def _isa_flags() -> list[str]:
+    """AVX2 + FMA where PyTorch itself dispatches to AVX2 or AVX-512 (part of the cache key)."""
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch
+        return []
+    return ["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else []
+
+
+def _build(cc: str, out: Path) -> str | None:
+    """Compile to ``out`` (atomically); None on success, else the compiler's complaint."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for extra in (["-fopenmp"], []):  # OpenMP when the compiler has it
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        cmd = [cc, *_FLAGS, *_isa_flags(), *extra, str(_SOURCE), "-o", tmp, "-lm"]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            res = None
+            errors.append(f"{' '.join(cmd)}: {e}")
+        if res is not None and res.returncode == 0:
+            os.replace(tmp, out)  # atomic: concurrent builders each write their own temp file
+            return None
+        if res is not None:
+            errors.append(f"{' '.join(cmd)}: {res.stderr.strip()[-500:]}")
+        Path(tmp).unlink(missing_ok=True)
+    return "; ".join(errors)
+
+
+def _load() -> ctypes.CDLL | None:
+    if "lib" in _STATE:
+        return _STATE["lib"]  # type: ignore[return-value]
+    with _LOCK:
+        if "lib" in _STATE:
+            return _STATE["lib"]  # type: ignore[return-value]
+        lib, why = None, None
+        if os.environ.get("MHCKIT_CPU_KERNELS", "1") == "0":
+            why = "disabled by MHCKIT_CPU_KERNELS=0"
+        elif (cc := _compiler()) is None:
+            why = "no C compiler found (set CC, or install gcc / clang)"
+        else:
+            key = hashlib.sha256(
+                _SOURCE.read_bytes() + " ".join([cc, *_FLAGS, *_isa_flags(), sys.platform]).encode()
+            ).hexdigest()[:16]
+            path = _cache_root() / key / "libmhc_cpu.so"
+            _STATE["path"] = str(path)
+            if not path.exists():
+                why = _build(cc, path)
+            if why is None:
+                try:
+                    lib = ctypes.CDLL(str(path))
+                    if lib.mhc_abi_version() != _ABI:
+                        why, lib = f"{path}: ABI {lib.mhc_abi_version()}, expected {_ABI}", None
+                except OSError as e:
+                    why = f"{path}: {e}"
+        if lib is not None:
+            _declare(lib)
+        elif not why.startswith("disabled"):
+            warnings.warn(f"mhckit: compiled CPU kernels unavailable ({why}); using PyTorch ops", stacklevel=3)
+        _STATE["lib"], _STATE["why"] = lib, why
+        return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for suf in ("f32", "f64"):
+        getattr(lib, f"mhc_sinkhorn_fwd_{suf}").argtypes = [p, i64, p, i64, i32, i32, i32]
+        getattr(lib, f"mhc_sinkhorn_bwd_{suf}").argtypes = [p, i64, p, p, i64, i64, i32, i32, i32]
+        getattr(lib, f"mhc_tail_fwd_{suf}").argtypes = [p, p, p, p, p, p, i64, i32, i32, i32]
+        getattr(lib, f"mhc_tail_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, i64, i32, i32, i32]
+        getattr(lib, f"mhc_pre_fwd_{suf}").argtypes = [p, p, p, i64, i32, i64, i32]
+        getattr(lib, f"mhc_pre_bwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
+        getattr(lib, f"mhc_post_res_fwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
+        getattr(lib, f"mhc_post_res_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, p, i64, i32, i64, i32]
+
+
+def status() -> dict[str, object]:
+    """``{"active": bool, "why": reason when inactive, "path": the library, "openmp": bool}``."""
+    lib = _load()
+    return {
+        "active": lib is not None,
+        "why": _STATE.get("why"),
+        "path": _STATE.get("path"),
+        "openmp": bool(lib.mhc_openmp()) if lib is not None else False,
+    }
+
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_OFF = [0]  # > 0 inside `disabled()`
+
+
+@contextlib.contextmanager
+def disabled():
+    """Use the PyTorch ops inside this block (for comparisons and benchmarks)."""
+    _OFF[0] += 1
+    try:
+        yield
+    finally:
+        _OFF[0] -= 1
+
+
+def available(*tensors: torch.Tensor, n: int) -> bool:
+    """True when the compiled kernels can run on ``tensors`` (CPU, float32/float64, one dtype,
+    ``n <= 8``) outside of ``torch.compile`` tracing."""
+    if torch.compiler.is_compiling() or _OFF[0] or not 1 <= n <= MAX_STREAMS:
+        return False
+    dt = tensors[0].dtype
+    if dt not in _SUFFIX or any(t.device.type != "cpu" or t.dtype != dt for t in tensors):
+        return False
+    return _load() is not None
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _call(name: str, dtype: torch.dtype, *args) -> None:
+    fn = getattr(_STATE["lib"], f"{name}_{_SUFFIX[dtype]}")
+    err = fn(*args)
+    if err:
+        raise RuntimeError(f"mhckit CPU kernel {name} failed (code {err}: 1 bad n/iters, 2 out of memory)")
+
+
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """A ``[T, >= width]`` view whose rows are contiguous (row stride free), else a copy."""
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    if t2.stride(-1) != 1 or (t2.shape[0] > 1 and t2.stride(0) < width):
+        t2 = t2.contiguous()
+    return t2
+
+
+def sinkhorn_fwd(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """``[..., n, n]`` logits -> doubly stochastic ``[..., n, n]`` (contiguous)."""
+    n = logits.shape[-1]
+    lg = _rows(logits.reshape(-1, n * n), n * n)
+    out = torch.empty(logits.shape, dtype=logits.dtype)
+    _call("mhc_sinkhorn_fwd", logits.dtype, _ptr(lg), lg.stride(0), _ptr(out), lg.shape[0], n, iters,
+          torch.get_num_threads())
+    return out
+
+
+def sinkhorn_bwd(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> torch.Tensor:
+    """dL/dlogits ``[..., n, n]`` for :func:`sinkhorn_fwd` (recomputes the iterates per token)."""
+    n = logits.shape[-1]
+    lg = _rows(logits.reshape(-1, n * n), n * n)
+    g = grad.reshape(-1, n * n).to(lg.dtype).contiguous()
+    dst = torch.empty(logits.shape, dtype=lg.dtype)
+    _call("mhc_sinkhorn_bwd", lg.dtype, _ptr(lg), lg.stride(0), _ptr(g), _ptr(dst), n * n, lg.shape[0], n, iters,
+          torch.get_num_threads())
+    return dst
+
+
+def tail_fwd(z: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor, n: int, iters: int):
+    """``z [T, K]`` -> ``(h_pre [T, n], h_post [T, n], h_res [T, n, n])``; see ``mhc_cpu.c``."""
+    t, dt = z.shape[0], z.dtype
+    z, bias, gates = z.contiguous(), bias.to(dt).contiguous(), gates.to(dt).contiguous()
+    h_pre, h_post = torch.empty(t, n, dtype=dt), torch.empty(t, n, dtype=dt)
+    h_res = torch.empty(t, n, n, dtype=dt)
+    _call("mhc_tail_fwd", dt, _ptr(z), _ptr(bias), _ptr(gates), _ptr(h_pre), _ptr(h_post), _ptr(h_res), t, n,
+          iters, torch.get_num_threads())
+    return h_pre, h_post, h_res
+
+
+def tail_bwd(z: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor, g_pre, g_post, g_res, n: int, iters: int):
+    """``da [T, K]`` from the gradients of ``h_pre``, ``h_post``, ``h_res`` (each may be None)."""
+    t, dt = z.shape[0], z.dtype
+    z, bias, gates = z.contiguous(), bias.to(dt).contiguous(), gates.to(dt).contiguous()
+
+    def flat(g, w):
+        return None if g is None else g.reshape(t, w).to(dt).contiguous()
+
+    g_pre, g_post, g_res = flat(g_pre, n), flat(g_post, n), flat(g_res, n * n)
+    da = torch.empty_like(z)
+    _call("mhc_tail_bwd", dt, _ptr(z), _ptr(bias), _ptr(gates), _ptr(g_pre), _ptr(g_post), _ptr(g_res), _ptr(da),
+          t, n, iters, torch.get_num_threads())
+    return da
+
+
+# ---- stream read / write-back: x [T, n, C], y / u [T, C], coefficients of x's dtype -------------
+
+
+def _c(t: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dt).contiguous()
+
+
+def pre_fwd(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``u [..., C] = sum_j h[..., j] x[..., j, :]``."""
+    n, c, dt = x.shape[-2], x.shape[-1], x.dtype
+    x3, h2 = x.reshape(-1, n, c).contiguous(), _c(h.reshape(-1, n), dt)
+    u = torch.empty(x.shape[:-2] + (c,), dtype=dt)
+    _call("mhc_pre_fwd", dt, _ptr(x3), _ptr(h2), _ptr(u), x3.shape[0], n, c, torch.get_num_threads())
+    return u
+
+
+def pre_bwd(x: torch.Tensor, h: torch.Tensor | None, gu: torch.Tensor, need_x: bool, need_h: bool):
+    """``(dL/dx or None, dL/dh [..., n] or None)`` for :func:`pre_fwd` (``h`` only read for dL/dx)."""
+    n, c, dt = x.shape[-2], x.shape[-1], x.dtype
+    x3, g2 = x.reshape(-1, n, c).contiguous(), _c(gu.reshape(-1, c), dt)
+    h2 = _c(h.reshape(-1, n), dt) if need_x else None
+    gx = torch.empty(x.shape, dtype=dt) if need_x else None
+    gh = torch.empty(x.shape[:-1], dtype=dt) if need_h else None
+    _call("mhc_pre_bwd", dt, _ptr(x3), _ptr(h2), _ptr(g2), _ptr(gx), _ptr(gh), x3.shape[0], n, c,
+          torch.get_num_threads())
+    return gx, gh
+
+
+def post_res_fwd(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
+    """``out[..., k, :] = h_post[..., k] y + sum_j h_res[..., k, j] x[..., j, :]``."""
+    n, c, dt = x.shape[-2], x.shape[-1], x.dtype
+    x3 = x.reshape(-1, n, c).contiguous()
+    y2, hp, hr = _c(y.reshape(-1, c), dt), _c(h_post.reshape(-1, n), dt), _c(h_res.reshape(-1, n, n), dt)
+    out = torch.empty(x.shape, dtype=dt)
+    _call("mhc_post_res_fwd", dt, _ptr(x3), _ptr(y2), _ptr(hp), _ptr(hr), _ptr(out), x3.shape[0], n, c,
+          torch.get_num_threads())
+    return out
+
+
+def post_res_bwd(x, y, h_post, h_res, g, need: tuple[bool, bool, bool, bool]):
+    """``(dx, dy, dh_post, dh_res)`` (None where ``need`` is False) for :func:`post_res_fwd`."""
+    n, c, dt = x.shape[-2], x.shape[-1], x.dtype
+    x3 = x.reshape(-1, n, c).contiguous()
+    y2, hp, hr = _c(y.reshape(-1, c), dt), _c(h_post.reshape(-1, n), dt), _c(h_res.reshape(-1, n, n), dt)
+    g3 = _c(g.reshape(-1, n, c), dt)
+    gx = torch.empty(x.shape, dtype=dt) if need[0] else None
+    gy = torch.empty(y.shape, dtype=dt) if need[1] else None
+    gp = torch.empty(h_post.shape, dtype=dt) if need[2] else None
+    gr = torch.empty(h_res.shape, dtype=dt) if need[3] else None
+    _call("mhc_post_res_bwd", dt, _ptr(x3), _ptr(y2), _ptr(hp), _ptr(hr), _ptr(g3), _ptr(gx), _ptr(gy), _ptr(gp),
+          _ptr(gr), x3.shape[0], n, c, torch.get_num_threads())
+    return gx, gy, gp, gr

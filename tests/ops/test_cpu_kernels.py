@@ -1,0 +1,222 @@
+"""The compiled CPU kernels (mhckit/ops/cpu): built here, used by default, equal to the PyTorch ops.
+
+Every comparison runs the same autograd Function twice, once with the kernels and once inside
+``cpu.disabled()`` (the PyTorch ops), and against :mod:`mhckit.reference`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mhckit import functional as F
+from mhckit import reference
+from mhckit.ops import cpu
+from mhckit.ops.autograd import CoeffsFunction, CoeffsPreFunction, SinkhornFunction
+
+HAVE_CC = any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang"))
+
+
+def test_kernels_are_built_and_active_where_a_compiler_exists():
+    st = cpu.status()
+    if not HAVE_CC:
+        assert not st["active"] and "compiler" in st["why"]
+        pytest.skip("no C compiler here: the PyTorch path is used (checked above)")
+    assert st["active"], st
+    assert os.path.exists(st["path"])
+    x = torch.randn(3, 4, 4)
+    assert cpu.available(x, n=4)
+    assert not cpu.available(x.to(torch.bfloat16), n=4)  # bf16 goes to the PyTorch ops
+    assert not cpu.available(torch.randn(3, 9, 9), n=9)  # n > 8 too
+    with cpu.disabled():
+        assert not cpu.available(x, n=4)
+
+
+pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
+
+
+def _both(fn):
+    """``fn()`` with the kernels and with the PyTorch ops."""
+    fast = fn()
+    with cpu.disabled():
+        slow = fn()
+    return fast, slow
+
+
+def _close(a, b, dt):
+    tol = dict(rtol=1e-5, atol=2e-6) if dt == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(a, b, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("iters,scale", [(1, 1.0), (5, 3.0), (20, 1.0), (20, 30.0), (20, 1e3)])
+def test_sinkhorn_matches_pytorch_ops(dt, n, iters, scale):
+    g = torch.Generator().manual_seed(n * 100 + iters)
+    logits = (torch.randn(2, 37, n, n, generator=g, dtype=dt) * scale).requires_grad_()
+    grad = torch.randn(2, 37, n, n, generator=g, dtype=dt)
+
+    def run():
+        logits.grad = None
+        out = SinkhornFunction.apply(logits, iters)
+        out.backward(grad)
+        return out.detach(), logits.grad.clone()
+
+    (out_f, g_f), (out_s, g_s) = _both(run)
+    _close(out_f, out_s, dt)
+    _close(g_f, g_s, dt)
+    if scale <= 30:  # doubly stochastic rows; gradients finite and equal to the spec's autograd
+        assert torch.isfinite(g_f).all()
+        ref = reference.sinkhorn(logits, iters)
+        (gr,) = torch.autograd.grad(ref, logits, grad)
+        _close(out_f, ref.detach(), dt)
+        _close(g_f, gr, dt)
+    else:  # clamped divisors: same treatment (and the same non-finite entries) as the PyTorch ops
+        assert torch.equal(torch.isfinite(g_f), torch.isfinite(g_s))
+
+
+def test_sinkhorn_reads_strided_logits():
+    base = torch.randn(50, 40, dtype=torch.float64)
+    logits = base[:, 3:19].reshape(50, 4, 4)  # rows of 16 values at stride 40
+    _close(cpu.sinkhorn_fwd(logits, 20), reference.sinkhorn(logits, 20), torch.float64)
+
+
+def _coeff_inputs(n, c, dt, lead=(3, 11), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = 2 * n + n * n
+    x = torch.randn(*lead, n, c, generator=g, dtype=dt, requires_grad=True)
+    phi = (torch.randn(n * c, k, generator=g, dtype=dt) * 0.5).requires_grad_()
+    bias = torch.randn(k, generator=g, dtype=dt).requires_grad_()
+    alpha = (torch.rand(3, generator=g, dtype=dt) + 0.5).requires_grad_()
+    return x, phi, bias, alpha
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,c", [(1, 5), (2, 3), (4, 16), (8, 4)])
+@pytest.mark.parametrize("fused_read", [False, True])
+def test_coefficients_match_pytorch_ops_and_reference(dt, n, c, fused_read):
+    x, phi, bias, alpha = _coeff_inputs(n, c, dt)
+    leaves = (x, phi, bias, alpha)
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(*x.shape[:-2], *s, generator=g, dtype=dt) for s in ((c,), (n,), (n,), (n, n))]
+
+    ws = weights if fused_read else weights[1:]
+    fn = CoeffsPreFunction if fused_read else CoeffsFunction
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        outs = fn.apply(x, phi, bias, alpha, 20, 1e-6)
+        sum((o * w).sum() for o, w in zip(outs, ws)).backward()
+        return [o.detach() for o in outs] + [t.grad.clone() for t in leaves]
+
+    fast, slow = _both(run)
+    for a, b in zip(fast, slow):
+        _close(a, b, dt)
+    ref = reference.mhc_coeffs(x, phi, bias, alpha, iters=20, rms_eps=1e-6)
+    first = 1 if fused_read else 0
+    for got, want in zip(fast[first : first + 3], ref):
+        _close(got, want.detach(), dt)
+
+
+def test_gradcheck_through_the_kernels():
+    x, phi, bias, alpha = _coeff_inputs(3, 4, torch.float64, lead=(5,), seed=3)
+    assert cpu.available(x, n=3)
+    assert torch.autograd.gradcheck(lambda *a: CoeffsPreFunction.apply(*a, 7, 1e-6), (x, phi, bias, alpha))
+    logits = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: SinkhornFunction.apply(t, 9), (logits,))
+
+
+def test_gradients_with_only_some_outputs_used():
+    """Unused outputs reach backward as None (zero gradient); both paths agree."""
+    x, phi, bias, alpha = _coeff_inputs(4, 8, torch.float64, seed=5)
+
+    def run(i):
+        def go():
+            for t in (x, phi, bias, alpha):
+                t.grad = None
+            F.mhc_coeffs(x, phi, bias, alpha)[i].square().sum().backward()
+            return [t.grad.clone() for t in (x, phi, bias, alpha)]
+        return go
+
+    for i in range(3):
+        fast, slow = _both(run(i))
+        for a, b in zip(fast, slow):
+            _close(a, b, torch.float64)
+
+
+def test_missing_compiler_falls_back_with_a_warning(tmp_path):
+    """No compiler -> one warning, status says why, results from the PyTorch ops."""
+    code = (
+        "import warnings, torch\n"
+        "from mhckit.ops import cpu\n"
+        "from mhckit import functional as F, reference\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    x = torch.randn(5, 4, 4, dtype=torch.float64)\n"
+        "    out = F.sinkhorn(x, 20)\n"
+        "st = cpu.status()\n"
+        "assert not st['active'] and 'compiler' in st['why'], st\n"
+        "assert any('CPU kernels unavailable' in str(m.message) for m in w), [str(m.message) for m in w]\n"
+        "torch.testing.assert_close(out, reference.sinkhorn(x, 20))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, CC="/nonexistent/cc", PATH=str(tmp_path), MHCKIT_CACHE=str(tmp_path / "cache"))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_env_switch_disables_the_kernels():
+    code = "from mhckit.ops import cpu; st = cpu.status(); assert not st['active'] and 'MHCKIT_CPU_KERNELS' in st['why']; print('ok')"
+    env = dict(os.environ, MHCKIT_CPU_KERNELS="0")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,c", [(1, 7), (2, 8), (3, 13), (4, 67), (8, 16)])
+def test_stream_read_and_write_back_match_pytorch_ops_and_reference(dt, n, c):
+    g = torch.Generator().manual_seed(n * 7 + c)
+    lead = (2, 9)
+    x = torch.randn(*lead, n, c, generator=g, dtype=dt, requires_grad=True)
+    y = torch.randn(*lead, c, generator=g, dtype=dt, requires_grad=True)
+    h_pre = torch.rand(*lead, n, generator=g, dtype=dt, requires_grad=True)
+    h_post = (2 * torch.rand(*lead, n, generator=g, dtype=dt)).requires_grad_()
+    h_res = torch.rand(*lead, n, n, generator=g, dtype=dt, requires_grad=True)
+    w_u, w_out = torch.randn(*lead, c, generator=g, dtype=dt), torch.randn(*lead, n, c, generator=g, dtype=dt)
+    leaves = (x, y, h_pre, h_post, h_res)
+    assert cpu.available(*leaves, n=n)
+
+    def run(fns):
+        def go():
+            for t in leaves:
+                t.grad = None
+            u = fns[0](x, h_pre)
+            out = fns[1](x, y, h_post, h_res)
+            ((u * w_u).sum() + (out * w_out).sum()).backward()
+            return [u.detach(), out.detach()] + [t.grad.clone() for t in leaves]
+        return go
+
+    fast, slow = _both(run((F.mhc_pre, F.mhc_post_res)))
+    ref = run((reference.mhc_pre, reference.mhc_post_res))()
+    for a, b, r in zip(fast, slow, ref):
+        _close(a, b, dt)
+        _close(a, r, dt)
+
+
+def test_write_back_gradients_only_where_needed():
+    """Inputs without requires_grad get no gradient work (the kernel skips NULL outputs)."""
+    x = torch.randn(6, 4, 32, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 32, dtype=torch.float64)
+    h_post, h_res = torch.rand(6, 4, dtype=torch.float64), torch.rand(6, 4, 4, dtype=torch.float64, requires_grad=True)
+    F.mhc_post_res(x, y, h_post, h_res).square().sum().backward()
+    gx, gr = x.grad.clone(), h_res.grad.clone()
+    x.grad = h_res.grad = None
+    reference.mhc_post_res(x, y, h_post, h_res).square().sum().backward()
+    _close(gx, x.grad, torch.float64)
+    _close(gr, h_res.grad, torch.float64)
