@@ -38,7 +38,8 @@ __all__ = [
 
 MAX_STREAMS = 8
 _SOURCE = Path(__file__).with_name("mhc_cpu.c")
-_ABI = 1
+_SOURCES = (_SOURCE, _SOURCE.with_name("mhc_cpu_impl.h"))
+_ABI = 2
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "lib": CDLL | None, "why": str | None, "path": str
 
@@ -104,7 +105,7 @@ def _load() -> ctypes.CDLL | None:
             why = "no C compiler found (set CC, or install gcc / clang)"
         else:
             key = hashlib.sha256(
-                _SOURCE.read_bytes() + " ".join([cc, *_FLAGS, *_isa_flags(), sys.platform]).encode()
+                b"".join(f.read_bytes() for f in _SOURCES) + " ".join([cc, *_FLAGS, *_isa_flags(), sys.platform]).encode()
             ).hexdigest()[:16]
             path = _cache_root() / key / "libmhc_cpu.so"
             _STATE["path"] = str(path)
