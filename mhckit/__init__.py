@@ -12,10 +12,11 @@ Quick start::
 
 Modules: :mod:`mhckit.reference` (the spec), :mod:`mhckit.functional` (fast default path),
 :mod:`mhckit.constraints` (``h_res`` parametrisations), :mod:`mhckit.modules`,
-:mod:`mhckit.diagnostics`.
+:mod:`mhckit.diagnostics`. ``with mhckit.check_finite():`` makes every op raise on NaN / Inf.
 """
 
 from . import constraints, diagnostics, functional, reference
+from ._validate import NonFiniteError, check_finite
 from .config import INITS, VARIANTS, MHCConfig
 from .modules import HyperConnection, ReduceStreams, StreamHead, expand_streams, reduce_streams
 
@@ -28,6 +29,8 @@ __all__ = [
     "ReduceStreams",
     "expand_streams",
     "reduce_streams",
+    "check_finite",
+    "NonFiniteError",
     "VARIANTS",
     "INITS",
     "reference",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ._validate import check_choice, check_n_streams, check_positive
+from ._validate import check_bool, check_choice, check_n_streams, check_number, check_positive
+from .constraints import MAX_PERMUTATION_STREAMS
 from .ops import resolve_backend
 
 VARIANTS = ("residual", "hc", "mhc", "mhc-lite", "identity")
@@ -50,16 +51,20 @@ class MHCConfig:
         check_choice(self.variant, "variant", VARIANTS)
         check_choice(self.init, "init", INITS)
         check_n_streams(self.n_streams)
+        if self.variant == "mhc-lite" and self.n_streams > MAX_PERMUTATION_STREAMS:
+            raise ValueError(
+                f"n_streams: got {self.n_streams}; the permutation mixture (mhc-lite) needs n! logits and allows "
+                f"n <= {MAX_PERMUTATION_STREAMS}"
+            )
         check_positive(self.sinkhorn_iters, "sinkhorn_iters", integer=True)
         check_positive(self.alpha_init, "alpha_init")
         check_positive(self.res_init_strength, "res_init_strength")
         check_positive(self.rms_eps, "rms_eps")
-        if not 0.0 <= self.post_spread < 1.0:
-            raise ValueError(f"post_spread: got {self.post_spread!r}; expected a number in [0, 1)")
-        if not 0.0 < self.pre_home_weight < 1.0:
-            raise ValueError(f"pre_home_weight: got {self.pre_home_weight!r}; expected a number in (0, 1)")
-        if not isinstance(self.hc_dynamic, bool):
-            raise ValueError(f"hc_dynamic: got {self.hc_dynamic!r}; expected True or False")
+        check_number(self.post_spread, "post_spread", 0.0, 1.0, hi_open=True)
+        check_number(self.pre_home_weight, "pre_home_weight", 0.0, 1.0, lo_open=True, hi_open=True)
+        check_bool(self.hc_dynamic, "hc_dynamic")
+        if not isinstance(self.backend, str):
+            raise ValueError(f"backend: got {self.backend!r}; expected a backend name such as 'auto'")
         resolve_backend(self.backend)
 
     @property

@@ -9,6 +9,10 @@ Sinkhorn saves just the logits and recomputes the iterations in backward
 its intermediates, and its pre / post-res are in-place elementwise passes (no batched tiny GEMMs).
 Parity with the reference (forward and every gradient) is tested.
 
+NaN / Inf: ``with check_finite():`` (or ``check_finite(True)``, or ``MHCKIT_CHECK_FINITE=1``) makes
+every op below check its tensor inputs and outputs and raise :class:`NonFiniteError` naming the op,
+the argument and the count of non-finite values; off (the default) it costs one bool test per op.
+
 Shape legend: ``...`` leading dims, ``n`` streams, ``C`` width.
 """
 
@@ -19,19 +23,25 @@ from torch import Tensor
 
 from . import reference
 from ._validate import (
+    NonFiniteError,
     check_alpha,
     check_coefficient,
+    check_finite,
     check_iters,
     check_phi_bias,
     check_square,
     check_streams,
     compute_dtype,
+    finite_checked,
 )
 from .ops import resolve_backend
 from .ops.autograd import CoeffsFunction, CoeffsPreFunction, PostResFunction, PreFunction, SinkhornFunction
 from .reference import DEFAULT_RMS_EPS
 
-__all__ = ["sinkhorn", "mhc_logits", "mhc_coeffs", "mhc_coeffs_pre", "mhc_pre", "mhc_post_res"]
+__all__ = [
+    "sinkhorn", "mhc_logits", "mhc_coeffs", "mhc_coeffs_pre", "mhc_pre", "mhc_post_res", "residual_update",
+    "check_finite", "NonFiniteError",
+]
 
 
 def _triton():
@@ -41,6 +51,7 @@ def _triton():
     return triton_autograd
 
 
+@finite_checked("logits", outputs="h_res")
 def sinkhorn(logits: Tensor, iters: int = 20, *, backend: str = "auto") -> Tensor:
     """Sinkhorn-Knopp onto the doubly stochastic matrices; see :func:`mhckit.reference.sinkhorn`."""
     resolved = resolve_backend(backend, logits)
@@ -53,6 +64,7 @@ def sinkhorn(logits: Tensor, iters: int = 20, *, backend: str = "auto") -> Tenso
     return SinkhornFunction.apply(logits.to(compute_dtype(logits)), iters)
 
 
+@finite_checked("x", "phi", "bias", "alpha", outputs=("a_pre", "a_post", "a_res"))
 def mhc_logits(
     x: Tensor,
     phi: Tensor,
@@ -71,6 +83,7 @@ def mhc_logits(
     return reference.mhc_logits(x, phi, bias, alpha, rms_eps=rms_eps)
 
 
+@finite_checked("x", "phi", "bias", "alpha", outputs=("h_pre", "h_post", "h_res"))
 def mhc_coeffs(
     x: Tensor,
     phi: Tensor,
@@ -99,6 +112,7 @@ def _check_mhc(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int) 
     check_alpha(alpha)
 
 
+@finite_checked("x", "phi", "bias", "alpha", outputs=("u", "h_pre", "h_post", "h_res"))
 def mhc_coeffs_pre(
     x: Tensor,
     phi: Tensor,
@@ -120,6 +134,7 @@ def mhc_coeffs_pre(
     return CoeffsPreFunction.apply(x, phi.to(dt), bias.to(dt), alpha.to(dt), iters, rms_eps)
 
 
+@finite_checked("x", "h_pre", outputs="u")
 def mhc_pre(x: Tensor, h_pre: Tensor, *, backend: str = "auto") -> Tensor:
     """``u = sum_j h_pre[j] x[j]``, ``[..., n, C] -> [..., C]``; see :func:`mhckit.reference.mhc_pre`."""
     resolved = resolve_backend(backend, x, h_pre)
@@ -132,6 +147,7 @@ def mhc_pre(x: Tensor, h_pre: Tensor, *, backend: str = "auto") -> Tensor:
     return PreFunction.apply(x, h_pre)
 
 
+@finite_checked("x", "y", "h_post", "h_res", outputs="x_new")
 def mhc_post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, *, backend: str = "auto") -> Tensor:
     """``x_new = h_res @ x + h_post y``; see :func:`mhckit.reference.mhc_post_res`."""
     resolved = resolve_backend(backend, x, y, h_post, h_res)
@@ -147,6 +163,7 @@ def mhc_post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, *, backend
     return PostResFunction.apply(x, y, h_post, h_res)
 
 
+@finite_checked("x", "y", "h_post", outputs="x_new")
 def residual_update(x: Tensor, y: Tensor, h_post: Tensor) -> Tensor:
     """``x_new[k] = x[k] + h_post[k] y`` (``h_res = I``, the identity / iHC variant)."""
     n, c = check_streams(x, "x")

@@ -7,8 +7,14 @@ Layout of ``<run>/checkpoints/step_00000100/``:
 
 A checkpoint is written into ``step_XXXXXXXX.tmp/``, flushed, and renamed into place, so a
 directory without the ``.tmp`` suffix is always complete; ``<run>/checkpoints/LATEST`` (also
-replaced atomically) names the newest one. The loader verifies the checksums and falls back to
-the previous complete checkpoint, saying which file was bad.
+replaced atomically) names the newest one. The loader verifies the checksums (``meta.json``
+carries its own, ``meta_sha256``, and must name the step of its directory) and falls back to the
+previous complete checkpoint, saying which file was bad. Nothing is unpickled: weights are
+safetensors and ``state.pt`` is read with ``torch.load(weights_only=True)``.
+
+Fault injection (tests only): ``MHCKIT_FAULT_INJECT=checkpoint:<point>:<step>`` makes the process
+SIGKILL itself at ``<point>`` of the save of ``<step>``; the points, in order, are listed in
+:data:`FAULT_POINTS`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,16 @@ from torch import nn
 
 CKPT_DIR = "checkpoints"
 FILES = ("model.safetensors", "state.pt")
+META = "meta.json"
+FAULT_ENV = "MHCKIT_FAULT_INJECT"
+FAULT_POINTS = (
+    "weights",  # model.safetensors written into step_X.tmp/, state.pt not yet
+    "state",  # both files written, meta.json not yet
+    "meta",  # inside meta.json's atomic write: meta.json.tmp written, not yet renamed
+    "publish",  # step_X.tmp/ complete, not yet renamed to step_X/
+    "latest",  # step_X/ published, LATEST still names the previous checkpoint
+    "prune",  # LATEST updated, older checkpoints not yet pruned
+)
 
 
 class CheckpointError(RuntimeError):
@@ -48,13 +65,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _fault(point: str, step: int) -> None:
+    """SIGKILL this process here if ``MHCKIT_FAULT_INJECT`` asks for it (deterministic kill tests)."""
+    if os.environ.get(FAULT_ENV) == f"checkpoint:{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_atomic(path: Path, data: bytes, before_replace=None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    if before_replace is not None:
+        before_replace()
     os.replace(tmp, path)
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of ``meta`` without its own digest, in a canonical JSON form."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -87,18 +118,24 @@ def save_checkpoint(
     tmp.mkdir()
     weights = _dedupe_shared(model_state)
     save_file(weights, str(tmp / FILES[0]))
+    _fault("weights", step)
     torch.save(state, tmp / FILES[1])
     for name in FILES:
         with open(tmp / name, "rb+") as f:
             os.fsync(f.fileno())
+    _fault("state", step)
     meta = dict(meta, step=step, sha256={name: _sha256(tmp / name) for name in FILES})
-    _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+    meta["meta_sha256"] = _meta_digest(meta)
+    _write_atomic(tmp / META, json.dumps(meta, indent=1, sort_keys=True).encode(), lambda: _fault("meta", step))
     _fsync_dir(tmp)
+    _fault("publish", step)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
+    _fault("latest", step)
     _write_atomic(root / "LATEST", final.name.encode())
+    _fault("prune", step)
     _prune(root, keep)
     return final
 
@@ -133,11 +170,20 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """Return ``meta`` if every file is present with its recorded sha256, else raise CheckpointError."""
-    meta_path = path / "meta.json"
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: missing")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{meta_path}: unreadable ({e})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict):
+        raise CheckpointError(f"{meta_path}: not a checkpoint's meta (no sha256 table)")
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):  # older checkpoints have none
+        raise CheckpointError(f"{meta_path}: checksum mismatch (corrupted)")
+    expected_step = _dir_step(path)
+    if meta.get("step") != expected_step:
+        raise CheckpointError(f"{meta_path}: step {meta.get('step')!r} does not match its directory {path.name}")
     for name in FILES:
         f = path / name
         if not f.is_file():
@@ -145,6 +191,13 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         if _sha256(f) != meta.get("sha256", {}).get(name):
             raise CheckpointError(f"{f}: checksum mismatch (truncated or corrupted)")
     return meta
+
+
+def _dir_step(path: Path) -> int | None:
+    try:
+        return int(path.name.removeprefix("step_"))
+    except ValueError:
+        return None
 
 
 def find_checkpoint(run_dir: Path, log=print) -> Checkpoint | None:
@@ -177,5 +230,6 @@ def _is_tied(model: nn.Module, name: str, weights: dict) -> bool:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    """``state.pt`` without executing pickled code."""
+    """``state.pt`` without executing pickled code (``weights_only=True``: tensors, containers and
+    numbers only; anything else is refused with ``pickle.UnpicklingError``)."""
     return torch.load(path / FILES[1], map_location="cpu", weights_only=True)

@@ -37,13 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(args.preset, rest)
     except ValueError as e:
         parser.error(str(e))
-    from .trainer import train
+    from .trainer import NonFiniteTrainingError, train
 
     try:
         summary = train(cfg)
     except ValueError as e:  # refused before any work (bad data path, existing run, ...)
         print(f"mhckit train: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteTrainingError as e:  # stopped mid-run; the last good checkpoint is on disk
+        print(f"mhckit train: stopped: {e}", file=sys.stderr)
+        return 3
     print(f"{summary['name']}: val_loss {summary['val_loss']:.4f}, {summary['params']:,} params")
     return 0
 

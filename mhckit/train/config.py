@@ -1,10 +1,21 @@
-"""The training run's configuration: one typed dataclass, validated before any work starts."""
+"""The training run's configuration: one typed dataclass, validated before any work starts.
+
+Every field is checked in ``__post_init__`` (type, range, choice), so a bad value is refused with
+its name, the value given and what is allowed before any data is read or any model is built. The
+model's fields that :class:`~mhckit.models.gpt.GPTConfig` itself leaves unchecked are checked here
+too (``model.reduce``, ``model.norm_eps``, ...); ``model.hc`` is checked by
+:class:`~mhckit.config.MHCConfig`.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..models.gpt import GPTConfig
+from ..modules import REDUCE_MODES
+from .overrides import from_dict
+from .tokenizers import TOKENIZERS
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -50,33 +61,69 @@ class TrainConfig:
     parallel: str = "auto"  # "auto" (ddp under torchrun), "none", "ddp" or "fsdp" (FSDP2 fully_shard)
     threads: int = 0  # CPU threads for torch; 0 = leave torch's default
     progress: bool = True  # show a progress bar
+    max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss or grad norm (each skipped)
     model: GPTConfig = field(default_factory=GPTConfig)  # the model (and its hyper-connection in model.hc)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
-            self.model = GPTConfig(**self.model)
-        for name in ("steps", "batch_size", "eval_batches", "keep_ckpts", "eval_every", "diag_every", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                _fail(name, v, "an int >= 1")
-        for name in ("warmup_steps", "ckpt_every", "threads", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                _fail(name, v, "an int >= 0")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            _fail("lr", self.lr, "a number > 0")
-        for name, lo, hi in (("min_lr_ratio", 0, 1), ("val_fraction", 0, 0.5), ("beta1", 0, 1), ("beta2", 0, 1)):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and lo <= v <= hi) or (name == "val_fraction" and v == 0):
-                _fail(name, v, f"a number in [{lo}, {hi}]" + (" and > 0" if name == "val_fraction" else ""))
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            _fail("weight_decay", self.weight_decay, "a number >= 0")
-        if not (isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0):
-            _fail("grad_clip", self.grad_clip, "a number >= 0 (0 disables clipping)")
-        for name, allowed in (("schedule", SCHEDULES), ("device", DEVICES), ("precision", PRECISIONS), ("parallel", PARALLEL)):
-            if getattr(self, name) not in allowed:
-                _fail(name, getattr(self, name), "one of " + ", ".join(map(repr, allowed)))
-        if self.tokenizer not in ("byte", "gpt2"):
-            _fail("tokenizer", self.tokenizer, "'byte' or 'gpt2'")
-        if not self.name or "/" in self.name or self.name in (".", ".."):
+            self.model = from_dict(GPTConfig, self.model, "model")  # unknown keys are errors
+        if not isinstance(self.model, GPTConfig):
+            _fail("model", type(self.model).__name__, "a GPTConfig (or a dict of its fields)")
+        if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name in (".", ".."):
             _fail("name", self.name, "a non-empty directory name without '/'")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            _fail("out_dir", self.out_dir, "a non-empty path")
+        for name in ("data", "cache_dir"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                _fail(name, v, "a non-empty path or None")
+        for name in ("steps", "batch_size", "eval_batches", "keep_ckpts", "eval_every", "diag_every", "log_every",
+                     "max_bad_steps"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "ckpt_every", "threads", "seed"):
+            _check_int(name, getattr(self, name), 0)
+        if not (_is_number(self.lr) and self.lr > 0):
+            _fail("lr", self.lr, "a finite number > 0")
+        if not (_is_number(self.val_fraction) and 0 < self.val_fraction <= 0.5):
+            _fail("val_fraction", self.val_fraction, "a number in (0, 0.5]")
+        if not (_is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            _fail("min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        for name in ("beta1", "beta2"):  # AdamW divides by 1 - beta**t
+            v = getattr(self, name)
+            if not (_is_number(v) and 0 <= v < 1):
+                _fail(name, v, "a number in [0, 1)")
+        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
+            _fail("weight_decay", self.weight_decay, "a finite number >= 0")
+        if not (_is_number(self.grad_clip) and self.grad_clip >= 0):
+            _fail("grad_clip", self.grad_clip, "a finite number >= 0 (0 disables clipping)")
+        for name, allowed in (("schedule", SCHEDULES), ("device", DEVICES), ("precision", PRECISIONS),
+                              ("parallel", PARALLEL), ("tokenizer", TOKENIZERS)):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
+                _fail(name, getattr(self, name), "one of " + ", ".join(map(repr, allowed)))
+        for name in ("resume", "compile", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "true or false")
+        _check_model(self.model)
+
+
+def _is_number(v: object) -> bool:
+    """A finite real number (``True`` / ``False`` are not numbers here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_int(name: str, v: object, minimum: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        _fail(name, v, f"an int >= {minimum}")
+
+
+def _check_model(m: GPTConfig) -> None:
+    """The GPTConfig fields that GPTConfig itself does not check (named ``model.<field>``)."""
+    _check_int("model.mlp_hidden", m.mlp_hidden, 0)
+    for name in ("rope_base", "norm_eps", "init_std"):
+        v = getattr(m, name)
+        if not (_is_number(v) and v > 0):
+            _fail(f"model.{name}", v, "a finite number > 0")
+    if m.reduce not in REDUCE_MODES:
+        _fail("model.reduce", m.reduce, "one of " + ", ".join(map(repr, REDUCE_MODES)))
+    if not isinstance(m.tie_embeddings, bool):
+        _fail("model.tie_embeddings", m.tie_embeddings, "true or false")

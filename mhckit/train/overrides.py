@@ -118,22 +118,41 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
         else:
             flat[head] = value
     for head, sub in nested.items():
-        flat[head] = apply_overrides(getattr(cfg, head), sub)
+        try:
+            flat[head] = apply_overrides(getattr(cfg, head), sub)
+        except ValueError as e:  # "n_streams: got 0; ..." from MHCConfig -> "model.hc.n_streams: got 0; ..."
+            raise ValueError(_prefixed(head, getattr(cfg, head), str(e))) from None
     return dataclasses.replace(cfg, **flat)
+
+
+def _prefixed(head: str, sub: Any, message: str) -> str:
+    """``message`` with ``head.`` before the field it starts with, if it names a field of ``sub``."""
+    first = re.match(r"([\w.]+):", message)
+    if first and first.group(1).split(".")[0] in {f.name for f in dataclasses.fields(sub)}:
+        return f"{head}.{message}"
+    return message
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a nested config dataclass from :func:`to_dict` output (unknown keys are errors)."""
+def from_dict(cls: type, data: dict[str, Any], name: str | None = None) -> Any:
+    """Rebuild a nested config dataclass from :func:`to_dict` output (unknown keys are errors).
+
+    ``name`` is the dotted path of ``data`` in the enclosing config, used in error messages."""
+    label = name or cls.__name__
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"{label}: got {type(data).__name__}; expected a {cls.__name__} or a dict of its fields")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
-    kwargs = {k: from_dict(hints[k], v) if _is_config(hints[k]) else v for k, v in data.items()}
+        raise ValueError(f"{label}: got unknown keys {sorted(unknown)}; expected keys among {sorted(names)}")
+    prefix = f"{name}." if name else ""
+    kwargs = {k: from_dict(hints[k], v, prefix + k) if _is_config(hints[k]) else v for k, v in data.items()}
     return cls(**kwargs)
 
 

@@ -6,6 +6,13 @@ A run killed at any moment and restarted with ``resume=True`` continues from its
 checkpoint and ends with the same weights and validation loss as an uninterrupted run (same
 device, same seed): the model, the optimiser, the data sampler and the RNG are all restored and
 the metrics log is truncated to the checkpoint's step.
+
+Non-finite steps: a step whose loss or gradient norm is NaN or Inf (on any rank: the decision is
+one all-reduce, so every rank agrees) applies no update: the weights, the AdamW state and the
+step counter (hence the learning-rate schedule) stay as they were, the batch is consumed, and a
+``kind="skip"`` record and a log line say so. ``max_bad_steps`` such steps in a row stop the run
+with :class:`NonFiniteTrainingError`; no checkpoint is written then, so the last one on disk is
+the last good state. A checkpoint is never written from non-finite weights.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ from .monitor import collect
 from .runinfo import run_info
 
 NO_DECAY_SUFFIXES = ("static_res",)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The run stopped: too many non-finite steps in a row, or non-finite weights at a checkpoint."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -108,6 +119,9 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist_utils.setup(cfg)
         self.is_main = self.dist.rank == 0
+        if cfg.batch_size % self.dist.world_size:  # before any data is read or model built
+            raise ValueError(f"batch_size: got {cfg.batch_size}; expected a multiple of world_size="
+                             f"{self.dist.world_size} (the global batch is split evenly over the processes)")
         self.log = log if self.is_main else (lambda *a, **k: None)
         self.device = self.dist.device or resolve_device(cfg)
         if cfg.threads:
@@ -171,7 +185,23 @@ class Trainer:
             info = dict(run_info(), config=asdict(self.cfg), world_size=self.dist.world_size)
             (self.run_dir / "config.json").write_text(json.dumps(info, indent=1, sort_keys=True))
 
+    def _nonfinite_weights(self) -> int:
+        """Non-finite values in the weights, summed over ranks (each checks its own shards)."""
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.raw_model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 shard (DTensor)
+            count += (~torch.isfinite(local.detach())).sum()
+        dist_utils.all_reduce_sum(count, self.dist)
+        return int(count.item())
+
     def save(self) -> None:
+        bad = self._nonfinite_weights()
+        if bad:  # every rank sees the same sum, so every rank raises
+            raise NonFiniteTrainingError(
+                f"save: the weights at step {self.step} have {bad} non-finite values; not writing a checkpoint "
+                f"(the last good one is {self._last_checkpoint()}); resume from it with --resume=true, e.g. with "
+                "a lower --lr"
+            )
         model_state = dist_utils.full_model_state(self.model)
         opt_state = dist_utils.full_optimizer_state(self.model, self.opt)
         if self.is_main:
@@ -186,6 +216,10 @@ class Trainer:
             meta = {"config": asdict(self.cfg), **run_info()}
             ckpt.save_checkpoint(self.run_dir, self.step, model_state, state, meta, keep=self.cfg.keep_ckpts)
         dist_utils.barrier(self.dist)
+
+    def _last_checkpoint(self) -> str:
+        done = ckpt.complete_checkpoints(self.run_dir)
+        return str(done[-1]) if done else "none (no checkpoint was written)"
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -209,7 +243,13 @@ class Trainer:
         return (total[0] / total[1]).item()
 
     # ------------------------------------------------------------------ the loop
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, bool]:
+        """One forward / backward / update; returns ``(mean loss over ranks, grad norm, skipped)``.
+
+        The update is skipped (weights and optimiser state untouched) when the loss on any rank or
+        the gradient norm is not finite: one all-reduce carries the loss sum and the count of
+        ranks that saw a bad value, so every rank takes the same decision.
+        """
         cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, cfg)
@@ -217,12 +257,36 @@ class Trainer:
             _, loss = self.forward(x, y)
         loss.backward()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         loss_val = loss.detach()
-        dist_utils.all_reduce_mean(loss_val, self.dist)
-        return loss_val.item(), float(gnorm)
+        bad = (~torch.isfinite(loss_val)).to(loss_val.dtype) + (0.0 if math.isfinite(gnorm) else 1.0)
+        stats = torch.stack([loss_val, bad])  # [loss, ranks with a non-finite loss or grad norm]
+        dist_utils.all_reduce_sum(stats, self.dist)
+        skip = bool(stats[1].item() > 0)
+        if not skip:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss_mean = stats[0] / self.dist.world_size if self.dist.world_size > 1 else stats[0]
+        return loss_mean.item(), gnorm, skip
+
+    def _skipped(self, loss: float, gnorm: float, in_a_row: int) -> NonFiniteTrainingError | None:
+        """Log a skipped step; at ``max_bad_steps`` in a row, the error that stops the run."""
+        cfg = self.cfg
+        step = self.step + 1  # the step that was attempted (self.step counts applied updates)
+        what = [name for name, v in (("loss", loss), ("grad_norm", gnorm)) if not math.isfinite(v)] or ["loss"]
+        self.metrics.write(kind="skip", step=step, loss=loss if math.isfinite(loss) else None,
+                           grad_norm=gnorm if math.isfinite(gnorm) else None, nonfinite=what, in_a_row=in_a_row)
+        self.log(f"step {step}: non-finite {' and '.join(what)} (loss={loss}, grad_norm={gnorm}); skipped the "
+                 f"optimizer step ({in_a_row} in a row, max_bad_steps={cfg.max_bad_steps})")
+        if in_a_row < cfg.max_bad_steps:
+            return None
+        self.metrics.write(kind="stop", step=step, reason="max_bad_steps", in_a_row=in_a_row)
+        return NonFiniteTrainingError(
+            f"max_bad_steps: {in_a_row} steps in a row had a non-finite loss or gradient norm (at step {step}, "
+            f"after {self.step} applied steps); stopping. No checkpoint was written from this state; the last "
+            f"good one is {self._last_checkpoint()}. Resume from it with --resume=true after lowering --lr, "
+            "raising --warmup_steps or enabling --grad_clip, or raise --max_bad_steps"
+        )
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -230,11 +294,21 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.model.seq_len
         bar = _progress(cfg, self.step, self.is_main)
         t_start, steps_timed, val_loss = time.perf_counter(), 0, None
+        bad_in_a_row = 0
         while self.step < cfg.steps:
             x, y = next(self.sampler)
             t0 = time.perf_counter()
-            loss, gnorm = self.train_step(x, y)
+            loss, gnorm, skipped = self.train_step(x, y)
             dt = time.perf_counter() - t0
+            if skipped:  # no update: the step counter, the schedule and the loss mean stay
+                bad_in_a_row += 1
+                stop = self._skipped(loss, gnorm, bad_in_a_row)
+                if stop is not None:
+                    if bar is not None:
+                        bar.close()
+                    raise stop
+                continue
+            bad_in_a_row = 0
             self.step += 1
             steps_timed += 1
             ema = self.loss_ema

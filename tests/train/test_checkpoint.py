@@ -36,6 +36,7 @@ def rewrite_sha(path: Path, name: str) -> None:
     """Record the current sha256 of ``name`` in meta.json (so only the loader stands in the way)."""
     meta = json.loads((path / "meta.json").read_text())
     meta["sha256"][name] = ckpt._sha256(path / name)
+    meta["meta_sha256"] = ckpt._meta_digest(meta)  # and meta.json's own checksum
     (path / "meta.json").write_text(json.dumps(meta))
 
 
@@ -258,3 +259,114 @@ def test_optimizer_state_round_trip(tmp_path, legacy):
     for i, s in expected["state"].items():
         for key, value in s.items():
             assert torch.equal(got["state"][i][key], value), (i, key)
+
+
+# --------------------------------------------------------------------------- meta.json and the writer's crash points
+
+
+@pytest.mark.parametrize("offset", [0, 1, 0.25, 0.5, 0.75, -2, -1])
+def test_any_flipped_byte_of_meta_is_detected(tmp_path, offset):
+    """meta.json carries its own sha256: a flipped byte anywhere (digits of a checksum, the step,
+    the config, the JSON syntax) rejects the checkpoint instead of trusting a wrong table."""
+    save(tmp_path, 10)
+    bad = save(tmp_path, 20)
+    f = bad / "meta.json"
+    data = bytearray(f.read_bytes())
+    i = int(offset * len(data)) if isinstance(offset, float) else offset % len(data)
+    data[i] ^= 0x01
+    f.write_bytes(bytes(data))
+    messages = []
+    assert ckpt.find_checkpoint(tmp_path, log=messages.append).step == 10
+    assert len(messages) == 1 and str(f) in messages[0], messages
+    assert any(why in messages[0] for why in (": unreadable (", ": checksum mismatch", "does not match its directory"))
+
+
+def test_missing_meta_and_wrong_step_are_rejected(tmp_path):
+    save(tmp_path, 10)
+    bad = save(tmp_path, 20)
+    (bad / "meta.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=rf"^{bad / 'meta.json'}: missing$"):
+        ckpt.verify_checkpoint(bad)
+    assert ckpt.find_checkpoint(tmp_path, log=lambda m: None).step == 10
+    # a directory renamed to another step (or a meta.json copied into one) is not trusted either
+    good = save(tmp_path, 30)
+    moved = good.with_name("step_00000040")
+    good.rename(moved)
+    with pytest.raises(ckpt.CheckpointError, match=r"meta.json: step 30 does not match its directory step_00000040"):
+        ckpt.verify_checkpoint(moved)
+
+
+def test_checkpoints_without_a_meta_checksum_still_load(tmp_path):
+    """Checkpoints written before meta.json had its own sha256 verify on the file checksums alone."""
+    path = save(tmp_path, 10)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["meta_sha256"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    assert ckpt.find_checkpoint(tmp_path).step == 10
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL in-process: nothing after the fault point runs (no except / finally
+    in the writer catches a BaseException that is not an Exception)."""
+
+
+@pytest.mark.parametrize("point", ckpt.FAULT_POINTS)
+def test_writer_dying_at_any_point_leaves_a_loadable_run(tmp_path, monkeypatch, point):
+    """Die at each point of a save: the newest checkpoint that loads is the previous one until the
+    directory is published, then the new one (LATEST lagging behind does not matter); the next
+    save of the same step succeeds and removes the debris."""
+    save(tmp_path, 10)
+    save(tmp_path, 20)
+    real = ckpt._fault
+
+    def fault(name, step):
+        if (name, step) == (point, 30):
+            raise _Killed(name)
+        real(name, step)
+
+    monkeypatch.setattr(ckpt, "_fault", fault)
+    with pytest.raises(_Killed):
+        save(tmp_path, 30, keep=2)
+    published = ckpt.FAULT_POINTS.index(point) >= ckpt.FAULT_POINTS.index("latest")
+    messages = []
+    found = ckpt.find_checkpoint(tmp_path, log=messages.append)
+    assert found.step == (30 if published else 20) and messages == []
+    assert steps(tmp_path) == ([10, 20, 30] if published else [10, 20])  # pruning had not run yet
+    latest = (ckpt.checkpoint_dir(tmp_path) / "LATEST").read_text()
+    assert latest == ("step_00000030" if point == "prune" else "step_00000020")
+    monkeypatch.setattr(ckpt, "_fault", real)
+    model = tiny_gpt(30)
+    path = save(tmp_path, 30, model, keep=2)
+    assert steps(tmp_path) == [20, 30] and not list(ckpt.checkpoint_dir(tmp_path).glob("*.tmp"))
+    loaded = tiny_gpt(0)
+    ckpt.load_weights(path, loaded)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_fault_injection_is_inert_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv(ckpt.FAULT_ENV, "checkpoint:weights:999")  # another step: nothing happens
+    save(tmp_path, 10)
+    assert steps(tmp_path) == [10]
+
+
+# --------------------------------------------------------------------------- the load-path audit
+
+
+def test_no_load_path_can_run_pickled_code():
+    """Every deserialisation in the package is pickle-free: ``torch.load`` only with
+    ``weights_only=True``, weights through safetensors, no ``pickle`` / ``numpy`` pickle loads."""
+    import re
+
+    import mhckit
+
+    root = Path(mhckit.__file__).parent
+    offenders = []
+    for f in sorted(root.rglob("*.py")):
+        src = f.read_text()
+        for m in re.finditer(r"torch\.load\(([^)]*)\)", src):
+            if "weights_only=True" not in m.group(1):
+                offenders.append(f"{f.relative_to(root)}: {m.group(0)}")
+        for pattern in (r"\bpickle\.loads?\(", r"allow_pickle\s*=\s*True", r"\bdill\b", r"\bcloudpickle\b",
+                        r"weights_only\s*=\s*False"):
+            offenders += [f"{f.relative_to(root)}: {m.group(0)}" for m in re.finditer(pattern, src)]
+    assert offenders == []
