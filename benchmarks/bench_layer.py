@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import mhckit
+from mhckit.ops import cpu as cpu_kernels
 from benchmarks.harness import compare, write_results
 from mhckit.train.runinfo import run_info
 
@@ -41,6 +42,14 @@ def fwd_bwd(fn, x):
         x.grad = None
 
     return run
+
+
+def without_cpu_kernels(run):
+    def wrapped():
+        with cpu_kernels.disabled():
+            run()
+
+    return wrapped
 
 
 def peer_cases(branch: nn.Module, c: int, n: int, xs: torch.Tensor) -> dict:
@@ -68,6 +77,8 @@ def bench(b: int, t: int, c: int, n: int, kind: str, rounds: int, peers: bool, d
         with torch.no_grad():
             hc.coeffs.phi.normal_(std=0.02)  # non-trivial coefficients
         cases[name] = fwd_bwd(hc, xn)
+        if name == "mhckit" and device == "cpu":  # the same layer without the compiled CPU kernels
+            cases["mhckit-torch-ops"] = without_cpu_kernels(fwd_bwd(hc, xn))
     if peers:
         cases.update(peer_cases(branch, c, n, x1))
     params = {"B": b, "T": t, "C": c, "n": n, "branch": kind, "dtype": "float32"}

@@ -13,6 +13,7 @@ state + the distinct storages autograd saves for backward), the same number `mhc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from benchmarks.harness import Result, write_results
 from mhckit import MHCConfig
 from mhckit.models import GPT, GPTConfig
+from mhckit.ops import cpu
 from mhckit.train.memory import estimate_training_memory
 from mhckit.train.runinfo import run_info
 
@@ -36,6 +38,7 @@ VARIANTS = {
     "residual": dict(variant="residual", recompute=0),
     "mhc": dict(variant="mhc", recompute=0),
     "mhc+recompute": dict(variant="mhc", recompute=-1),
+    "mhc-torch-ops": dict(variant="mhc", recompute=0, cpu_kernels=False),  # CPU: PyTorch ops, no compiled kernels
 }
 
 
@@ -48,11 +51,11 @@ def build(preset: dict, spec: dict, device: str, backend: str) -> tuple[GPT, tor
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
 
 
-def step_fn(model, opt, tokens, device):
+def step_fn(model, opt, tokens, device, cpu_kernels: bool = True):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
 
     def step():
-        with autocast:
+        with autocast, (contextlib.nullcontext() if cpu_kernels else cpu.disabled()):
             _, loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         opt.step()
@@ -63,7 +66,7 @@ def step_fn(model, opt, tokens, device):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default="residual,mhc,mhc+recompute" + (",mhc-torch-ops" if not torch.cuda.is_available() else ""))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="auto")
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
     names = args.variants.split(",")
     tokens = torch.randint(0, preset["vocab"], (preset["batch"], preset["seq_len"] + 1), device=dev)
     runs = {n: build(preset, VARIANTS[n], dev, args.backend) for n in names}
-    steps = {n: step_fn(m, o, tokens, dev) for n, (m, o) in runs.items()}
+    steps = {n: step_fn(m, o, tokens, dev, VARIANTS[n].get("cpu_kernels", True)) for n, (m, o) in runs.items()}
     memory = {}
     for n in names:
         model, opt = runs[n]
