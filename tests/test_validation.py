@@ -374,3 +374,44 @@ def test_invalid_values_stop_before_any_work(monkeypatch, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"^batch_size: got 4; expected a multiple of world_size=3"):
         T.Trainer(TrainConfig(out_dir=str(tmp_path), batch_size=4))
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- GPTConfig's own checks
+
+_MHC_KEYS = r"\['alpha_init', 'backend', 'hc_dynamic', 'init', 'n_streams', 'post_spread', 'pre_home_weight', "
+BAD_GPT_VALUES = [  # (field, bad value, how the message quotes it, what it must say is allowed)
+    ("mlp_hidden", -1, "-1", r"an int >= 0 \(0 = 8/3 \* d_model"),
+    ("mlp_hidden", 2.5, "2.5", r"an int >= 0"),
+    ("mlp_hidden", True, "True", r"an int >= 0"),
+    *[(name, v, text, "a positive finite number")
+      for name in ("rope_base", "norm_eps", "init_std")
+      for v, text in ((0, "0"), (-1.0, "-1.0"), (float("nan"), "nan"), (float("inf"), "inf"),
+                      (-float("inf"), "-inf"), ("1e-6", "'1e-6'"), (True, "True"))],
+    ("reduce", "max", "'max'", r"one of 'sum', 'mean', 'head'"),
+    ("reduce", None, "None", r"one of 'sum', 'mean', 'head'"),
+    ("tie_embeddings", 1, "1", "True or False"),
+    ("tie_embeddings", "false", "'false'", "True or False"),
+    ("hc", {"bogus": 1}, r"unknown keys \['bogus'\]", "keys among " + _MHC_KEYS),
+    ("hc", "mhc", "str", "an MHCConfig or a dict of its fields"),
+    ("hc.n_streams", {"n_streams": 0}, "0", r"an int in \[1, 64\]"),
+]
+
+
+@pytest.mark.parametrize("field, value, given, allowed", BAD_GPT_VALUES,
+                         ids=[f"{f}={v!r}" for f, v, *_ in BAD_GPT_VALUES])
+def test_gpt_config_names_field_value_and_range(field, value, given, allowed):
+    """Every GPTConfig field is checked when the config is built (not when the model is), with a
+    ValueError "field: got X; expected Y"; a bad ``hc`` dict names the key, not a TypeError."""
+    import re
+
+    key = field.split(".")[0]
+    with pytest.raises(ValueError) as err:
+        GPTConfig(**{key: value})
+    msg = str(err.value)
+    assert re.match(rf"{re.escape(field)}: got {given}; expected {allowed}", msg), msg
+
+
+def test_gpt_config_valid_edge_values_pass():
+    cfg = GPTConfig(mlp_hidden=0, rope_base=500, norm_eps=1e-12, init_std=1e-4, reduce="head", tie_embeddings=False,
+                    hc={"variant": "hc", "n_streams": 2})
+    assert cfg.hidden == 352 and isinstance(cfg.hc, mhckit.MHCConfig) and cfg.hc.n_streams == 2

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import recompute
+from .._validate import check_bool, check_choice, check_positive
 from ..config import MHCConfig
-from ..modules import HyperConnection, ReduceStreams, expand_streams
+from ..modules import REDUCE_MODES, HyperConnection, ReduceStreams, expand_streams
 from ..recompute import StreamRecompute, default_interval
 
 
@@ -54,12 +55,35 @@ class GPTConfig:
             )
         if isinstance(self.recompute, bool) or not isinstance(self.recompute, int) or self.recompute < -1:
             raise ValueError(f"recompute: got {self.recompute!r}; expected 0 (off), -1 (auto) or an int >= 1")
-        if isinstance(self.hc, dict):
-            self.hc = MHCConfig(**self.hc)
+        if isinstance(self.mlp_hidden, bool) or not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 0:
+            raise ValueError(f"mlp_hidden: got {self.mlp_hidden!r}; expected an int >= 0 (0 = 8/3 * d_model "
+                             "rounded up to a multiple of 16)")
+        for name in ("rope_base", "norm_eps", "init_std"):
+            check_positive(getattr(self, name), name)
+        check_choice(self.reduce, "reduce", REDUCE_MODES)
+        check_bool(self.tie_embeddings, "tie_embeddings")
+        self.hc = _mhc_config(self.hc)
 
     @property
     def hidden(self) -> int:
         return self.mlp_hidden or 16 * math.ceil(8 * self.d_model / 3 / 16)
+
+
+def _mhc_config(hc: object) -> MHCConfig:
+    """``GPTConfig.hc`` as an :class:`MHCConfig`: a dict is checked key by key (errors name ``hc.<key>``)."""
+    if isinstance(hc, MHCConfig):
+        return hc
+    if not isinstance(hc, dict):
+        raise ValueError(f"hc: got {type(hc).__name__}; expected an MHCConfig or a dict of its fields")
+    names = sorted(f.name for f in fields(MHCConfig))
+    unknown = sorted((k for k in hc if k not in names), key=str)
+    if unknown:
+        raise ValueError(f"hc: got unknown keys {unknown}; expected keys among {names}")
+    try:
+        return MHCConfig(**hc)
+    except ValueError as e:  # "n_streams: got 0; ..." -> "hc.n_streams: got 0; ..."
+        msg = str(e)
+        raise ValueError(f"hc.{msg}" if msg.split(":", 1)[0] in names else msg) from None
 
 
 class RMSNorm(nn.Module):

@@ -10,6 +10,14 @@ Re-running the same command continues a killed comparison: a run whose ``summary
 whose ``config.json`` matches is skipped; a run with checkpoints is resumed from the last one; a
 run directory trained with a different configuration is an error (choose another ``--name``).
 
+A run that diverges (the trainer's :class:`~mhckit.train.trainer.NonFiniteTrainingError`:
+``max_bad_steps`` non-finite steps in a row) is an outcome, not a crash: its directory gets
+``diverged.json`` (the step, the last good checkpoint, the message), the comparison goes on with
+the other runs, and the report shows it as diverged. A diverged run is finished like one with
+``summary.json``: re-running the same command skips it (the same configuration would diverge
+again); to retry it, delete ``diverged.json`` (it resumes from its last good checkpoint) or change
+the configuration under another ``--name``.
+
 After training, each run's memory is measured once (:mod:`mhckit.train.memory`; CUDA peak while
 training on GPUs) and ``report.md`` plus figures are written by :mod:`mhckit.train.report`.
 """
@@ -20,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import textwrap
 import time
@@ -35,7 +44,7 @@ from .cli_train import build_config
 from .config import TrainConfig
 from .overrides import apply_overrides, help_text, parse_overrides
 from .presets import PRESETS
-from .report import gain_sentences, run_name, write_report
+from .report import divergence_sentences, gain_sentences, run_name, write_report
 
 DEFAULT_VARIANTS = ("residual", "hc", "mhc", "mhc-lite")
 DEFAULT_PRESET = "default"
@@ -46,6 +55,7 @@ IGNORED_FIELDS = ("resume", "progress", "out_dir", "cache_dir", "threads", "keep
 # seed count is not a TrainConfig field, so it lives here rather than in the presets).
 COMPARE_SEEDS = {"default": 3, "stress": 2, "gpu-small": 3, "gpu-124m": 2}
 MANAGED = {"model.hc.variant": "--variants", "name": "--name", "resume": "(automatic)"}
+DIVERGED = "diverged.json"  # the marker of a run stopped by NonFiniteTrainingError (written in its run dir)
 
 
 class CompareError(ValueError):
@@ -131,7 +141,8 @@ def config_diff(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = ""
 
 
 def run_state(run_dir: Path, cfg: TrainConfig) -> str:
-    """``"done"``, ``"partial"`` (has checkpoints) or ``"new"``; raises if trained with another config."""
+    """``"done"``, ``"diverged"``, ``"partial"`` (has checkpoints) or ``"new"``; raises if trained with
+    another config. ``"diverged"`` (a ``diverged.json`` marker) is finished, like ``"done"``: never retrained."""
     config_path = run_dir / "config.json"
     if not config_path.exists():
         return "partial" if ckpt.complete_checkpoints(run_dir) else "new"
@@ -144,6 +155,8 @@ def run_state(run_dir: Path, cfg: TrainConfig) -> str:
         )
     if (run_dir / "summary.json").exists():
         return "done"
+    if (run_dir / DIVERGED).exists():
+        return "diverged"
     return "partial" if ckpt.complete_checkpoints(run_dir) else "new"
 
 
@@ -171,17 +184,61 @@ def load_average() -> float | None:
         return None
 
 
+def count_params(cfg: TrainConfig) -> int:
+    """Parameters of the run's model, counted on the meta device (no memory, RNG untouched)."""
+    from ..models.gpt import GPT
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(cfg.model).parameters())
+
+
+def divergence_step(run_dir: Path, message: str) -> int | None:
+    """The step a diverged run stopped at: its ``kind="stop"`` record, else the ``at step N`` of the message."""
+    from .report import read_metrics
+
+    try:
+        stops = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "stop"]
+    except ValueError:  # a torn last line: fall back to the message
+        stops = []
+    if stops:
+        return int(stops[-1]["step"])
+    found = re.search(r"at step (\d+)", message)
+    return int(found.group(1)) if found else None
+
+
+def write_divergence(run_dir: Path, cfg: TrainConfig, err: Exception, log=print) -> dict[str, Any]:
+    """Write ``diverged.json`` for a run stopped by ``NonFiniteTrainingError``; returns its content."""
+    last = ckpt.find_checkpoint(run_dir, log)
+    marker = {
+        "name": cfg.name, "variant": cfg.model.hc.variant, "seed": cfg.seed, "steps": cfg.steps,
+        "step": divergence_step(run_dir, str(err)),
+        "last_good_checkpoint": str(last.path) if last else None, "last_good_step": last.step if last else None,
+        "params": count_params(cfg), "error": str(err),
+    }
+    (run_dir / DIVERGED).write_text(json.dumps(marker, indent=1))
+    return marker
+
+
 def train_one(cfg: TrainConfig, data, log=print) -> dict[str, Any]:
-    """Train (or resume) one run and write its ``compare_run.json``; returns that record."""
-    from .trainer import resolve_device, train
+    """Train (or resume) one run and write its ``compare_run.json``; returns that record.
+
+    A run stopped by :class:`~mhckit.train.trainer.NonFiniteTrainingError` writes ``diverged.json``
+    (:func:`write_divergence`) and its record carries that marker under ``"diverged"``.
+    """
+    from .trainer import NonFiniteTrainingError, resolve_device, train
 
     run_dir = Path(cfg.out_dir) / cfg.name
     device = resolve_device(cfg)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+    (run_dir / DIVERGED).unlink(missing_ok=True)  # a stale marker from a run trained again
     t0 = time.perf_counter()
-    train(cfg, data=data, log=log)
+    diverged = None
+    try:
+        train(cfg, data=data, log=log)
+    except NonFiniteTrainingError as e:  # an outcome of the comparison, not a crash
+        diverged = write_divergence(run_dir, cfg, e, log)
     wall = time.perf_counter() - t0
     record = {
         "wall_s": wall,
@@ -191,6 +248,8 @@ def train_one(cfg: TrainConfig, data, log=print) -> dict[str, Any]:
         "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
         "memory": measure_memory(run_dir, cfg, data, device),
     }
+    if diverged is not None:
+        record["diverged"] = diverged
     (run_dir / "compare_run.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -210,7 +269,9 @@ def run_compare(base: TrainConfig, variants: list[str], seeds: list[int], name: 
     """Train every variant x seed (skipping finished runs), then write the report.
 
     Returns :func:`mhckit.train.report.write_report`'s dict plus ``wall_s`` and ``runs``
-    (``{run name: {"status": "trained" | "resumed" | "skipped", ...}}``).
+    (``{run name: {"status": "trained" | "resumed" | "diverged" | "skipped", ...}}``). A run that
+    diverges now has status ``"diverged"`` and ``diverged_at`` (its step); a run that diverged in an
+    earlier invocation is ``"skipped"`` with ``diverged_at``.
     """
     from .data import load_token_data
     from .trainer import resolve_device
@@ -230,17 +291,30 @@ def run_compare(base: TrainConfig, variants: list[str], seeds: list[int], name: 
         run_dir = compare_dir / cfg.name
         state = states[cfg.name]
         tag = f"[{i}/{len(plan)}] {cfg.name}"
-        if state == "done":
-            log(f"{tag}: finished earlier with the same configuration; skipped ({run_dir}/summary.json)")
+        if state in ("done", "diverged"):
+            if state == "done":
+                log(f"{tag}: finished earlier with the same configuration; skipped ({run_dir}/summary.json)")
+                runs[cfg.name] = {"status": "skipped"}
+            else:
+                step = json.loads((run_dir / DIVERGED).read_text()).get("step")
+                log(f"{tag}: diverged earlier at step {step} with the same configuration; skipped "
+                    f"({run_dir / DIVERGED}; delete it to retry from the last good checkpoint)")
+                runs[cfg.name] = {"status": "skipped", "diverged_at": step}
             if not (run_dir / "compare_run.json").exists():  # killed between summary and memory
                 record = {"wall_s": None, "resumed": False, "cuda_peak_bytes": None,
                           "memory": measure_memory(run_dir, cfg, data, resolve_device(cfg))}
                 (run_dir / "compare_run.json").write_text(json.dumps(record, indent=1))
-            runs[cfg.name] = {"status": "skipped"}
             continue
         resume = state == "partial"
         log(f"{tag}: {'resuming' if resume else 'training'} {variant}, seed {seed}")
         record = train_one(apply_overrides(cfg, {"resume": resume}), data, log)
+        if "diverged" in record:
+            d = record["diverged"]
+            log(f"{tag}: DIVERGED at step {d['step']} (non-finite loss or gradients; last good checkpoint: "
+                f"{d['last_good_checkpoint'] or 'none'}), {record['wall_s']:.1f} s; recorded in {run_dir / DIVERGED}, "
+                "left out of the loss statistics; going on with the other runs")
+            runs[cfg.name] = {"status": "diverged", "diverged_at": d["step"], "wall_s": record["wall_s"]}
+            continue
         summary = json.loads((run_dir / "summary.json").read_text())
         log(f"{tag}: val_loss {summary['val_loss']:.4f}, {record['wall_s']:.1f} s")
         runs[cfg.name] = {"status": "resumed" if resume else "trained", "wall_s": record["wall_s"]}
@@ -288,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(result["table"])
     print()
-    for line in gain_sentences(result["stats"]):
+    for line in divergence_sentences(result["stats"]) + gain_sentences(result["stats"]):
         print(line.replace("**", ""))
     print(f"\nreport: {result['report']} ({result['wall_s']:.0f} s)")
     return 0

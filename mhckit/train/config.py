@@ -2,9 +2,9 @@
 
 Every field is checked in ``__post_init__`` (type, range, choice), so a bad value is refused with
 its name, the value given and what is allowed before any data is read or any model is built. The
-model's fields that :class:`~mhckit.models.gpt.GPTConfig` itself leaves unchecked are checked here
-too (``model.reduce``, ``model.norm_eps``, ...); ``model.hc`` is checked by
-:class:`~mhckit.config.MHCConfig`.
+model's fields are checked by :class:`~mhckit.models.gpt.GPTConfig` (errors prefixed ``model.``) and
+``model.hc`` by :class:`~mhckit.config.MHCConfig`; the fields ``_check_model`` re-checks here catch a
+``model`` changed after it was built.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _check_int(name: str, v: object, minimum: int) -> None:
 
 
 def _check_model(m: GPTConfig) -> None:
-    """The GPTConfig fields that GPTConfig itself does not check (named ``model.<field>``)."""
+    """Re-check of GPTConfig fields that can be changed after it was built (named ``model.<field>``)."""
     _check_int("model.mlp_hidden", m.mlp_hidden, 0)
     for name in ("rope_base", "norm_eps", "init_std"):
         v = getattr(m, name)

@@ -153,7 +153,12 @@ def from_dict(cls: type, data: dict[str, Any], name: str | None = None) -> Any:
         raise ValueError(f"{label}: got unknown keys {sorted(unknown)}; expected keys among {sorted(names)}")
     prefix = f"{name}." if name else ""
     kwargs = {k: from_dict(hints[k], v, prefix + k) if _is_config(hints[k]) else v for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # "reduce: got 'max'; ..." from GPTConfig -> "model.reduce: got 'max'; ..."
+        if not name:
+            raise
+        raise ValueError(_prefixed(name, cls, str(e))) from None
 
 
 def help_text(cls: type, defaults: Any | None = None) -> str:

@@ -5,10 +5,16 @@ variant x seed, each with ``summary.json``, ``metrics.jsonl`` and ``compare_run.
 ``report.md`` and the PNG figures next to it. It can be re-run on its own: everything it needs is
 on disk.
 
+A run that diverged (stopped by the trainer after ``max_bad_steps`` non-finite steps in a row; its
+directory has ``diverged.json`` instead of ``summary.json``) is reported as such: the table says
+at which step, the loss statistics of its variant leave it out (and say how many seeds did), the
+reading names it, and the figures draw its curves up to the divergence as a separate line. Its
+diagnostics still count for the largest composite gain (a blow-up before a divergence is the point).
+
 Definitions used in the table (one row per variant, statistics over seeds):
 
-* final validation loss: mean, standard deviation and min-max over seeds; delta = mean minus the
-  residual mean.
+* final validation loss: mean, standard deviation and min-max over the seeds that finished (not
+  the diverged ones); delta = mean minus the residual mean.
 * tokens/s: median, over the logged training steps after the first ``SKIP_STEPS`` steps and over
   all seeds, of one training step's throughput (``batch x seq_len / step time``).
 * memory: ``torch.cuda.max_memory_allocated`` during training on CUDA; on CPU the estimate of
@@ -22,6 +28,7 @@ Definitions used in the table (one row per variant, statistics over seeds):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -62,10 +69,15 @@ class RunResult:
     evals: list[dict[str, Any]]
     diags: list[dict[str, Any]]
     extra: dict[str, Any]  # compare_run.json: wall_s, memory, cuda_peak_bytes
+    diverged: dict[str, Any] | None = None  # diverged.json (step, last_good_checkpoint, error); None: finished
 
     @property
     def final_diag(self) -> dict[str, Any] | None:
         return self.diags[-1] if self.diags else None
+
+    @property
+    def finished(self) -> bool:
+        return self.diverged is None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -75,13 +87,22 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def load_run(run_dir: Path, variant: str, seed: int) -> RunResult:
+    """A finished run (``summary.json``) or a diverged one (``diverged.json``: its summary has no
+    ``val_loss``, its metrics stop at the divergence)."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    diverged = None
+    if not (run_dir / "summary.json").exists() and (run_dir / "diverged.json").exists():
+        diverged = json.loads((run_dir / "diverged.json").read_text())
+        summary = {"name": run_dir.name, "variant": variant, "seed": seed, "val_loss": None,
+                   "params": diverged.get("params")}
+    else:
+        summary = json.loads((run_dir / "summary.json").read_text())
     extra_path = run_dir / "compare_run.json"
     extra = json.loads(extra_path.read_text()) if extra_path.exists() else {}
     by_kind = {k: [r for r in records if r.get("kind") == k] for k in ("train", "eval", "diag")}
-    return RunResult(variant, seed, run_dir, summary, by_kind["train"], by_kind["eval"], by_kind["diag"], extra)
+    return RunResult(variant, seed, run_dir, summary, by_kind["train"], by_kind["eval"], by_kind["diag"], extra,
+                     diverged)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -161,10 +182,24 @@ class VariantStats:
     hres_diag: float | None = None  # mean diagonal of h_res at the last diag step
     diag_steps: tuple[int, int] | None = None
 
+    @property
+    def finished(self) -> list[RunResult]:
+        return [r for r in self.runs if r.finished]
+
+    @property
+    def diverged(self) -> list[RunResult]:
+        return [r for r in self.runs if not r.finished]
+
+    @property
+    def ends(self) -> list[RunResult]:
+        """The runs whose last diagnostics are "the final step": the finished ones, or (every seed
+        diverged) the diverged ones, at their last diagnostics before the divergence."""
+        return self.finished or self.runs
+
 
 def variant_stats(variant: str, runs: list[RunResult], warmup_steps: int = 0) -> VariantStats:
     s = VariantStats(variant, runs)
-    s.losses = [_num(r.summary.get("val_loss")) for r in runs]
+    s.losses = [_num(r.summary.get("val_loss")) for r in s.finished]  # a diverged run has no final loss
     fin = _finite(s.losses)
     if len(fin) == len(s.losses) and fin:
         s.loss_mean = statistics.fmean(fin)
@@ -172,7 +207,7 @@ def variant_stats(variant: str, runs: list[RunResult], warmup_steps: int = 0) ->
         s.loss_min, s.loss_max = min(fin), max(fin)
     tps = [v for r in runs for v in throughput(r)]
     s.tokens_per_s = statistics.median(tps) if tps else math.nan
-    s.params = runs[0].summary.get("params") if runs else None
+    s.params = next((r.summary["params"] for r in runs if r.summary.get("params")), None)
     peaks = [r.extra.get("cuda_peak_bytes") for r in runs]
     if peaks and all(isinstance(p, (int, float)) for p in peaks):
         s.memory_kind, s.memory_bytes = "cuda_peak", float(max(peaks))
@@ -190,19 +225,19 @@ def variant_stats(variant: str, runs: list[RunResult], warmup_steps: int = 0) ->
         finite = [d for d in diags if math.isfinite(_num(d["max_forward_gain"]))]
         if finite:
             s.max_fwd_step = max(finite, key=lambda d: d["max_forward_gain"])["step"]
-        finals = [r.final_diag for r in runs if r.final_diag and r.final_diag.get("max_forward_gain") is not None]
+        finals = [r.final_diag for r in s.ends if r.final_diag and r.final_diag.get("max_forward_gain") is not None]
         s.final_fwd_gain = _max([_num(d["max_forward_gain"]) for d in finals])
         s.final_bwd_gain = _max([_num(d["max_backward_gain"]) for d in finals])
         logs = [_num(v) for d in diags for v in d.get("max_abs_log_colsum", []) + d.get("suffix_max_abs_log_colsum", [])]
         s.max_abs_log_colsum = _max(logs) if logs else None
-    cos = [_num(r.final_diag.get("stream_cosine")) for r in runs if r.final_diag]
+    cos = [_num(r.final_diag.get("stream_cosine")) for r in s.ends if r.final_diag]
     if cos and variant != BASELINE:
         s.stream_cosine = statistics.fmean(cos) if all(map(math.isfinite, cos)) else math.nan
-    moves = [m for m in (hres_movement(r) for r in runs) if m is not None]
+    moves = [(r, m) for r, m in ((r, hres_movement(r)) for r in s.ends) if m is not None]
     if moves:
-        s.hres_move = statistics.fmean(m[0] for m in moves)
-        s.hres_diag = statistics.fmean(m[1] for m in moves)
-        s.diag_steps = (runs[0].diags[0]["step"], runs[0].diags[-1]["step"])
+        s.hres_move = statistics.fmean(m[0] for _, m in moves)
+        s.hres_diag = statistics.fmean(m[1] for _, m in moves)
+        s.diag_steps = (moves[0][0].diags[0]["step"], moves[0][0].diags[-1]["step"])
     s.spike = _max([max_spike(r, warmup_steps) for r in runs])
     walls = [r.extra.get("wall_s") for r in runs]
     s.wall_s = sum(walls) if walls and all(isinstance(w, (int, float)) for w in walls) else None
@@ -237,6 +272,30 @@ def memory_label(stats: dict[str, VariantStats]) -> str:
     return "est. training memory*"
 
 
+def _step(r: RunResult) -> str:
+    """The step a diverged run stopped at (``?`` if its marker does not say)."""
+    step = (r.diverged or {}).get("step")
+    return "?" if step is None else str(step)
+
+
+def _where(runs: list[RunResult], of: str = "") -> str:
+    """``"seed 1 at step 40, seed 2 at step 38"`` for diverged runs."""
+    return ", ".join(f"seed {r.seed} at step {_step(r)}{of}" for r in runs if r.diverged is not None)
+
+
+def loss_cell(s: VariantStats) -> str:
+    """The loss column: statistics over the finished seeds, and which seeds diverged at which step."""
+    n, bad = len(s.runs), s.diverged
+    if bad and len(bad) == n:
+        return f"diverged on all {n} seed{'s' if n != 1 else ''} ({_where(bad)})"
+    loss = f"{_f(s.loss_mean)} ± {_f(s.loss_std)} [{_f(s.loss_min)}, {_f(s.loss_max)}]"
+    if not math.isfinite(s.loss_mean):
+        loss = "diverged (" + ", ".join(_f(x) for x in s.losses) + ")"
+    if bad:
+        loss += f"; {len(bad)} of {n} seeds diverged ({_where(bad)}), left out"
+    return loss
+
+
 def results_table(stats: dict[str, VariantStats]) -> str:
     """The markdown results table (one row per variant)."""
     base = stats.get(BASELINE)
@@ -248,10 +307,9 @@ def results_table(stats: dict[str, VariantStats]) -> str:
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for v, s in stats.items():
-        loss = f"{_f(s.loss_mean)} ± {_f(s.loss_std)} [{_f(s.loss_min)}, {_f(s.loss_max)}]"
-        if not math.isfinite(s.loss_mean):
-            loss = "diverged (" + ", ".join(_f(x) for x in s.losses) + ")"
-        delta = "-" if base is None or v == BASELINE else _f(s.loss_mean - base.loss_mean, "+.4f")
+        loss = loss_cell(s)
+        no_delta = base is None or v == BASELINE or not (s.finished and base.finished)
+        delta = "-" if no_delta else _f(s.loss_mean - base.loss_mean, "+.4f")
         ratio = "-" if base is None else _f(s.tokens_per_s / base.tokens_per_s, ".2f")
         row = [v, loss, delta, _f(s.tokens_per_s, ",.0f"), ratio, f"{s.params:,}" if s.params else "-",
                format_bytes(s.memory_bytes), fmt_gain(s.max_fwd_gain), fmt_gain(s.max_bwd_gain),
@@ -264,13 +322,21 @@ def results_table(stats: dict[str, VariantStats]) -> str:
 
 
 def _compare_losses(a: VariantStats, b: VariantStats) -> str:
-    """One sentence: ``a`` against ``b`` by final validation loss, judged against the seed spread."""
+    """One sentence: ``a`` against ``b`` by final validation loss, judged against the seed spread
+    (over the seeds that finished; a note names the diverged seeds left out)."""
+    left_out = [f"{s.variant} {len(s.diverged)} of {len(s.runs)}" for s in (a, b) if s.diverged and s.finished]
+    note = f" (Over the seeds that finished; diverged and left out: {', '.join(left_out)}.)" if left_out else ""
+    return _compare_finished(a, b) + note
+
+
+def _compare_finished(a: VariantStats, b: VariantStats) -> str:
     if not (math.isfinite(a.loss_mean) and math.isfinite(b.loss_mean)):
-        bad = [s.variant for s in (a, b) if not math.isfinite(s.loss_mean)]
-        return f"{a.variant} vs {b.variant}: not comparable, {' and '.join(bad)} ended with a non-finite validation loss."
+        bad = [f"{s.variant} diverged on every seed" if not s.finished else
+               f"{s.variant} ended with a non-finite validation loss" for s in (a, b) if not math.isfinite(s.loss_mean)]
+        return f"{a.variant} vs {b.variant}: not comparable, {' and '.join(bad)}."
     d = a.loss_mean - b.loss_mean
     word = "lower" if d < 0 else "higher"
-    n = min(len(a.runs), len(b.runs))
+    n = min(len(a.finished), len(b.finished))
     if abs(d) < 5e-5:
         return (f"{a.variant}'s mean final validation loss equals {b.variant}'s to 4 decimals "
                 f"({a.loss_mean:.4f} vs {b.loss_mean:.4f}): no difference.")
@@ -292,8 +358,8 @@ def _compare_losses(a: VariantStats, b: VariantStats) -> str:
 
 def _paired(a: VariantStats, b: VariantStats) -> str:
     """``"; paired by seed (same batches): -0.01, +0.02"`` - the same seed sees the same data order."""
-    la = {r.seed: _num(r.summary.get("val_loss")) for r in a.runs}
-    lb = {r.seed: _num(r.summary.get("val_loss")) for r in b.runs}
+    la = {r.seed: _num(r.summary.get("val_loss")) for r in a.finished}
+    lb = {r.seed: _num(r.summary.get("val_loss")) for r in b.finished}
     diffs = [la[s] - lb[s] for s in sorted(set(la) & set(lb))]
     if len(diffs) < 2 or not all(map(math.isfinite, diffs)):
         return ""
@@ -301,6 +367,28 @@ def _paired(a: VariantStats, b: VariantStats) -> str:
     verdict = (f"{a.variant} {'higher' if True in signs else 'lower'} on every seed" if len(signs) == 1
                else "mixed signs")
     return "; paired by seed (same batches): " + ", ".join(f"{x:+.4f}" for x in diffs) + f" ({verdict})"
+
+
+def divergence_sentences(stats: dict[str, VariantStats]) -> list[str]:
+    """One sentence per variant with diverged seeds: which, at which step, what that leaves out."""
+    out = []
+    for v, s in stats.items():
+        bad = s.diverged
+        if not bad:
+            continue
+        n = len(s.runs)
+        steps = {r.diverged.get("steps") for r in bad} - {None}
+        of = f" of {steps.pop()}" if len(steps) == 1 else ""
+        lead = (f"**{v} diverged** on {len(bad)} of {n} seeds ({_where(bad, of)}): the trainer stopped it after "
+                "max_bad_steps steps in a row with a non-finite loss or gradient norm (its last good checkpoint "
+                "is kept)")
+        k = len(s.finished)
+        losses = (f"its loss statistics cover the {k} seed{'s' if k != 1 else ''} that finished" if k else
+                  "it has no final validation loss, so its loss is not compared")
+        gains = ("" if s.max_fwd_gain is None else
+                 "; its diagnostics up to the divergence still count for the composite gain")
+        out.append(f"{lead}. {losses[0].upper()}{losses[1:]}{gains}.")
+    return out
 
 
 def gain_sentences(stats: dict[str, VariantStats]) -> list[str]:
@@ -328,6 +416,11 @@ def gain_sentences(stats: dict[str, VariantStats]) -> list[str]:
         else:
             out.append(f"HC did not blow up in this run: its largest composite gain was {fmt_gain(g)} "
                        f"(at most {DRIFT:g}) at this size and budget; the mHC paper reports ~3000 for HC at 27B.")
+        if hc.diverged:
+            blew = not math.isfinite(g) or g > BLOWUP
+            out[-1] += (f" HC's training diverged on {len(hc.diverged)} of {len(hc.runs)} seeds; " +
+                        ("its gain blow-up is counted above, diagnostics up to the divergence included." if blew else
+                         "the diagnostics logged before the divergence (counted above) show no gain blow-up."))
     if mhc is not None:
         g = _max([mhc.max_fwd_gain, mhc.max_bwd_gain])
         ok = math.isfinite(g) and g <= MHC_BOUND
@@ -353,7 +446,7 @@ def gain_sentences(stats: dict[str, VariantStats]) -> list[str]:
 
 def reading(stats: dict[str, VariantStats]) -> list[str]:
     """Short statements generated from the numbers; nothing that they do not support."""
-    out = []
+    out = divergence_sentences(stats)
     base = stats.get(BASELINE)
     others = [s for v, s in stats.items() if v != BASELINE]
     if base is not None:
@@ -393,19 +486,31 @@ def reading(stats: dict[str, VariantStats]) -> list[str]:
 # --------------------------------------------------------------------------- figures
 
 
+def _curves(stats: dict[str, VariantStats], points) -> dict[str, list[list[tuple[int, float]]]]:
+    """``points(run)`` of each variant's finished runs under its name, and of its diverged runs (up to
+    the divergence) under ``"<variant>, diverged"``: a band is drawn over the steps every run of a
+    line logged, so a run that stopped early must not cut its variant's line short."""
+    curves = {}
+    for v, s in stats.items():
+        for key, runs in ((v, s.finished), (f"{v}, diverged", s.diverged)):
+            if runs:
+                curves[key] = [points(run) for run in runs]
+    return curves
+
+
 def make_figures(stats: dict[str, VariantStats], out: Path) -> dict[str, Path]:
     out = Path(out)
     figs: dict[str, Path] = {}
-    curves = {v: [[(r["step"], _num(r["val_loss"])) for r in run.evals] for run in s.runs] for v, s in stats.items()}
+    curves = _curves(stats, lambda run: [(r["step"], _num(r["val_loss"])) for r in run.evals])
     figs["val_loss"] = plots.plot_curves(curves, out / FIGURES["val_loss"], title="validation loss (mean, min-max over seeds)",
                                          ylabel="val loss (nats/token)")
-    curves = {v: [[(r["step"], _num(r["grad_norm"])) for r in run.train] for run in s.runs] for v, s in stats.items()}
+    curves = _curves(stats, lambda run: [(r["step"], _num(r["grad_norm"])) for r in run.train])
     figs["grad_norm"] = plots.plot_curves(curves, out / FIGURES["grad_norm"],
                                           title="gradient norm before clipping (mean, min-max over seeds)",
                                           ylabel="grad norm", logy=True)
     gained = {v: s for v, s in stats.items() if s.max_fwd_gain is not None}
     if gained:
-        finals = {v: [r.final_diag for r in s.runs if r.final_diag] for v, s in gained.items()}
+        finals = {v: [r.final_diag for r in s.ends if r.final_diag] for v, s in gained.items()}
         step = max((d["step"] for ds in finals.values() for d in ds), default=0)
         figs["gain_depth"] = plots.plot_gain_vs_depth(
             finals, out / FIGURES["gain_depth"],
@@ -414,9 +519,9 @@ def make_figures(stats: dict[str, VariantStats], out: Path) -> dict[str, Path]:
         figs["gain_step"] = plots.plot_max_gain_vs_step(series, out / FIGURES["gain_step"],
                                                         title="largest composite gain during training")
         pick = [v for v in ("hc", "mhc") if v in gained] or list(gained)
-        heat = {v: gained[v].runs[0].final_diag for v in pick if gained[v].runs[0].final_diag}
+        heat = {v: gained[v].ends[0].final_diag for v in pick if gained[v].ends[0].final_diag}
         if heat:
-            seed = gained[pick[0]].runs[0].seed
+            seed = gained[pick[0]].ends[0].seed
             figs["heatmaps"] = plots.plot_heatmaps(heat, out / FIGURES["heatmaps"],
                                                    title=f"token-averaged h_res (seed {seed}, final step)")
     return figs
@@ -464,9 +569,10 @@ def _setup_lines(meta: dict[str, Any], stats: dict[str, VariantStats]) -> list[s
     if wall is not None:
         trained = sum(1 for r in meta.get("runs", {}).values() if r.get("status") != "skipped")
         total = len(meta.get("runs", {}))
+        diverged = sum(1 for r in meta.get("runs", {}).values() if r.get("status") == "diverged")
         lines.append(f"- **wall time**: {wall:.0f} s for the last invocation of `mhckit compare` (it trained {trained} "
-                     f"of {total} runs; data loading, training, evaluation, diagnostics and memory measurement, "
-                     "not the report itself)")
+                     f"of {total} runs{f', {diverged} of which diverged' if diverged else ''}; data loading, training, "
+                     "evaluation, diagnostics and memory measurement, not the report itself)")
     loads = [r.extra.get("load_avg") for s in stats.values() for r in s.runs]
     loads = [x for x in loads if isinstance(x, (int, float))]
     cores = _cores(info.get("hardware", ""))
@@ -489,6 +595,26 @@ def _cores(hardware: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _diverged_lines(stats: dict[str, VariantStats], compare_dir: Path) -> list[str]:
+    """A list of the diverged runs (step, last good checkpoint) under the table; empty if none."""
+    bad = [r for s in stats.values() for r in s.diverged]
+    if not bad:
+        return []
+    lines = ["**Diverged runs** (stopped after max_bad_steps non-finite steps in a row; `diverged.json` in the run "
+             "directory; left out of the loss statistics, kept in the gain diagnostics; re-running `mhckit compare` "
+             "skips them, deleting `diverged.json` retries from the last good checkpoint):", ""]
+    for r in bad:
+        d = r.diverged
+        last = d.get("last_good_checkpoint")
+        if last:
+            with contextlib.suppress(ValueError):
+                last = str(Path(last).relative_to(compare_dir))
+            last = f"`{last}` (step {d.get('last_good_step')})"
+        lines.append(f"- `{r.path.name}`: diverged at step {_step(r)} of {d.get('steps', '?')}; "
+                     f"last good checkpoint {last or 'none (none was written before the divergence)'}")
+    return lines + [""]
+
+
 def write_report(compare_dir: Path) -> dict[str, Any]:
     """Write ``report.md`` and the figures into ``compare_dir``; returns the paths, table and reading."""
     compare_dir = Path(compare_dir)
@@ -502,6 +628,7 @@ def write_report(compare_dir: Path) -> dict[str, Any]:
           "(mHC: arXiv 2512.24880; HC: arXiv 2409.19606; mHC-lite: arXiv 2601.05732).", "", "## Setup", ""]
     md += _setup_lines(meta, stats)
     md += ["", "## Results", "", table, ""]
+    md += _diverged_lines(stats, compare_dir)
     if memory_label(stats).endswith("*"):
         md.append("\\* estimated training memory (params+grads+Adam+saved activations): CPU has no allocator "
                   "statistic, so this counts parameter, gradient and AdamW-state bytes plus the exact bytes of the "

@@ -2,7 +2,8 @@
 
 One module-scoped comparison (hc + mhc, one seed) is shared by the report, figure, skip,
 sample and diagnose tests; the residual baseline, mhc-lite and two seeds are covered by one more
-comparison. Everything runs on one torch thread (~10 s in all on the 2-core dev machine).
+comparison, and a run that diverges (made non-finite in-process) by a third. Everything runs on
+one torch thread (~15 s in all on the 2-core dev machine).
 """
 
 from __future__ import annotations
@@ -202,3 +203,113 @@ def test_full_compare_four_variants_two_seeds(tmp_path):
         assert f"| {v} |" in text
     assert "Δ vs residual" in text and "2 seeds" in text
     assert len(list((tmp_path / "cmp").glob("*-s1/summary.json"))) == 4
+
+
+# --------------------------------------------------------------------------- a run that diverges
+
+
+def _diverge(monkeypatch, variant: str, seed: int, after: int) -> None:
+    """Make every training step of one run non-finite once ``after`` updates are applied (through the
+    trainer's real skip / stop path: the loss is NaN, so are the gradients)."""
+    from mhckit.train import trainer as T
+
+    real = T.Trainer.train_step
+
+    def train_step(self, x, y):
+        cfg = self.cfg
+        if cfg.model.hc.variant != variant or cfg.seed != seed or self.step < after:
+            return real(self, x, y)
+        forward = self.forward
+
+        def poisoned(x, y=None):
+            logits, loss = forward(x, y)
+            return logits, loss * float("nan")
+
+        self.forward = poisoned
+        try:
+            return real(self, x, y)
+        finally:
+            self.forward = forward
+
+    monkeypatch.setattr(T.Trainer, "train_step", train_step)
+
+
+def _row(text: str, variant: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {variant} |"))
+
+
+def test_diverged_run_is_recorded_reported_and_skipped_on_rerun(tmp_path, monkeypatch, capsys):
+    """hc seed 1 diverges at step 4 (steps 1-3 applied, checkpoint at 3, max_bad_steps=2): the
+    comparison finishes, the run gets diverged.json, the report shows it (table, list, reading,
+    figures) and leaves it out of hc's loss statistics, and a rerun skips it instead of retraining."""
+    _diverge(monkeypatch, "hc", seed=1, after=3)
+    args = tiny_args(tmp_path, variants="residual,hc", seeds=2) + ["--max_bad_steps=2"]
+    assert compare.main(args) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "cmp"
+    run = out / "hc-s1"
+    assert "[4/4] hc-s1: DIVERGED at step 4" in printed and "going on with the other runs" in printed
+    marker = json.loads((run / "diverged.json").read_text())
+    assert marker["step"] == 4 and marker["steps"] == 6 and marker["last_good_step"] == 3
+    assert marker["last_good_checkpoint"].endswith("step_00000003") and marker["error"].startswith("max_bad_steps: 2 ")
+    assert marker["params"] == json.loads((out / "hc-s0" / "summary.json").read_text())["params"]
+    assert not (run / "summary.json").exists() and (run / "compare_run.json").exists()
+    for other in ("residual-s0", "hc-s0", "residual-s1"):  # the other runs are whole
+        summary = json.loads((out / other / "summary.json").read_text())
+        assert summary["steps"] == 6 and math.isfinite(summary["val_loss"])
+        assert not (out / other / "diverged.json").exists()
+    meta = json.loads((out / "compare.json").read_text())
+    assert meta["runs"]["hc-s1"]["status"] == "diverged" and meta["runs"]["hc-s1"]["diverged_at"] == 4
+    assert meta["runs"]["hc-s0"]["status"] == "trained"
+
+    text = (out / "report.md").read_text()
+    hc0 = json.loads((out / "hc-s0" / "summary.json").read_text())["val_loss"]
+    row = _row(text, "hc")
+    assert f"{hc0:.4f} ± 0.0000 [{hc0:.4f}, {hc0:.4f}]; 1 of 2 seeds diverged (seed 1 at step 4), left out" in row
+    assert "diverged" not in _row(text, "residual")
+    assert "- `hc-s1`: diverged at step 4 of 6; last good checkpoint `hc-s1/checkpoints/step_00000003` (step 3)" in text
+    assert "**hc diverged** on 1 of 2 seeds (seed 1 at step 4 of 6)" in text
+    assert "diverged and left out: hc 1 of 2" in text
+    assert "it trained 4 of 4 runs, 1 of which diverged" in text
+    for name in ("val_loss", "grad_norm", "gain_depth", "gain_step"):
+        assert _is_png(out / report.FIGURES[name]), name
+
+    monkeypatch.undo()  # the same configuration again, now without the poison: still not retrained
+    before = (run / "diverged.json").stat().st_mtime_ns
+    assert compare.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[4/4] hc-s1: diverged earlier at step 4 with the same configuration; skipped" in printed
+    assert printed.count("skipped") == 4 and "DIVERGED" not in printed
+    assert (run / "diverged.json").stat().st_mtime_ns == before and not (run / "summary.json").exists()
+    meta = json.loads((out / "compare.json").read_text())
+    assert meta["runs"]["hc-s1"] == {"status": "skipped", "diverged_at": 4}
+    assert "1 of 2 seeds diverged (seed 1 at step 4)" in _row((out / "report.md").read_text(), "hc")
+
+
+def _diverged(variant: str, seed: int, step: int, evals: list[tuple[int, float]]) -> RunResult:
+    marker = {"step": step, "steps": 10, "last_good_checkpoint": None, "last_good_step": None, "params": 7}
+    return RunResult(variant, seed, Path(f"{variant}-s{seed}"), {"val_loss": None, "params": 7},
+                     [{"step": s, "grad_norm": 1.0 + s, "tokens_per_s": 100.0} for s, _ in evals],
+                     [{"step": s, "val_loss": v} for s, v in evals], [], {}, marker)
+
+
+def test_variant_diverged_on_every_seed_is_reported_not_averaged(tmp_path):
+    """Pure report functions on runs built by hand: every hc seed diverged (at different steps, with
+    metrics of different lengths), residual finished."""
+    finished = [RunResult("residual", i, Path("."), {"val_loss": 2.0 + i / 50, "params": 7}, [],
+                          [{"step": s, "val_loss": 3.0 - s / 10} for s in (2, 4, 6)], [], {}) for i in range(2)]
+    base = report.variant_stats("residual", finished)
+    hc = report.variant_stats("hc", [_diverged("hc", 0, 5, [(2, 3.0), (4, 2.9)]), _diverged("hc", 1, 3, [(2, 3.1)])])
+    assert hc.losses == [] and math.isnan(hc.loss_mean) and hc.params == 7 and len(hc.diverged) == 2
+    stats = {"residual": base, "hc": hc}
+    row = _row(report.results_table(stats), "hc")
+    assert "| diverged on all 2 seeds (seed 0 at step 5, seed 1 at step 3) | - |" in row
+    assert report._compare_losses(hc, base) == "hc vs residual: not comparable, hc diverged on every seed."
+    lines = report.divergence_sentences(stats)
+    assert len(lines) == 1
+    assert "**hc diverged** on 2 of 2 seeds (seed 0 at step 5 of 10, seed 1 at step 3 of 10)" in lines[0]
+    assert "no final validation loss" in lines[0] and lines[0] in report.reading(stats)
+    curves = report._curves(stats, lambda r: [(e["step"], e["val_loss"]) for e in r.evals])
+    assert set(curves) == {"residual", "hc, diverged"} and [len(c) for c in curves["hc, diverged"]] == [2, 1]
+    figs = report.make_figures(stats, tmp_path)  # partial curves of different lengths: drawn, no error
+    assert set(figs) == {"val_loss", "grad_norm"} and all(_is_png(p) for p in figs.values())
