@@ -37,7 +37,8 @@ def _plt():
 
 
 def color(variant: str) -> str:
-    return COLORS.get(variant, "#ff7f0e")
+    """The variant's colour; ``"<variant>, diverged"`` keeps its variant's colour (drawn dotted)."""
+    return COLORS.get(variant.split(",")[0], "#ff7f0e")
 
 
 def _save(fig, path: Path) -> Path:
@@ -84,6 +85,8 @@ def _narrow(ax) -> bool:
 
 def style(variant: str) -> str:
     """Line style: mhc-lite dashed, so it stays visible on top of mhc when both sit at exactly 1."""
+    if variant.endswith(", diverged"):
+        return ":"
     return "--" if variant == "mhc-lite" else "-"
 
 
@@ -115,7 +118,8 @@ def plot_curves(curves: Mapping[str, Sequence[Sequence[tuple[int, float]]]], pat
         if logy:
             mean, lo, hi = _positive(mean), _positive(lo), _positive(hi)
         label = f"{variant} ({len(runs)} seed{'s' if len(runs) != 1 else ''})"
-        ax.plot(steps, mean, color=color(variant), ls=style(variant), label=label, lw=1.6)
+        ax.plot(steps, mean, color=color(variant), ls=style(variant), label=label, lw=1.6,
+                marker="o" if steps.size == 1 else None)  # a single point would be invisible as a line
         if len(runs) > 1:
             ax.fill_between(steps, lo, hi, color=color(variant), alpha=0.18, lw=0)
     if logy:
