@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mhckit
 from mhckit import MHCConfig
 from mhckit.models import GPT, GPTConfig
 from mhckit.recompute import StreamRecompute, default_interval
@@ -82,3 +83,22 @@ def test_bad_values():
         GPTConfig(recompute=-2)
     with pytest.raises(ValueError, match=r"every: got 0"):
         StreamRecompute(0)
+
+
+@pytest.mark.parametrize("variant", ["mhc", "hc", "mhc-lite"])
+def test_activation_checkpointing_of_a_hyper_connection(variant):
+    """torch.utils.checkpoint (non-reentrant, what transformers uses) unpacks saved tensors once per
+    node; every autograd Function must read ctx.saved_tensors a single time. Gradients match."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    hc = mhckit.HyperConnection(16, torch.nn.Linear(16, 16), n_streams=4, variant=variant)
+    x = torch.randn(3, 5, 4, 16, requires_grad=True)
+    hc(x).square().sum().backward()
+    want = [x.grad.clone()] + [p.grad.clone() for p in hc.parameters()]
+    x.grad = None
+    hc.zero_grad()
+    checkpoint(hc, x, use_reentrant=False).square().sum().backward()
+    got = [x.grad] + [p.grad for p in hc.parameters()]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -268,10 +268,11 @@ class CoeffsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_pre: Tensor, g_post: Tensor, g_res: Tensor):
-        x = ctx.saved_tensors[0]
+        saved = ctx.saved_tensors  # read once: torch.utils.checkpoint allows a single unpack
+        x = saved[0]
         need = ctx.needs_input_grad
         grad_v, grad_phi, grad_bias, grad_alpha = _coeffs_backward(
-            ctx.saved_tensors, ctx.iters, g_pre, g_post, g_res, need[0], need[1]
+            saved, ctx.iters, g_pre, g_post, g_res, need[0], need[1]
         )
         grad_x = grad_v.reshape(x.shape).to(x.dtype) if grad_v is not None else None
         return grad_x, grad_phi, grad_bias, grad_alpha, None, None
@@ -298,7 +299,8 @@ class CoeffsPreFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_u: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor):
-        x, phi = ctx.saved_tensors[0], ctx.saved_tensors[1]
+        saved = ctx.saved_tensors  # read once: torch.utils.checkpoint allows a single unpack
+        x, phi, bias, alpha, _, z = saved
         n, c = x.shape[-2], x.shape[-1]
         dt = phi.dtype
         x3 = x.reshape(-1, n, c)
@@ -311,13 +313,13 @@ class CoeffsPreFunction(torch.autograd.Function):
             g_pre = read if g_pre is None else g_pre.reshape(-1, n).to(dt) + read
         need = ctx.needs_input_grad
         grad_v, grad_phi, grad_bias, grad_alpha = _coeffs_backward(
-            ctx.saved_tensors, ctx.iters, g_pre, g_post, g_res, need[0], need[1]
+            saved, ctx.iters, g_pre, g_post, g_res, need[0], need[1]
         )
         grad_x = None
         if need[0]:
             grad_x3 = grad_v.view(-1, n, c)
             if gu is not None:  # du/dx[j] = h_pre[j] du, added in place
-                a_pre = torch.addcmul(ctx.saved_tensors[2][:n], ctx.saved_tensors[5][:, :n], ctx.saved_tensors[3][0].to(dt))
+                a_pre = torch.addcmul(bias[:n], z[:, :n], alpha[0].to(dt))
                 grad_x3.addcmul_(torch.sigmoid(a_pre).unsqueeze(-1), gu)
             grad_x = grad_x3.reshape(x.shape).to(x.dtype)
         return grad_x, grad_phi, grad_bias, grad_alpha, None, None
