@@ -11,6 +11,7 @@ COMMANDS = {
     "sample": ("mhckit.train.sample", "generate text from a checkpoint"),
     "diagnose": ("mhckit.train.diagnose", "diagnostics and plots for a checkpoint"),
     "demo": ("mhckit.demo", "a 10-second end-to-end example (no download)"),
+    "retrofit": ("mhckit.integrations.retrofit_cli", "retrofit a Hugging Face decoder with mHC and train it next to the original"),
 }
 
 
