@@ -174,6 +174,28 @@ def test_generate_greedy_matches_original_with_kv_cache(arch):
 # --------------------------------------------------------------------------- save and load
 
 
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_gradients(arch):
+    """transformers' gradient checkpointing (non-reentrant) over retrofitted layers: same gradients."""
+    grads = []
+    for enable in (False, True):
+        model = retrofit(tiny(arch), n_streams=4, variant="mhc")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("phi"):
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.02)
+        model.train()
+        if enable:
+            model.gradient_checkpointing_enable()
+        ids = tokens()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("mhc" in k for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], msg=k)
+
+
 @pytest.mark.parametrize("arch", ["mistral", "gpt2"])  # untied and tied embeddings
 def test_save_load_round_trip(tmp_path, arch):
     model, _ = train_steps(retrofit(tiny(arch), n_streams=3, variant="mhc", sinkhorn_iters=10), tokens(4, 16))
