@@ -5,6 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Triton's CPU interpreter must be on when `triton` is first imported (its standard-library functions
+# are built then). transformers (tests/integrations) can import triton while test modules are being
+# collected, before tests/ops/conftest.py would load; importing it here first keeps the interpreter
+# tests valid in a full run.
+import tests.ops.conftest  # noqa: E402,F401
+
 # (rtol, atol) for comparing a fast path with the reference run in the same dtype.
 TOL = {
     torch.float64: (1e-10, 1e-12),
