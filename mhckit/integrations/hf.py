@@ -135,8 +135,10 @@ def _llama_layer_forward(self, hidden_states, attention_mask=None, position_ids=
     """Llama / Qwen2 / Qwen3 / Mistral decoder layer with two hyper-connection sublayers."""
     x = _enter(self, hidden_states)  # [B, T, n, C]
     u, finish = self.mhc_attn.split(x)  # u: [B, T, C]
+    if past_key_values is not None:  # transformers >= 5.24 passes the cache as `cache` (in kwargs)
+        kwargs["past_key_values"] = past_key_values
     y, _ = self.self_attn(hidden_states=self.input_layernorm(u), attention_mask=attention_mask,
-                          position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                          position_ids=position_ids, use_cache=use_cache,
                           position_embeddings=position_embeddings, **kwargs)
     x = finish(y)
     u, finish = self.mhc_mlp.split(x)
@@ -150,8 +152,9 @@ def _gpt2_block_forward(self, hidden_states, past_key_values=None, attention_mas
         raise ValueError("encoder_hidden_states: got a tensor; a retrofitted GPT-2 has no cross-attention")
     x = _enter(self, hidden_states)
     u, finish = self.mhc_attn.split(x)
-    y, _ = self.attn(self.ln_1(u), past_key_values=past_key_values, attention_mask=attention_mask,
-                     use_cache=use_cache, **kwargs)
+    if past_key_values is not None:  # transformers >= 5.24 passes the cache as `cache` (in kwargs)
+        kwargs["past_key_values"] = past_key_values
+    y, _ = self.attn(self.ln_1(u), attention_mask=attention_mask, use_cache=use_cache, **kwargs)
     x = finish(y)
     u, finish = self.mhc_mlp.split(x)
     return finish(self.mlp(self.ln_2(u)))
