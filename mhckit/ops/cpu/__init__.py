@@ -39,7 +39,7 @@ __all__ = [
 MAX_STREAMS = 8
 _SOURCE = Path(__file__).with_name("mhc_cpu.c")
 _SOURCES = (_SOURCE, _SOURCE.with_name("mhc_cpu_impl.h"))
-_ABI = 2
+_ABI = 3
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "lib": CDLL | None, "why": str | None, "path": str
 
@@ -58,7 +58,7 @@ def _compiler() -> str | None:
     return None
 
 
-_FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu99", "-fno-fast-math"]
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu99", "-fno-fast-math", "-Wno-psabi"]
 
 
 def _isa_flags() -> list[str]:

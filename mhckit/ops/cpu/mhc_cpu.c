@@ -36,7 +36,11 @@
 #define SUFFIX _f32
 #define TINY FLT_MIN
 #define EXP expf
+#define ITYPE int32_t
+#define VEXP_POLY 1
 #include "mhc_cpu_impl.h"
+#undef ITYPE
+#undef VEXP_POLY
 #undef T
 #undef SUFFIX
 #undef TINY
@@ -46,13 +50,17 @@
 #define SUFFIX _f64
 #define TINY DBL_MIN
 #define EXP exp
+#define ITYPE int64_t
+#define VEXP_POLY 0
 #include "mhc_cpu_impl.h"
+#undef ITYPE
+#undef VEXP_POLY
 #undef T
 #undef SUFFIX
 #undef TINY
 #undef EXP
 
-int mhc_abi_version(void) { return 2; }
+int mhc_abi_version(void) { return 3; }
 
 int mhc_openmp(void) {
 #ifdef _OPENMP

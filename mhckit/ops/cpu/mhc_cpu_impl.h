@@ -4,100 +4,136 @@
 
 /* ---- Sinkhorn on a block of W tokens: m[i][l] is entry i (row-major n x n) of token lane l ---- */
 
+/* The W lanes of one entry as one vector (GCC / Clang vector extension; unaligned loads allowed):
+ * every step below is one vector operation over 8 tokens. IV is the same-size integer vector. */
+typedef T FN(vt) __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T))));
+typedef ITYPE FN(iv) __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T))));
+#define VT FN(vt)
+#define IV FN(iv)
+#define VSEL(mask, a, b) ((VT)(((IV)(a) & (IV)(mask)) | ((IV)(b) & ~(IV)(mask))))
+#define VMAX(acc, v) VSEL((v) > (acc), (v), (acc))
+
+/* exp of every lane. float: Cody-Waite reduction x = k ln2 + r, the Cephes degree-6 polynomial for
+ * e^r (~1 ulp, like PyTorch's SLEEF expf), 2^k applied as two exact power-of-two factors so that
+ * overflow (inf) and gradual underflow (subnormals, 0) come out as from expf; all in vector ops.
+ * double: libm's exp per lane (the float64 path is for checks, not speed). */
+static inline VT FN(vexp)(VT x) {
+#if VEXP_POLY
+    const VT zero = {0};
+    x = VSEL(x < zero - 104, zero - 104, x);
+    x = VSEL(x > zero + 89, zero + 89, x);
+    const VT t = x * (T)1.44269504088896341 + (T)0.5;
+    IV ki = __builtin_convertvector(t, IV); /* truncation; then floor */
+    ki += (IV)(__builtin_convertvector(ki, VT) > t);
+    const VT k = __builtin_convertvector(ki, VT);
+    VT r = x - k * (T)0.693359375;
+    r = r - k * (T)-2.12194440e-4;
+    VT p = zero + (T)1.9875691500e-4;
+    p = p * r + (T)1.3981999507e-3;
+    p = p * r + (T)8.3334519073e-3;
+    p = p * r + (T)4.1665795894e-2;
+    p = p * r + (T)1.6666665459e-1;
+    p = p * r + (T)5.0000001201e-1;
+    const VT y = p * (r * r) + r + 1;
+    const IV k1 = ki >> 1, k2 = ki - k1;
+    return y * (VT)((k1 + 127) << 23) * (VT)((k2 + 127) << 23);
+#else
+    VT r;
+    for (int l = 0; l < W; l++) r[l] = EXP(x[l]);
+    return r;
+#endif
+}
+#define VEXP FN(vexp)
+
 /* Softmax over each column, then 2 iters - 1 alternating normalisations (rows first, rows last).
  * keep (ys != NULL): m0 = the softmax output; per step s the iterate ys[s*nn + i], the reciprocal
- * of the clamped divisor cs[s*n + r] and the unclamped mask oks[s*n + r]. Dividing by c is done as
- * one reciprocal and n products (4-8x fewer divisions; differs from x / c by at most ~1 ulp). */
-static void FN(skb_fwd)(T (*m)[W], int n, int iters, T (*m0)[W], T (*ys)[W], T (*cs)[W], unsigned char (*oks)[W]) {
+ * of the clamped divisor cs[s*n + r] and the unclamped mask oks[s*n + r] (1 or 0). Dividing by c is
+ * done as one reciprocal and n products (differs from x / c by at most ~1 ulp). */
+static inline __attribute__((always_inline)) void FN(skb_fwd_n)(T (*m_)[W], const int n, int iters, T (*m0_)[W], T (*ys_)[W], T (*cs_)[W], T (*oks_)[W]) {
     const int nn = n * n, steps = 2 * iters - 1;
+    VT *m = (VT *)m_;
+    const VT zero = {0}, tiny = zero + TINY, one = zero + 1;
     for (int j = 0; j < n; j++) {
-        T mx[W], s[W];
-        for (int l = 0; l < W; l++) mx[l] = m[j][l];
-        for (int k = 1; k < n; k++)
-            for (int l = 0; l < W; l++) mx[l] = m[k * n + j][l] > mx[l] ? m[k * n + j][l] : mx[l];
-        for (int l = 0; l < W; l++) s[l] = 0;
-        for (int k = 0; k < n; k++)
-            for (int l = 0; l < W; l++) {
-                T e = EXP(m[k * n + j][l] - mx[l]);
-                m[k * n + j][l] = e;
-                s[l] += e;
-            }
-        for (int k = 0; k < n; k++)
-            for (int l = 0; l < W; l++) m[k * n + j][l] /= s[l];
+        VT mx = m[j];
+        for (int k = 1; k < n; k++) mx = VMAX(mx, m[k * n + j]);
+        VT s = zero;
+        for (int k = 0; k < n; k++) {
+            m[k * n + j] = VEXP(m[k * n + j] - mx);
+            s += m[k * n + j];
+        }
+        for (int k = 0; k < n; k++) m[k * n + j] /= s;
     }
-    if (m0) memcpy(m0, m, sizeof(T) * nn * W);
-    T cl[MAXN][W];
-    unsigned char okl[MAXN][W];
+    if (m0_) memcpy(m0_, m, sizeof(VT) * nn);
     for (int st = 0; st < steps; st++) {
-        T (*c)[W] = ys ? cs + st * n : cl;
-        unsigned char (*ok)[W] = ys ? oks + st * n : okl;
         const int rows = st % 2 == 0; /* rows: sum over j for each k; columns: sum over k for each j */
         for (int a = 0; a < n; a++) {
-            T s[W];
-            for (int l = 0; l < W; l++) s[l] = 0;
-            for (int b = 0; b < n; b++) {
-                const int i = rows ? a * n + b : b * n + a;
-                for (int l = 0; l < W; l++) s[l] += m[i][l];
-            }
-            for (int l = 0; l < W; l++) {
-                ok[a][l] = s[l] >= TINY;
-                c[a][l] = 1 / (ok[a][l] ? s[l] : TINY); /* reciprocal of the clamped divisor */
-            }
-            for (int b = 0; b < n; b++) {
-                const int i = rows ? a * n + b : b * n + a;
-                for (int l = 0; l < W; l++) m[i][l] *= c[a][l];
+            VT s = zero;
+            for (int b = 0; b < n; b++) s += m[rows ? a * n + b : b * n + a];
+            const VT ok = VSEL(s >= tiny, one, zero);
+            const VT r = one / VSEL(s >= tiny, s, tiny); /* reciprocal of the clamped divisor */
+            for (int b = 0; b < n; b++) m[rows ? a * n + b : b * n + a] *= r;
+            if (ys_) {
+                ((VT *)cs_)[st * n + a] = r;
+                ((VT *)oks_)[st * n + a] = ok;
             }
         }
-        if (ys) memcpy(ys + (size_t)st * nn, m, sizeof(T) * nn * W);
+        if (ys_) memcpy(ys_ + (size_t)st * nn, m, sizeof(VT) * nn);
     }
 }
 
 /* Reverse walk over the kept iterates: g (the gradient of the output) -> dL/dlogits, in place. */
-static void FN(skb_bwd)(T (*g)[W], int n, int iters, T (*m0)[W], T (*ys)[W], T (*cs)[W], unsigned char (*oks)[W]) {
+static inline __attribute__((always_inline)) void FN(skb_bwd_n)(T (*g_)[W], const int n, int iters, T (*m0_)[W], T (*ys_)[W], T (*cs_)[W], T (*oks_)[W]) {
     const int nn = n * n, steps = 2 * iters - 1;
+    VT *g = (VT *)g_;
+    const VT *m0 = (const VT *)m0_, zero = {0};
     for (int st = steps - 1; st >= 0; st--) {
-        T (*y)[W] = ys + (size_t)st * nn, (*c)[W] = cs + st * n;
-        unsigned char (*ok)[W] = oks + st * n;
+        const VT *y = (const VT *)ys_ + (size_t)st * nn, *c = (const VT *)cs_ + st * n, *ok = (const VT *)oks_ + st * n;
         const int rows = st % 2 == 0;
         for (int a = 0; a < n; a++) {
-            T d[W];
-            for (int l = 0; l < W; l++) d[l] = 0;
+            VT d = zero;
             for (int b = 0; b < n; b++) {
                 const int i = rows ? a * n + b : b * n + a;
-                for (int l = 0; l < W; l++) d[l] += g[i][l] * y[i][l];
+                d += g[i] * y[i];
             }
-            for (int l = 0; l < W; l++) d[l] = ok[a][l] ? d[l] : 0;
+            d *= ok[a]; /* a clamped divisor is a constant: no term through it (as PyTorch's `* ok`) */
             for (int b = 0; b < n; b++) {
                 const int i = rows ? a * n + b : b * n + a;
-                for (int l = 0; l < W; l++) g[i][l] = (g[i][l] - d[l]) * c[a][l];
+                g[i] = (g[i] - d) * c[a];
             }
         }
     }
     for (int j = 0; j < n; j++) {
-        T d[W];
-        for (int l = 0; l < W; l++) d[l] = 0;
-        for (int k = 0; k < n; k++)
-            for (int l = 0; l < W; l++) d[l] += g[k * n + j][l] * m0[k * n + j][l];
-        for (int k = 0; k < n; k++)
-            for (int l = 0; l < W; l++) g[k * n + j][l] = m0[k * n + j][l] * (g[k * n + j][l] - d[l]);
+        VT d = zero;
+        for (int k = 0; k < n; k++) d += g[k * n + j] * m0[k * n + j];
+        for (int k = 0; k < n; k++) g[k * n + j] = m0[k * n + j] * (g[k * n + j] - d);
     }
+}
+
+/* n = 4 (the paper's) gets its own copy with a compile-time n: the 16 entries then stay in registers. */
+static void FN(skb_fwd)(T (*m)[W], int n, int iters, T (*m0)[W], T (*ys)[W], T (*cs)[W], T (*oks)[W]) {
+    if (n == 4) FN(skb_fwd_n)(m, 4, iters, m0, ys, cs, oks);
+    else FN(skb_fwd_n)(m, n, iters, m0, ys, cs, oks);
+}
+
+static void FN(skb_bwd)(T (*g)[W], int n, int iters, T (*m0)[W], T (*ys)[W], T (*cs)[W], T (*oks)[W]) {
+    if (n == 4) FN(skb_bwd_n)(g, 4, iters, m0, ys, cs, oks);
+    else FN(skb_bwd_n)(g, n, iters, m0, ys, cs, oks);
 }
 
 /* Per-thread scratch for the backward: m, m0, g, kept iterates, divisors, masks. */
 typedef struct {
-    T (*m)[W], (*m0)[W], (*g)[W], (*ys)[W], (*cs)[W];
-    unsigned char (*oks)[W];
+    T (*m)[W], (*m0)[W], (*g)[W], (*ys)[W], (*cs)[W], (*oks)[W];
     void *mem;
 } FN(scratch_t);
 
 static int FN(scratch_alloc)(FN(scratch_t) *s, int n, int iters) {
     const size_t nn = (size_t)n * n, steps = 2 * (size_t)iters - 1;
-    const size_t vals = nn * (3 + steps) + (size_t)n * steps;
-    s->mem = malloc(sizeof(T) * W * vals + (size_t)n * steps * W);
+    const size_t vals = nn * (3 + steps) + 2 * (size_t)n * steps;
+    s->mem = malloc(sizeof(T) * W * vals);
     if (!s->mem) return 2;
     T (*base)[W] = (T (*)[W])s->mem;
     s->m = base, s->m0 = base + nn, s->g = base + 2 * nn, s->ys = base + 3 * nn, s->cs = s->ys + nn * steps;
-    s->oks = (unsigned char (*)[W])(base + vals);
+    s->oks = s->cs + (size_t)n * steps;
     return 0;
 }
 
@@ -166,11 +202,13 @@ int FN(mhc_tail_fwd)(const T *z, const T *bias, const T *gates, T *h_pre, T *h_p
         T m[MAXN * MAXN][W];
         const int64_t t0 = b * W;
         const int lanes = tokens - t0 < W ? (int)(tokens - t0) : W;
-        for (int l = 0; l < lanes; l++) {
-            const T *zt = z + (t0 + l) * K;
-            for (int i = 0; i < n; i++) {
-                h_pre[(t0 + l) * n + i] = 1 / (1 + EXP(-(bias[i] + zt[i] * gates[0])));
-                h_post[(t0 + l) * n + i] = 2 * (1 / (1 + EXP(-(bias[n + i] + zt[n + i] * gates[1]))));
+        for (int i = 0; i < 2 * n; i++) { /* h_pre = sigmoid(a_pre), h_post = 2 sigmoid(a_post) */
+            VT a;
+            for (int l = 0; l < W; l++) a[l] = l < lanes ? z[(t0 + l) * K + i] : 0;
+            const VT sg = 1 / (1 + VEXP(-(bias[i] + a * gates[i < n ? 0 : 1])));
+            for (int l = 0; l < lanes; l++) {
+                if (i < n) h_pre[(t0 + l) * n + i] = sg[l];
+                else h_post[(t0 + l) * n + i - n] = 2 * sg[l];
             }
         }
         for (int i = 0; i < nn; i++)
@@ -201,16 +239,17 @@ int FN(mhc_tail_bwd)(const T *z, const T *bias, const T *gates, const T *g_pre, 
             for (int64_t b = 0; b < blocks; b++) {
                 const int64_t t0 = b * W;
                 const int lanes = tokens - t0 < W ? (int)(tokens - t0) : W;
+                for (int i = 0; i < 2 * n; i++) { /* d sigmoid = s (1 - s); h_post carries a factor 2 */
+                    const T *gp = i < n ? g_pre : g_post;
+                    const int col = i < n ? i : i - n;
+                    VT a;
+                    for (int l = 0; l < W; l++) a[l] = l < lanes ? z[(t0 + l) * K + i] : 0;
+                    const VT sg = 1 / (1 + VEXP(-(bias[i] + a * gates[i < n ? 0 : 1])));
+                    const VT dsg = (T)(i < n ? 1 : 2) * sg * (1 - sg);
+                    for (int l = 0; l < lanes; l++) da[(t0 + l) * K + i] = gp ? gp[(t0 + l) * n + col] * dsg[l] : 0;
+                }
                 for (int l = 0; l < lanes; l++) {
-                    const int64_t t = t0 + l;
-                    const T *zt = z + t * K;
-                    T *dat = da + t * K;
-                    for (int i = 0; i < n; i++) {
-                        T sg = 1 / (1 + EXP(-(bias[i] + zt[i] * gates[0])));
-                        dat[i] = g_pre ? g_pre[t * n + i] * sg * (1 - sg) : 0;
-                        sg = 1 / (1 + EXP(-(bias[n + i] + zt[n + i] * gates[1])));
-                        dat[n + i] = g_post ? g_post[t * n + i] * 2 * sg * (1 - sg) : 0;
-                    }
+                    T *dat = da + (t0 + l) * K;
                     if (!g_res) memset(dat + 2 * n, 0, sizeof(T) * nn);
                 }
                 if (!g_res) continue;
@@ -330,3 +369,9 @@ int FN(mhc_post_res_bwd)(const T *x, const T *y, const T *hp, const T *hr, const
     }
     return 0;
 }
+
+#undef VT
+#undef IV
+#undef VSEL
+#undef VMAX
+#undef VEXP
