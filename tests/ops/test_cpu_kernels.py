@@ -220,3 +220,26 @@ def test_write_back_gradients_only_where_needed():
     reference.mhc_post_res(x, y, h_post, h_res).square().sum().backward()
     _close(gx, x.grad, torch.float64)
     _close(gr, h_res.grad, torch.float64)
+
+
+def test_unwritable_cache_falls_back_with_a_warning(tmp_path):
+    """A cache directory that cannot be created -> warning naming it, PyTorch ops, same result."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = (
+        "import warnings, torch\n"
+        "from mhckit.ops import cpu\n"
+        "from mhckit import functional as F, reference\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    x = torch.randn(5, 4, 4, dtype=torch.float64)\n"
+        "    out = F.sinkhorn(x, 20)\n"
+        "st = cpu.status()\n"
+        "assert not st['active'] and 'MHCKIT_CACHE' in st['why'], st\n"
+        "assert any('CPU kernels unavailable' in str(m.message) for m in w)\n"
+        "torch.testing.assert_close(out, reference.sinkhorn(x, 20))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, MHCKIT_CACHE=str(blocker / "cache"))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

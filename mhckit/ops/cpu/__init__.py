@@ -110,7 +110,10 @@ def _load() -> ctypes.CDLL | None:
             path = _cache_root() / key / "libmhc_cpu.so"
             _STATE["path"] = str(path)
             if not path.exists():
-                why = _build(cc, path)
+                try:
+                    why = _build(cc, path)
+                except OSError as e:  # e.g. a read-only cache directory
+                    why = f"cannot build in {path.parent}: {e} (set MHCKIT_CACHE to a writable directory)"
             if why is None:
                 try:
                     lib = ctypes.CDLL(str(path))
