@@ -150,25 +150,32 @@ def test_gradients_with_only_some_outputs_used():
             _close(a, b, torch.float64)
 
 
-def test_missing_compiler_falls_back_with_a_warning(tmp_path):
-    """No compiler -> one warning, status says why, results from the PyTorch ops."""
-    code = (
-        "import warnings, torch\n"
-        "from mhckit.ops import cpu\n"
-        "from mhckit import functional as F, reference\n"
-        "with warnings.catch_warnings(record=True) as w:\n"
-        "    warnings.simplefilter('always')\n"
-        "    x = torch.randn(5, 4, 4, dtype=torch.float64)\n"
-        "    out = F.sinkhorn(x, 20)\n"
-        "st = cpu.status()\n"
-        "assert not st['active'] and 'compiler' in st['why'], st\n"
-        "assert any('CPU kernels unavailable' in str(m.message) for m in w), [str(m.message) for m in w]\n"
-        "torch.testing.assert_close(out, reference.sinkhorn(x, 20))\n"
-        "print('ok')\n"
-    )
-    env = dict(os.environ, CC="/nonexistent/cc", PATH=str(tmp_path), MHCKIT_CACHE=str(tmp_path / "cache"))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+_FALLBACK_CHECK = (
+    "import warnings, torch\n"
+    "from mhckit.ops import cpu\n"
+    "from mhckit import functional as F, reference\n"
+    "with warnings.catch_warnings(record=True) as w:\n"
+    "    warnings.simplefilter('always')\n"
+    "    x = torch.randn(5, 4, 4, dtype=torch.float64)\n"
+    "    out = F.sinkhorn(x, 20)\n"
+    "st = cpu.status()\n"
+    "assert not st['active'] and {why!r} in st['why'], st\n"
+    "assert any('CPU kernels unavailable' in str(m.message) for m in w), [str(m.message) for m in w]\n"
+    "torch.testing.assert_close(out, reference.sinkhorn(x, 20))\n"
+    "print('ok')\n"
+)
+
+
+def _falls_back(env: dict, why: str) -> None:
+    """In a fresh process with ``env``: one warning, ``status()`` names ``why``, PyTorch-op results."""
+    code = _FALLBACK_CHECK.format(why=why)
+    res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_missing_compiler_falls_back_with_a_warning(tmp_path):
+    _falls_back({"CC": "/nonexistent/cc", "PATH": str(tmp_path), "MHCKIT_CACHE": str(tmp_path / "cache")}, "compiler")
 
 
 def test_env_switch_disables_the_kernels():
@@ -223,23 +230,7 @@ def test_write_back_gradients_only_where_needed():
 
 
 def test_unwritable_cache_falls_back_with_a_warning(tmp_path):
-    """A cache directory that cannot be created -> warning naming it, PyTorch ops, same result."""
+    """A cache directory that cannot be created -> the warning names MHCKIT_CACHE."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    code = (
-        "import warnings, torch\n"
-        "from mhckit.ops import cpu\n"
-        "from mhckit import functional as F, reference\n"
-        "with warnings.catch_warnings(record=True) as w:\n"
-        "    warnings.simplefilter('always')\n"
-        "    x = torch.randn(5, 4, 4, dtype=torch.float64)\n"
-        "    out = F.sinkhorn(x, 20)\n"
-        "st = cpu.status()\n"
-        "assert not st['active'] and 'MHCKIT_CACHE' in st['why'], st\n"
-        "assert any('CPU kernels unavailable' in str(m.message) for m in w)\n"
-        "torch.testing.assert_close(out, reference.sinkhorn(x, 20))\n"
-        "print('ok')\n"
-    )
-    env = dict(os.environ, MHCKIT_CACHE=str(blocker / "cache"))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    _falls_back({"MHCKIT_CACHE": str(blocker / "cache")}, "MHCKIT_CACHE")
