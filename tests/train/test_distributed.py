@@ -33,6 +33,7 @@ from mhckit.train import checkpoint as ckpt
 from mhckit.train import data as D
 from mhckit.train import fetch as F
 from mhckit.train.trainer import Trainer, train
+from tests.train.conftest import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_worker import BATCH, first_step_grads, tiny_config  # noqa: E402
@@ -59,23 +60,12 @@ def assert_weights_close(actual: dict, expected: dict, **tol) -> None:
         torch.testing.assert_close(actual[name], expected[name], **tol, msg=lambda m: f"{name}: {m}")
 
 
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cache")
-    D.load_token_data(TOPICS, cache_dir=root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory, cache) -> dict:
+def single(tmp_path_factory, topics_cache) -> dict:
     """The same three things in one process: first-step gradients, 4 steps, resumed to 6."""
     out = tmp_path_factory.mktemp("single")
     threads, env = torch.get_num_threads(), os.environ.get(F.CACHE_ENV)
-    os.environ[F.CACHE_ENV] = str(cache)
+    os.environ[F.CACHE_ENV] = str(topics_cache)
     try:
         trainer = Trainer(tiny_config("none", TOPICS, str(out), name="grads"))
         grads = first_step_grads(trainer)
@@ -92,11 +82,11 @@ def single(tmp_path_factory, cache) -> dict:
 
 
 @pytest.fixture(scope="module", params=["ddp", "fsdp"])
-def launched(request, tmp_path_factory, cache) -> dict:
+def launched(request, tmp_path_factory, topics_cache) -> dict:
     """One 2-process torchrun launch of dist_worker.py under ``parallel``."""
     parallel = request.param
     out = tmp_path_factory.mktemp(parallel)
-    env = dict(os.environ, **{F.CACHE_ENV: str(cache), "OMP_NUM_THREADS": "1",
+    env = dict(os.environ, **{F.CACHE_ENV: str(topics_cache), "OMP_NUM_THREADS": "1",
                               "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE), os.environ.get("PYTHONPATH")]))})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(WORKER), parallel, TOPICS, str(out)]
@@ -168,9 +158,9 @@ def test_distributed_resume_logs_each_step_once(launched):
     assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 6]
 
 
-def test_distributed_checkpoint_loads_in_one_process(launched, single, cache, monkeypatch, torch_threads):
+def test_distributed_checkpoint_loads_in_one_process(launched, single, topics_cache, monkeypatch, torch_threads):
     """The FSDP / DDP checkpoint is a plain full state dict: load it into a one-process model."""
-    monkeypatch.setenv(F.CACHE_ENV, str(cache))
+    monkeypatch.setenv(F.CACHE_ENV, str(topics_cache))
     trainer = Trainer(tiny_config("none", TOPICS, str(launched["out"]), name="eval"))
     model = trainer.raw_model
     assert isinstance(model, GPT) and model.head.weight is model.embed.weight
@@ -179,11 +169,11 @@ def test_distributed_checkpoint_loads_in_one_process(launched, single, cache, mo
     torch.testing.assert_close(trainer.evaluate(), launched["summary4"]["val_loss"], rtol=1e-6, atol=0)
 
 
-def test_one_process_resumes_distributed_checkpoint(launched, single, tmp_path, cache, monkeypatch, capsys,
+def test_one_process_resumes_distributed_checkpoint(launched, single, tmp_path, topics_cache, monkeypatch, capsys,
                                                     torch_threads):
     """Model, optimiser and sampler state written under DDP / FSDP resume in one process: it ends
     where the distributed run's own continuation ended (and where the one-process run ended)."""
-    monkeypatch.setenv(F.CACHE_ENV, str(cache))
+    monkeypatch.setenv(F.CACHE_ENV, str(topics_cache))
     run = tmp_path / "run"
     shutil.copytree(launched["run"], run)
     shutil.rmtree(ckpt.checkpoint_dir(run) / "step_00000006")

@@ -34,6 +34,7 @@ from mhckit.train import data as D
 from mhckit.train import fetch as F
 from mhckit.train import trainer as T
 from mhckit.train.config import TrainConfig
+from tests.train.conftest import read_metrics
 
 TOPICS = Path(pydoc_data.topics.__file__)
 SOURCE = Path(mhckit.__file__).resolve().parents[1]
@@ -42,15 +43,8 @@ TINY = GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=16)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cache")
-    D.load_token_data(TOPICS, cache_dir=root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def data(cache):
-    return D.load_token_data(TOPICS, cache_dir=cache)
+def data(topics_cache):
+    return D.load_token_data(TOPICS, cache_dir=topics_cache)
 
 
 def config(out: Path, name: str = "run", **kw) -> TrainConfig:
@@ -58,11 +52,6 @@ def config(out: Path, name: str = "run", **kw) -> TrainConfig:
                 warmup_steps=2, eval_every=100, eval_batches=1, diag_every=100, log_every=1, ckpt_every=0,
                 keep_ckpts=2, device="cpu", precision="float32", progress=False, model=TINY, max_bad_steps=3)
     return TrainConfig(**{**base, **kw})
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def poison_loss(trainer: T.Trainer, bad_calls, finite_grads: bool = False) -> dict:
@@ -230,10 +219,10 @@ def test_no_checkpoint_from_non_finite_weights(tmp_path, data):
     assert not list(ckpt.checkpoint_dir(tmp_path / "run").glob("*.tmp"))
 
 
-def test_cli_reports_a_diverged_run(tmp_path, cache, monkeypatch, capsys):
+def test_cli_reports_a_diverged_run(tmp_path, topics_cache, monkeypatch, capsys):
     """A learning rate of 1e30 makes every step after the first non-finite: exit code 3, a clear
     message, and only the first step's checkpoint on disk."""
-    monkeypatch.setenv(F.CACHE_ENV, str(cache))
+    monkeypatch.setenv(F.CACHE_ENV, str(topics_cache))
     threads = torch.get_num_threads()
     try:
         code = cli_train.main([f"--out_dir={tmp_path}", "--name=diverge", f"--data={TOPICS}", "--steps=5",
@@ -345,8 +334,8 @@ def _ddp_worker(out_dir: str) -> None:
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
 
 
-def test_ddp_ranks_agree_to_skip_and_to_stop(tmp_path, cache):
-    env = dict(os.environ, **{F.CACHE_ENV: str(cache), "OMP_NUM_THREADS": "1",
+def test_ddp_ranks_agree_to_skip_and_to_stop(tmp_path, topics_cache):
+    env = dict(os.environ, **{F.CACHE_ENV: str(topics_cache), "OMP_NUM_THREADS": "1",
                               "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE), os.environ.get("PYTHONPATH")]))})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            "ddp-worker", str(tmp_path)]
@@ -404,12 +393,12 @@ def _wait(proc: subprocess.Popen) -> int:
 
 
 @pytest.fixture(scope="module")
-def killed(tmp_path_factory, cache) -> dict:
+def killed(tmp_path_factory, topics_cache) -> dict:
     """Run A uninterrupted; one run per scenario killed inside the save of step 8 and then
     resumed. The processes of a round run concurrently (one torch thread each)."""
     root = tmp_path_factory.mktemp("faults")
     path = os.pathsep.join(filter(None, [str(SOURCE), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, **{F.CACHE_ENV: str(cache), "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
+    env = dict(os.environ, **{F.CACHE_ENV: str(topics_cache), "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
     env.pop(ckpt.FAULT_ENV, None)
     procs = {"a": _start(_command(root, "a"), env, root / "a.log")}
     for name, (point, _) in SCENARIOS.items():
