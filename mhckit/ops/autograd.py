@@ -185,34 +185,49 @@ class PostResFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------
-# mHC coefficients (Eq. 7-9), fused: projection + RMS + gates + activations + Sinkhorn
+# mHC coefficients (Eq. 7-9), fused: projection + RMS + gates + activations + Sinkhorn (+ the read)
 # ----------------------------------------------------------------------------------------------
 #   v = flatten(x) [T, nC];  r = sqrt(|v|^2 / nC + eps);  z = (v @ phi) / r   [T, K = 2n + n^2]
 #   a = gate * z + bias  (gate = alpha_pre | alpha_post | alpha_res per slice)
 #   h_pre = sigmoid(a_pre);  h_post = 2 sigmoid(a_post);  h_res = sinkhorn(a_res)
-# Backward, with da from the activations and the Sinkhorn recompute:
+#   (CoeffsPreFunction also returns the branch read u = sum_j h_pre[j] x[j].)
+# Backward, with da from the activations and the Sinkhorn recompute (the read adds <du, x[j]> to
+# the gradient of h_pre[j], and h_pre[j] du to that of x[j]):
 #   dbias = sum_T da;  dalpha_i = sum_T sum_slice(i) da * z;  gz = gate * da
 #   dphi = v^T (gz / r);  dv = (gz / r) phi^T - v * sum_K(gz * z) / (nC r^2)
 # Saved: x (alive anyway), phi, bias, alpha and the small per-token r [T, 1] and z [T, K] (the
-# gated logits are recomputed);
-# no [T, nC] float copy is kept for fp32 streams.
+# gated logits are recomputed); no [T, nC] float copy is kept for fp32 streams.
+# On the CPU (fp32 / fp64, compiled kernels available) everything but the three matmuls with phi
+# is one C call forward (norm, tail, read) and one backward (read gradient, tail, dbias, dalpha,
+# the norm and read terms of dv); the matmuls stay in BLAS.
 
 
-def _coeffs_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
-    """``(h_pre [T, n], h_post [T, n], h_res [T, n, n], r [T, 1], z [T, K])`` for flattened tokens."""
+def _coeffs_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float, with_u: bool):
+    """``(h_pre [T, n], h_post [T, n], h_res [T, n, n], r [T, 1], z [T, K], u [T, C] or None)``."""
     n, c = x.shape[-2], x.shape[-1]
-    v = x.reshape(-1, n * c).to(phi.dtype)  # [T, nC]
+    x3 = x.reshape(-1, n, c)
+    if cpu.available(x, phi, bias, alpha, n=n):
+        z = x3.reshape(-1, n * c) @ phi  # normalised in place by the kernel
+        h_pre, h_post, h_res, r, u = cpu.coeffs_fwd(x3, z, bias, alpha, rms_eps, iters, with_u)
+        return h_pre, h_post, h_res, r, z, u
+    v = x3.reshape(-1, n * c).to(phi.dtype)  # [T, nC]
     r = torch.sqrt(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_() / (n * c) + rms_eps)  # [T, 1]
     z = (v @ phi).div_(r)  # [T, K]
     if cpu.available(z, n=n):  # gates, activations and Sinkhorn in one compiled pass
         h_pre, h_post, h_res = cpu.tail_fwd(z, bias, alpha, n, iters)
-        return h_pre, h_post, h_res, r, z
-    a = torch.addcmul(bias, z, _gates(alpha, n, phi.shape[1]))
-    h_pre = torch.sigmoid(a[:, :n])
-    h_post = torch.sigmoid(a[:, n : 2 * n]).mul_(2.0)
-    logits = a[:, 2 * n :].reshape(-1, n, n)
-    h_res = _tokens_first(sinkhorn_forward(_tokens_last(logits), iters), logits.shape)
-    return h_pre, h_post, h_res, r, z
+    else:
+        a = torch.addcmul(bias, z, _gates(alpha, n, phi.shape[1]))
+        h_pre = torch.sigmoid(a[:, :n])
+        h_post = torch.sigmoid(a[:, n : 2 * n]).mul_(2.0)
+        logits = a[:, 2 * n :].reshape(-1, n, n)
+        h_res = _tokens_first(sinkhorn_forward(_tokens_last(logits), iters), logits.shape)
+    u = None
+    if with_u:
+        if cpu.available(x3, h_pre, n=n):
+            u = cpu.pre_fwd(x3, h_pre)
+        else:
+            u = _mix(h_pre.unsqueeze(-2), x3).squeeze(-2).to(x.dtype)  # [T, C]
+    return h_pre, h_post, h_res, r, z, u
 
 
 def _tail_backward(z: Tensor, bias: Tensor, gate: Tensor, n: int, iters: int, g_pre, g_post, g_res) -> Tensor:
@@ -233,12 +248,29 @@ def _tail_backward(z: Tensor, bias: Tensor, gate: Tensor, n: int, iters: int, g_
     return da
 
 
-def _coeffs_backward(saved, iters: int, g_pre, g_post, g_res, need_x: bool, need_phi: bool):
-    """Gradients ``(grad_v [T, nC] fp32 or None, grad_phi, grad_bias, grad_alpha)``; see the banner."""
+def _coeffs_backward(saved, iters: int, g_u, g_pre, g_post, g_res, need_x: bool, need_phi: bool):
+    """Gradients ``(grad_x [T, n, C] in phi's dtype or None, grad_phi, grad_bias, grad_alpha)``; see
+    the banner. ``g_u`` (or None) is the gradient of the read ``u``."""
     x, phi, bias, alpha, r, z = saved
     n, c = x.shape[-2], x.shape[-1]
+    x3 = x.reshape(-1, n, c)
+    gu = None if g_u is None else g_u.reshape(-1, c)
+    if cpu.available(x, phi, z, n=n):
+        gzr, grad_x, grad_bias, grad_alpha = cpu.coeffs_bwd(x3, gu, z, r, bias, alpha, g_pre, g_post, g_res, iters,
+                                                            need_x)
+        grad_phi = x3.reshape(-1, n * c).t() @ gzr if need_phi else None
+        if grad_x is not None:
+            grad_x.view(-1, n * c).addmm_(gzr, phi.t())
+        return grad_x, grad_phi, grad_bias, grad_alpha
     dt = phi.dtype
     gate = _gates(alpha, n, phi.shape[1])
+    if gu is not None:  # dL/dh_pre[j] += <du, x[j]>
+        gu = gu.to(dt).unsqueeze(-2)  # [T, 1, C]
+        if cpu.available(x3, gu, n=n):
+            read = cpu.pre_bwd(x3, None, gu, False, True)[1]
+        else:
+            read = _contract(gu, *x3.unbind(-2)).squeeze(-2)  # [T, n]
+        g_pre = read if g_pre is None else g_pre.reshape(-1, n).to(dt) + read
     if cpu.available(z, n=n):  # compiled twin of _tail_backward
         da = cpu.tail_bwd(z, bias, alpha, g_pre, g_post, g_res, n, iters)
     else:
@@ -247,19 +279,22 @@ def _coeffs_backward(saved, iters: int, g_pre, g_post, g_res, need_x: bool, need
     dz = da * z
     grad_alpha = torch.stack([dz[:, :n].sum(), dz[:, n : 2 * n].sum(), dz[:, 2 * n :].sum()]).to(alpha.dtype)
     gzr = (da * gate).div_(r)  # gz / r, [T, K]
-    v = x.reshape(-1, n * c).to(dt)
+    v = x3.reshape(-1, n * c).to(dt)
     grad_phi = v.t() @ gzr if need_phi else None
-    grad_v = None
+    grad_x = None
     if need_x:
         coef = (gzr * z).sum(-1, keepdim=True).div_(-(n * c) * r)  # -sum(gz z) / (nC r^2)
-        grad_v = (gzr @ phi.t()).addcmul_(v, coef)
-    return grad_v, grad_phi, grad_bias, grad_alpha
+        grad_x = (gzr @ phi.t()).addcmul_(v, coef).view(-1, n, c)
+        if gu is not None:  # du/dx[j] = h_pre[j] du, added in place
+            a_pre = torch.addcmul(bias[:n], z[:, :n], alpha[0].to(dt))
+            grad_x.addcmul_(torch.sigmoid(a_pre).unsqueeze(-1), gu)
+    return grad_x, grad_phi, grad_bias, grad_alpha
 
 
 class CoeffsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
-        h_pre, h_post, h_res, r, z = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps)
+        h_pre, h_post, h_res, r, z, _ = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps, False)
         ctx.save_for_backward(x, phi, bias, alpha, r, z)
         ctx.iters = iters
         lead, n = x.shape[:-2], x.shape[-2]
@@ -271,10 +306,10 @@ class CoeffsFunction(torch.autograd.Function):
         saved = ctx.saved_tensors  # read once: torch.utils.checkpoint allows a single unpack
         x = saved[0]
         need = ctx.needs_input_grad
-        grad_v, grad_phi, grad_bias, grad_alpha = _coeffs_backward(
-            saved, ctx.iters, g_pre, g_post, g_res, need[0], need[1]
+        grad_x, grad_phi, grad_bias, grad_alpha = _coeffs_backward(
+            saved, ctx.iters, None, g_pre, g_post, g_res, need[0], need[1]
         )
-        grad_x = grad_v.reshape(x.shape).to(x.dtype) if grad_v is not None else None
+        grad_x = grad_x.reshape(x.shape).to(x.dtype) if grad_x is not None else None
         return grad_x, grad_phi, grad_bias, grad_alpha, None, None
 
 
@@ -285,13 +320,8 @@ class CoeffsPreFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
-        h_pre, h_post, h_res, r, z = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps)
+        h_pre, h_post, h_res, r, z, u = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps, True)
         lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
-        x3 = x.reshape(-1, n, c)
-        if cpu.available(x, h_pre, n=n):
-            u = cpu.pre_fwd(x3, h_pre)
-        else:
-            u = _mix(h_pre.unsqueeze(-2), x3).squeeze(-2).to(x.dtype)  # [T, C]
         ctx.save_for_backward(x, phi, bias, alpha, r, z)
         ctx.iters = iters
         return u.reshape(*lead, c), h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
@@ -300,28 +330,12 @@ class CoeffsPreFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_u: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor):
         saved = ctx.saved_tensors  # read once: torch.utils.checkpoint allows a single unpack
-        x, phi, bias, alpha, _, z = saved
-        n, c = x.shape[-2], x.shape[-1]
-        dt = phi.dtype
-        x3 = x.reshape(-1, n, c)
-        gu = g_u.reshape(-1, 1, c).to(dt) if g_u is not None else None
-        if gu is not None:  # dL/dh_pre[j] += <du, x[j]>
-            if cpu.available(x, gu, n=n):
-                read = cpu.pre_bwd(x3, None, gu, False, True)[1]
-            else:
-                read = _contract(gu, *x3.unbind(-2)).squeeze(-2)  # [T, n]
-            g_pre = read if g_pre is None else g_pre.reshape(-1, n).to(dt) + read
+        x = saved[0]
         need = ctx.needs_input_grad
-        grad_v, grad_phi, grad_bias, grad_alpha = _coeffs_backward(
-            saved, ctx.iters, g_pre, g_post, g_res, need[0], need[1]
+        grad_x, grad_phi, grad_bias, grad_alpha = _coeffs_backward(
+            saved, ctx.iters, g_u, g_pre, g_post, g_res, need[0], need[1]
         )
-        grad_x = None
-        if need[0]:
-            grad_x3 = grad_v.view(-1, n, c)
-            if gu is not None:  # du/dx[j] = h_pre[j] du, added in place
-                a_pre = torch.addcmul(bias[:n], z[:, :n], alpha[0].to(dt))
-                grad_x3.addcmul_(torch.sigmoid(a_pre).unsqueeze(-1), gu)
-            grad_x = grad_x3.reshape(x.shape).to(x.dtype)
+        grad_x = grad_x.reshape(x.shape).to(x.dtype) if grad_x is not None else None
         return grad_x, grad_phi, grad_bias, grad_alpha, None, None
 
 

@@ -97,7 +97,7 @@ def _coeff_inputs(n, c, dt, lead=(3, 11), seed=0):
 
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n,c", [(1, 5), (2, 3), (4, 16), (8, 4)])
+@pytest.mark.parametrize("n,c", [(1, 5), (2, 3), (3, 13), (4, 16), (8, 4)])
 @pytest.mark.parametrize("fused_read", [False, True])
 def test_coefficients_match_pytorch_ops_and_reference(dt, n, c, fused_read):
     x, phi, bias, alpha = _coeff_inputs(n, c, dt)
@@ -148,6 +148,24 @@ def test_gradients_with_only_some_outputs_used():
         fast, slow = _both(run(i))
         for a, b in zip(fast, slow):
             _close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("used", [(0,), (1,), (0, 3), (1, 2, 3)])
+def test_fused_read_gradients_with_only_some_outputs_used(used):
+    """``(u, h_pre, h_post, h_res)`` of the fused read with some outputs unused (their gradients reach
+    backward as None: the read's ``<du, x[j]>`` term alone, or the coefficients alone)."""
+    x, phi, bias, alpha = _coeff_inputs(4, 12, torch.float64, seed=6)
+
+    def go():
+        for t in (x, phi, bias, alpha):
+            t.grad = None
+        outs = F.mhc_coeffs_pre(x, phi, bias, alpha)
+        sum(outs[i].sin().sum() for i in used).backward()
+        return [t.grad.clone() for t in (x, phi, bias, alpha)]
+
+    fast, slow = _both(go)
+    for a, b in zip(fast, slow):
+        _close(a, b, torch.float64)
 
 
 _FALLBACK_CHECK = (

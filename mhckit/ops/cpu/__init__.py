@@ -33,13 +33,13 @@ import torch
 
 __all__ = [
     "available", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
-    "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "MAX_STREAMS",
+    "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "coeffs_fwd", "coeffs_bwd", "MAX_STREAMS",
 ]
 
 MAX_STREAMS = 8
 _SOURCE = Path(__file__).with_name("mhc_cpu.c")
 _SOURCES = (_SOURCE, _SOURCE.with_name("mhc_cpu_impl.h"))
-_ABI = 3
+_ABI = 4
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "lib": CDLL | None, "why": str | None, "path": str
 
@@ -140,6 +140,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"mhc_pre_bwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
         getattr(lib, f"mhc_post_res_fwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
         getattr(lib, f"mhc_post_res_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, p, i64, i32, i64, i32]
+        getattr(lib, f"mhc_coeffs_fwd_{suf}").argtypes = [p, p, p, p, ctypes.c_double, p, p, p, p, p, i64, i32, i64,
+                                                          i32, i32]
+        getattr(lib, f"mhc_coeffs_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, p, i64, i32, i64, i32,
+                                                          i32]
 
 
 def status() -> dict[str, object]:
@@ -296,3 +300,47 @@ def post_res_bwd(x, y, h_post, h_res, g, need: tuple[bool, bool, bool, bool]):
     _call("mhc_post_res_bwd", dt, _ptr(x3), _ptr(y2), _ptr(hp), _ptr(hr), _ptr(g3), _ptr(gx), _ptr(gy), _ptr(gp),
           _ptr(gr), x3.shape[0], n, c, torch.get_num_threads())
     return gx, gy, gp, gr
+
+
+# ---- mHC coefficients around the projection matmul (which runs in PyTorch / BLAS) ---------------
+
+
+def coeffs_fwd(x: torch.Tensor, zraw: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor, rms_eps: float,
+               iters: int, with_u: bool):
+    """From ``zraw = v @ phi`` (``v = x`` as ``[T, nC]``; normalised IN PLACE into ``z = zraw / r``):
+    ``(h_pre [T, n], h_post [T, n], h_res [T, n, n], r [T, 1], u [T, C] or None)``."""
+    t, n, c = x.shape
+    dt = x.dtype
+    x3, bias, gates = x.contiguous(), bias.to(dt).contiguous(), gates.to(dt).contiguous()
+    if not zraw.is_contiguous():
+        raise ValueError("coeffs_fwd: zraw must be contiguous (it is normalised in place)")
+    r = torch.empty(t, 1, dtype=dt)
+    h_pre, h_post, h_res = torch.empty(t, n, dtype=dt), torch.empty(t, n, dtype=dt), torch.empty(t, n, n, dtype=dt)
+    u = torch.empty(t, c, dtype=dt) if with_u else None
+    _call("mhc_coeffs_fwd", dt, _ptr(x3), _ptr(zraw), _ptr(bias), _ptr(gates), float(rms_eps), _ptr(r), _ptr(h_pre),
+          _ptr(h_post), _ptr(h_res), _ptr(u), t, n, c, iters, torch.get_num_threads())
+    return h_pre, h_post, h_res, r, u
+
+
+def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor,
+               g_pre, g_post, g_res, iters: int, need_x: bool):
+    """``(gzr [T, K], gx [T, n, C] or None, dbias [K], dalpha [3])``: everything of the coefficient
+    backward except the two matmuls with ``phi`` (``dphi = v^T gzr``; ``gx += gzr phi^T``, to be added
+    by the caller). ``gx`` already holds the norm term and, with ``gu``, the read's ``h_pre[j] gu``."""
+    t, n, c = x.shape
+    dt = x.dtype
+    k = z.shape[-1]
+    x3, z, r = x.contiguous(), z.contiguous(), r.contiguous()
+    bias, gates = bias.to(dt).contiguous(), gates.to(dt).contiguous()
+
+    def flat(g, w):
+        return None if g is None else g.reshape(t, w).to(dt).contiguous()
+
+    gu, g_pre, g_post, g_res = flat(gu, c), flat(g_pre, n), flat(g_post, n), flat(g_res, n * n)
+    gzr = torch.empty(t, k, dtype=dt)
+    gx = torch.empty(t, n, c, dtype=dt) if need_x else None
+    dbias, dalpha = torch.empty(k, dtype=dt), torch.empty(3, dtype=dt)
+    _call("mhc_coeffs_bwd", dt, _ptr(x3), _ptr(gu), _ptr(z), _ptr(r), _ptr(bias), _ptr(gates), _ptr(g_pre),
+          _ptr(g_post), _ptr(g_res), _ptr(gzr), _ptr(gx), _ptr(dbias), _ptr(dalpha), t, n, c, iters,
+          torch.get_num_threads())
+    return gzr, gx, dbias, dalpha

@@ -25,9 +25,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define MAXN 8 /* streams */
-#define W 8    /* tokens per block (vector lanes) */
+#define W 8    /* tokens per block (vector lanes); the shuffles in FN(reduce8) assume 8 */
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SUFFIX)
@@ -60,7 +63,7 @@
 #undef TINY
 #undef EXP
 
-int mhc_abi_version(void) { return 3; }
+int mhc_abi_version(void) { return 4; }
 
 int mhc_openmp(void) {
 #ifdef _OPENMP

@@ -190,8 +190,63 @@ int FN(mhc_sinkhorn_bwd)(const T *logits, int64_t ld, const T *grad, T *dlogits,
     return err;
 }
 
-/* Coefficient tail forward: z [T, K] (K = 2n + n^2), bias [K], gates (3) ->
- * h_pre [T, n] = sigmoid(a_pre), h_post [T, n] = 2 sigmoid(a_post), h_res [T, n*n]. */
+/* ---- coefficient tail on one block of <= W tokens (pointers at the block's first row) ---------- */
+
+/* Forward: z rows of K (K = 2n + n^2), bias [K], gates (3) -> h_pre rows of n = sigmoid(a_pre),
+ * h_post rows of n = 2 sigmoid(a_post), h_res rows of n*n = sinkhorn(a_res). */
+static void FN(tail_fwd_block)(const T *z, const T *bias, const T *gates, T *h_pre, T *h_post, T *h_res, int lanes,
+                               int n, int iters) {
+    const int K = 2 * n + n * n, nn = n * n;
+    T m[MAXN * MAXN][W];
+    for (int i = 0; i < 2 * n; i++) {
+        VT a;
+        for (int l = 0; l < W; l++) a[l] = l < lanes ? z[l * K + i] : 0;
+        const VT sg = 1 / (1 + VEXP(-(bias[i] + a * gates[i < n ? 0 : 1])));
+        for (int l = 0; l < lanes; l++) {
+            if (i < n) h_pre[l * n + i] = sg[l];
+            else h_post[l * n + i - n] = 2 * sg[l];
+        }
+    }
+    for (int i = 0; i < nn; i++)
+        for (int l = 0; l < W; l++) m[i][l] = l < lanes ? bias[2 * n + i] + z[l * K + 2 * n + i] * gates[2] : 0;
+    FN(skb_fwd)(m, n, iters, NULL, NULL, NULL, NULL);
+    for (int l = 0; l < lanes; l++)
+        for (int i = 0; i < nn; i++) h_res[l * nn + i] = m[i][l];
+}
+
+/* Backward: da rows of K (ld K) from g_pre / g_post rows of n and g_res rows of n*n (any NULL:
+ * zero gradient). If hpre is not NULL it receives sigmoid(a_pre) (rows of n). */
+static void FN(tail_bwd_block)(FN(scratch_t) *s, const T *z, const T *bias, const T *gates, const T *g_pre,
+                               const T *g_post, const T *g_res, T *da, T *hpre, int lanes, int n, int iters) {
+    const int K = 2 * n + n * n, nn = n * n;
+    for (int i = 0; i < 2 * n; i++) { /* d sigmoid = s (1 - s); h_post carries a factor 2 */
+        const T *gp = i < n ? g_pre : g_post;
+        const int col = i < n ? i : i - n;
+        VT a;
+        for (int l = 0; l < W; l++) a[l] = l < lanes ? z[l * K + i] : 0;
+        const VT sg = 1 / (1 + VEXP(-(bias[i] + a * gates[i < n ? 0 : 1])));
+        const VT dsg = (T)(i < n ? 1 : 2) * sg * (1 - sg);
+        for (int l = 0; l < lanes; l++) da[l * K + i] = gp ? gp[l * n + col] * dsg[l] : 0;
+        if (hpre && i < n)
+            for (int l = 0; l < lanes; l++) hpre[l * n + i] = sg[l];
+    }
+    if (!g_res) {
+        for (int l = 0; l < lanes; l++) memset(da + l * K + 2 * n, 0, sizeof(T) * nn);
+        return;
+    }
+    for (int i = 0; i < nn; i++)
+        for (int l = 0; l < W; l++) {
+            const int in = l < lanes;
+            s->m[i][l] = in ? bias[2 * n + i] + z[l * K + 2 * n + i] * gates[2] : 0;
+            s->g[i][l] = in ? g_res[l * nn + i] : 0;
+        }
+    FN(skb_fwd)(s->m, n, iters, s->m0, s->ys, s->cs, s->oks);
+    FN(skb_bwd)(s->g, n, iters, s->m0, s->ys, s->cs, s->oks);
+    for (int l = 0; l < lanes; l++)
+        for (int i = 0; i < nn; i++) da[l * K + 2 * n + i] = s->g[i][l];
+}
+
+/* Coefficient tail forward over T tokens: z [T, K] -> h_pre [T, n], h_post [T, n], h_res [T, n*n]. */
 int FN(mhc_tail_fwd)(const T *z, const T *bias, const T *gates, T *h_pre, T *h_post, T *h_res, int64_t tokens, int n,
                      int iters, int threads) {
     if (n < 1 || n > MAXN || iters < 1) return 1;
@@ -199,29 +254,15 @@ int FN(mhc_tail_fwd)(const T *z, const T *bias, const T *gates, T *h_pre, T *h_p
     const int64_t blocks = (tokens + W - 1) / W;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
-        T m[MAXN * MAXN][W];
         const int64_t t0 = b * W;
         const int lanes = tokens - t0 < W ? (int)(tokens - t0) : W;
-        for (int i = 0; i < 2 * n; i++) { /* h_pre = sigmoid(a_pre), h_post = 2 sigmoid(a_post) */
-            VT a;
-            for (int l = 0; l < W; l++) a[l] = l < lanes ? z[(t0 + l) * K + i] : 0;
-            const VT sg = 1 / (1 + VEXP(-(bias[i] + a * gates[i < n ? 0 : 1])));
-            for (int l = 0; l < lanes; l++) {
-                if (i < n) h_pre[(t0 + l) * n + i] = sg[l];
-                else h_post[(t0 + l) * n + i - n] = 2 * sg[l];
-            }
-        }
-        for (int i = 0; i < nn; i++)
-            for (int l = 0; l < W; l++) m[i][l] = l < lanes ? bias[2 * n + i] + z[(t0 + l) * K + 2 * n + i] * gates[2] : 0;
-        FN(skb_fwd)(m, n, iters, NULL, NULL, NULL, NULL);
-        for (int l = 0; l < lanes; l++)
-            for (int i = 0; i < nn; i++) h_res[(t0 + l) * nn + i] = m[i][l];
+        FN(tail_fwd_block)(z + t0 * K, bias, gates, h_pre + t0 * n, h_post + t0 * n, h_res + t0 * nn, lanes, n, iters);
     }
     return 0;
 }
 
-/* Coefficient tail backward: da [T, K] = dL/da from the gradients of h_pre, h_post, h_res (any of them
- * may be NULL: zero gradient). */
+/* Coefficient tail backward over T tokens: da [T, K] from the gradients of h_pre, h_post, h_res (any
+ * of them may be NULL: zero gradient). */
 int FN(mhc_tail_bwd)(const T *z, const T *bias, const T *gates, const T *g_pre, const T *g_post, const T *g_res, T *da,
                      int64_t tokens, int n, int iters, int threads) {
     if (n < 1 || n > MAXN || iters < 1) return 1;
@@ -239,30 +280,9 @@ int FN(mhc_tail_bwd)(const T *z, const T *bias, const T *gates, const T *g_pre, 
             for (int64_t b = 0; b < blocks; b++) {
                 const int64_t t0 = b * W;
                 const int lanes = tokens - t0 < W ? (int)(tokens - t0) : W;
-                for (int i = 0; i < 2 * n; i++) { /* d sigmoid = s (1 - s); h_post carries a factor 2 */
-                    const T *gp = i < n ? g_pre : g_post;
-                    const int col = i < n ? i : i - n;
-                    VT a;
-                    for (int l = 0; l < W; l++) a[l] = l < lanes ? z[(t0 + l) * K + i] : 0;
-                    const VT sg = 1 / (1 + VEXP(-(bias[i] + a * gates[i < n ? 0 : 1])));
-                    const VT dsg = (T)(i < n ? 1 : 2) * sg * (1 - sg);
-                    for (int l = 0; l < lanes; l++) da[(t0 + l) * K + i] = gp ? gp[(t0 + l) * n + col] * dsg[l] : 0;
-                }
-                for (int l = 0; l < lanes; l++) {
-                    T *dat = da + (t0 + l) * K;
-                    if (!g_res) memset(dat + 2 * n, 0, sizeof(T) * nn);
-                }
-                if (!g_res) continue;
-                for (int i = 0; i < nn; i++)
-                    for (int l = 0; l < W; l++) {
-                        const int in = l < lanes;
-                        s.m[i][l] = in ? bias[2 * n + i] + z[(t0 + l) * K + 2 * n + i] * gates[2] : 0;
-                        s.g[i][l] = in ? g_res[(t0 + l) * nn + i] : 0;
-                    }
-                FN(skb_fwd)(s.m, n, iters, s.m0, s.ys, s.cs, s.oks);
-                FN(skb_bwd)(s.g, n, iters, s.m0, s.ys, s.cs, s.oks);
-                for (int l = 0; l < lanes; l++)
-                    for (int i = 0; i < nn; i++) da[(t0 + l) * K + 2 * n + i] = s.g[i][l];
+                FN(tail_bwd_block)(&s, z + t0 * K, bias, gates, g_pre ? g_pre + t0 * n : NULL,
+                                   g_post ? g_post + t0 * n : NULL, g_res ? g_res + t0 * nn : NULL, da + t0 * K, NULL,
+                                   lanes, n, iters);
             }
         }
         free(s.mem);
@@ -271,105 +291,341 @@ int FN(mhc_tail_bwd)(const T *z, const T *bias, const T *gates, const T *g_pre, 
 }
 
 /* ---- stream read and write-back: x [T, n, C], y / u [T, C], coefficients [T, n] / [T, n, n] ---- */
+/* Per token, the C axis is walked in vectors of W values (one load of each x[j] chunk serves every
+ * output), with a scalar loop for the C % W rest. n = 4 gets a compile-time-n copy (see *_tok). */
 
-/* dot product with 8 independent partial sums (vectorisable without -ffast-math) */
+#define VLD(p) (*(const VT *)(p))
+#define VST(p, v) (*(VT *)(p) = (v))
+
+/* the W lanes of v summed in a fixed order */
+static inline T FN(hsum)(VT v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+/* s[i] = hsum(a[i]) for 8 vectors at once: three levels of pairwise shuffles and adds (21 vector
+ * operations instead of 8 horizontal sums). GCC has __builtin_shuffle, Clang __builtin_shufflevector. */
+#if defined(__clang__)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (IV){__VA_ARGS__})
+#endif
+static inline VT FN(reduce8)(const VT *a) {
+    VT b[4], c[2];
+    for (int i = 0; i < 4; i++) /* b[i][2m] = a[2i][2m] + a[2i][2m+1], b[i][2m+1] = the same for a[2i+1] */
+        b[i] = SHUF(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; i++) /* c[i][4h + r] = lanes 4h..4h+3 of a[4i + r] summed */
+        c[i] = SHUF(b[2 * i], b[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) + SHUF(b[2 * i], b[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUF(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+/* out[i] = hsum(a[i]) for i < count (count <= 8 * ceil(count / 8) vectors are read: pad with zeros) */
+static inline void FN(reduce_many)(VT *a, int count, T *out) {
+    for (int i = 0; i < count; i += 8) {
+        for (int p = count; p < i + 8; p++) a[p] = (VT){0};
+        const VT s = FN(reduce8)(a + i);
+        for (int l = 0; l < 8 && i + l < count; l++) out[i + l] = s[l];
+    }
+}
+
+/* dot product with W independent partial sums (vectorised without -ffast-math) */
 static inline T FN(dot)(const T *a, const T *b, int64_t C) {
-    T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    VT acc = {0};
     int64_t c = 0;
-    for (; c + 8 <= C; c += 8)
-        for (int l = 0; l < 8; l++) acc[l] += a[c + l] * b[c + l];
-    T s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; c + W <= C; c += W) acc += VLD(a + c) * VLD(b + c);
+    T s = FN(hsum)(acc);
     for (; c < C; c++) s += a[c] * b[c];
     return s;
 }
 
 /* u[c] = sum_j h[j] x[j, c] */
-int FN(mhc_pre_fwd)(const T *x, const T *h, T *u, int64_t tokens, int n, int64_t C, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < tokens; t++) {
-        const T *xt = x + t * n * C, *ht = h + t * n;
-        T *ut = u + t * C;
-        for (int64_t c = 0; c < C; c++) ut[c] = ht[0] * xt[c];
-        for (int j = 1; j < n; j++) {
-            const T w = ht[j], *xj = xt + j * C;
-            for (int64_t c = 0; c < C; c++) ut[c] += w * xj[c];
-        }
+static inline __attribute__((always_inline)) void FN(pre_tok)(const T *restrict xt, const T *restrict h,
+                                                               T *restrict u, const int n, const int64_t C) {
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+        VT acc = h[0] * VLD(xt + c);
+        for (int j = 1; j < n; j++) acc += h[j] * VLD(xt + j * C + c);
+        VST(u + c, acc);
     }
-    return 0;
+    for (; c < C; c++) {
+        T acc = h[0] * xt[c];
+        for (int j = 1; j < n; j++) acc += h[j] * xt[j * C + c];
+        u[c] = acc;
+    }
 }
 
-/* gx[j, c] = h[j] gu[c] (if gx), gh[j] = <gu, x[j]> (if gh) */
-int FN(mhc_pre_bwd)(const T *x, const T *h, const T *gu, T *gx, T *gh, int64_t tokens, int n, int64_t C, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < tokens; t++) {
-        const T *xt = x + t * n * C, *gt = gu + t * C;
+/* gx[j, c] = h[j] gu[c] (if gx); gh[j] = <gu, x[j]> (if gh) */
+static inline __attribute__((always_inline)) void FN(pre_bwd_tok)(const T *restrict xt, const T *restrict h,
+                                                                   const T *restrict gu, T *restrict gx,
+                                                                   T *restrict gh, const int n, const int64_t C) {
+    VT acc[MAXN + 8];
+    for (int j = 0; j < n; j++) acc[j] = (VT){0};
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+        const VT g = VLD(gu + c);
         for (int j = 0; j < n; j++) {
-            if (gx) {
-                const T w = h[t * n + j];
-                T *o = gx + (t * n + j) * C;
-                for (int64_t c = 0; c < C; c++) o[c] = w * gt[c];
-            }
-            if (gh) gh[t * n + j] = FN(dot)(gt, xt + j * C, C);
+            if (gx) VST(gx + j * C + c, h[j] * g);
+            if (gh) acc[j] += g * VLD(xt + j * C + c);
         }
     }
-    return 0;
+    if (gh) {
+        FN(reduce_many)(acc, n, gh);
+        for (int j = 0; j < n; j++)
+            for (int64_t r = c; r < C; r++) gh[j] += gu[r] * xt[j * C + r];
+    }
+    if (gx)
+        for (int j = 0; j < n; j++)
+            for (int64_t r = c; r < C; r++) gx[j * C + r] = h[j] * gu[r];
 }
 
 /* out[k, c] = h_post[k] y[c] + sum_j h_res[k, j] x[j, c] */
-int FN(mhc_post_res_fwd)(const T *x, const T *y, const T *hp, const T *hr, T *out, int64_t tokens, int n, int64_t C,
-                         int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < tokens; t++) {
-        const T *xt = x + t * n * C, *yt = y + t * C, *hpt = hp + t * n, *hrt = hr + t * n * n;
+static inline __attribute__((always_inline)) void FN(post_res_tok)(const T *restrict xt, const T *restrict yt,
+                                                                    const T *restrict hp, const T *restrict hr,
+                                                                    T *restrict o, const int n, const int64_t C) {
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+        VT xv[MAXN];
+        for (int j = 0; j < n; j++) xv[j] = VLD(xt + j * C + c);
+        const VT yv = VLD(yt + c);
         for (int k = 0; k < n; k++) {
-            T *o = out + (t * n + k) * C;
-            const T wp = hpt[k];
-            for (int64_t c = 0; c < C; c++) o[c] = wp * yt[c];
-            for (int j = 0; j < n; j++) {
-                const T w = hrt[k * n + j], *xj = xt + j * C;
-                for (int64_t c = 0; c < C; c++) o[c] += w * xj[c];
-            }
+            VT acc = hp[k] * yv;
+            for (int j = 0; j < n; j++) acc += hr[k * n + j] * xv[j];
+            VST(o + k * C + c, acc);
         }
     }
+    for (; c < C; c++)
+        for (int k = 0; k < n; k++) {
+            T acc = hp[k] * yt[c];
+            for (int j = 0; j < n; j++) acc += hr[k * n + j] * xt[j * C + c];
+            o[k * C + c] = acc;
+        }
+}
+
+/* gx[j] = sum_k h_res[k, j] g[k]; gy = sum_k h_post[k] g[k]  (each if not NULL) */
+static inline __attribute__((always_inline)) void FN(post_res_bwd_tok)(const T *restrict hp, const T *restrict hr,
+                                                                        const T *restrict gt, T *restrict gx,
+                                                                        T *restrict gy, const int n, const int64_t C) {
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+        VT gv[MAXN] = {{0}};
+        for (int k = 0; k < n; k++) gv[k] = VLD(gt + k * C + c);
+        if (gx)
+            for (int j = 0; j < n; j++) {
+                VT acc = hr[j] * gv[0];
+                for (int k = 1; k < n; k++) acc += hr[k * n + j] * gv[k];
+                VST(gx + j * C + c, acc);
+            }
+        if (gy) {
+            VT acc = hp[0] * gv[0];
+            for (int k = 1; k < n; k++) acc += hp[k] * gv[k];
+            VST(gy + c, acc);
+        }
+    }
+    for (; c < C; c++) {
+        if (gx)
+            for (int j = 0; j < n; j++) {
+                T acc = hr[j] * gt[c];
+                for (int k = 1; k < n; k++) acc += hr[k * n + j] * gt[k * C + c];
+                gx[j * C + c] = acc;
+            }
+        if (gy) {
+            T acc = hp[0] * gt[c];
+            for (int k = 1; k < n; k++) acc += hp[k] * gt[k * C + c];
+            gy[c] = acc;
+        }
+    }
+}
+
+/* gpost[k] = <g[k], y>; gres[k, j] = <g[k], x[j]>  (each if not NULL): the n (n + 1) partial-sum
+ * vectors are reduced together (FN(reduce_many)) */
+static inline __attribute__((always_inline)) void FN(post_res_dots_tok)(const T *restrict xt, const T *restrict yt,
+                                                                         const T *restrict gt, T *restrict gpost,
+                                                                         T *restrict gres, const int n,
+                                                                         const int64_t C) {
+    const int m = n + 1;
+    VT acc[MAXN * (MAXN + 1) + 8];
+    T sums[MAXN * (MAXN + 1)];
+    int64_t c0 = C - C % W;
+    for (int k = 0; k < n; k++) {
+        const T *gk = gt + k * C;
+        VT *ak = acc + k * m;
+        for (int j = 0; j < m; j++) ak[j] = (VT){0};
+        for (int64_t c = 0; c < c0; c += W) {
+            const VT g = VLD(gk + c);
+            for (int j = 0; j < n; j++) ak[j] += g * VLD(xt + j * C + c);
+            ak[n] += g * VLD(yt + c);
+        }
+    }
+    FN(reduce_many)(acc, n * m, sums);
+    for (int k = 0; k < n; k++)
+        for (int j = 0; j < m; j++) {
+            const T *gk = gt + k * C, *v = j < n ? xt + j * C : yt;
+            T s = sums[k * m + j];
+            for (int64_t r = c0; r < C; r++) s += gk[r] * v[r];
+            if (j < n && gres) gres[k * n + j] = s;
+            if (j == n && gpost) gpost[k] = s;
+        }
+}
+
+/* n = 4 with a compile-time n, other n generic: CALL_N(f, n, args...) expands to the right call */
+#define CALL_N(f, n, ...) ((n) == 4 ? f(__VA_ARGS__, 4, C) : f(__VA_ARGS__, (n), C))
+
+int FN(mhc_pre_fwd)(const T *x, const T *h, T *u, int64_t tokens, int n, int64_t C, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; t++) CALL_N(FN(pre_tok), n, x + t * n * C, h + t * n, u + t * C);
     return 0;
 }
 
-/* gx[j] = sum_k h_res[k, j] g[k]; gy = sum_k h_post[k] g[k]; gpost[k] = <g[k], y>; gres[k, j] = <g[k], x[j]> */
+int FN(mhc_pre_bwd)(const T *x, const T *h, const T *gu, T *gx, T *gh, int64_t tokens, int n, int64_t C, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; t++)
+        CALL_N(FN(pre_bwd_tok), n, x + t * n * C, h ? h + t * n : NULL, gu + t * C, gx ? gx + t * n * C : NULL,
+               gh ? gh + t * n : NULL);
+    return 0;
+}
+
+int FN(mhc_post_res_fwd)(const T *x, const T *y, const T *hp, const T *hr, T *out, int64_t tokens, int n, int64_t C,
+                         int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; t++)
+        CALL_N(FN(post_res_tok), n, x + t * n * C, y + t * C, hp + t * n, hr + t * n * n, out + t * n * C);
+    return 0;
+}
+
 int FN(mhc_post_res_bwd)(const T *x, const T *y, const T *hp, const T *hr, const T *g, T *gx, T *gy, T *gpost, T *gres,
                          int64_t tokens, int n, int64_t C, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tokens; t++) {
-        const T *xt = x + t * n * C, *yt = y + t * C, *hpt = hp + t * n, *hrt = hr + t * n * n;
         const T *gt = g + t * n * C;
-        if (gx)
-            for (int j = 0; j < n; j++) {
-                T *o = gx + (t * n + j) * C;
-                const T w0 = hrt[j];
-                for (int64_t c = 0; c < C; c++) o[c] = w0 * gt[c];
-                for (int k = 1; k < n; k++) {
-                    const T w = hrt[k * n + j], *gk = gt + k * C;
-                    for (int64_t c = 0; c < C; c++) o[c] += w * gk[c];
-                }
-            }
-        if (gy) {
-            T *o = gy + t * C;
-            for (int64_t c = 0; c < C; c++) o[c] = hpt[0] * gt[c];
-            for (int k = 1; k < n; k++) {
-                const T w = hpt[k], *gk = gt + k * C;
-                for (int64_t c = 0; c < C; c++) o[c] += w * gk[c];
-            }
-        }
+        if (gx || gy)
+            CALL_N(FN(post_res_bwd_tok), n, hp + t * n, hr + t * n * n, gt, gx ? gx + t * n * C : NULL,
+                   gy ? gy + t * C : NULL);
         if (gpost || gres)
-            for (int k = 0; k < n; k++) {
-                const T *gk = gt + k * C;
-                if (gpost) gpost[t * n + k] = FN(dot)(gk, yt, C);
-                if (gres)
-                    for (int j = 0; j < n; j++) gres[(t * n + k) * n + j] = FN(dot)(gk, xt + j * C, C);
-            }
+            CALL_N(FN(post_res_dots_tok), n, x + t * n * C, y + t * C, gt, gpost ? gpost + t * n : NULL,
+                   gres ? gres + t * n * n : NULL);
     }
     return 0;
 }
 
+/* ---- mHC coefficients (Eq. 7-9) around the projection matmul, which the caller runs (BLAS) ------ */
+/* Forward, after z = v @ phi (v = x as [T, nC]):
+ *     r = sqrt(|v|^2 / nC + eps);  z /= r (in place);  tail -> h_pre, h_post, h_res;
+ *     u = sum_j h_pre[j] x[j] (if u is not NULL).
+ * One pass over the tokens in blocks of W; x is read once per block (norm, then u from cache). */
+int FN(mhc_coeffs_fwd)(const T *x, T *z, const T *bias, const T *gates, double rms_eps, T *r, T *h_pre, T *h_post,
+                       T *h_res, T *u, int64_t tokens, int n, int64_t C, int iters, int threads) {
+    if (n < 1 || n > MAXN || iters < 1) return 1;
+    const int K = 2 * n + n * n, nn = n * n;
+    const int64_t nC = n * C, blocks = (tokens + W - 1) / W;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t t0 = b * W;
+        const int lanes = tokens - t0 < W ? (int)(tokens - t0) : W;
+        for (int l = 0; l < lanes; l++) {
+            const T *xt = x + (t0 + l) * nC;
+            const T rt = (T)sqrt((double)(FN(dot)(xt, xt, nC) / (T)nC + (T)rms_eps));
+            r[t0 + l] = rt;
+            for (int k = 0; k < K; k++) z[(t0 + l) * K + k] /= rt;
+        }
+        FN(tail_fwd_block)(z + t0 * K, bias, gates, h_pre + t0 * n, h_post + t0 * n, h_res + t0 * nn, lanes, n, iters);
+        if (u)
+            for (int l = 0; l < lanes; l++)
+                CALL_N(FN(pre_tok), n, x + (t0 + l) * nC, h_pre + (t0 + l) * n, u + (t0 + l) * C);
+    }
+    return 0;
+}
+
+/* Backward, before the two matmuls the caller runs (dphi = v^T gzr, gx += gzr phi^T):
+ *     g_pre += <gu, x[j]> (the read u = sum_j h_pre[j] x[j], if gu);  da through the tail;
+ *     dbias = sum_T da;  dalpha[s] = sum_T sum_{k in slice s} da z;  gzr = gate da / r  [T, K];
+ *     gx = x * coef + h_pre[j] gu   with  coef = -sum_K(gzr z) / (nC r)   (gx may be NULL).
+ * dbias / dalpha are summed per thread, then over threads in a fixed order. */
+int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *z, const T *r, const T *bias, const T *gates, const T *g_pre,
+                       const T *g_post, const T *g_res, T *gzr, T *gx, T *dbias, T *dalpha, int64_t tokens, int n,
+                       int64_t C, int iters, int threads) {
+    if (n < 1 || n > MAXN || iters < 1 || threads < 1) return 1;
+    const int K = 2 * n + n * n, nn = n * n;
+    const int64_t nC = n * C, blocks = (tokens + W - 1) / W;
+    T *part = calloc((size_t)threads * (K + 3), sizeof(T));
+    if (!part) return 2;
+    int err = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        FN(scratch_t) s;
+#ifdef _OPENMP
+        T *acc = part + (size_t)omp_get_thread_num() * (K + 3);
+#else
+        T *acc = part;
+#endif
+        if (FN(scratch_alloc)(&s, n, iters)) {
+#pragma omp atomic write
+            err = 2;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < blocks; b++) {
+                const int64_t t0 = b * W;
+                const int lanes = tokens - t0 < W ? (int)(tokens - t0) : W;
+                T gp[W * MAXN], hp[W * MAXN], da[W * (2 * MAXN + MAXN * MAXN)];
+                const T *gpre = g_pre ? g_pre + t0 * n : NULL;
+                if (gu) {
+                    for (int l = 0; l < lanes; l++) {
+                        const int64_t t = t0 + l;
+                        CALL_N(FN(pre_bwd_tok), n, x + t * nC, NULL, gu + t * C, NULL, gp + l * n);
+                        if (g_pre)
+                            for (int j = 0; j < n; j++) gp[l * n + j] += g_pre[t * n + j];
+                    }
+                    gpre = gp;
+                }
+                FN(tail_bwd_block)(&s, z + t0 * K, bias, gates, gpre, g_post ? g_post + t0 * n : NULL,
+                                   g_res ? g_res + t0 * nn : NULL, da, hp, lanes, n, iters);
+                for (int l = 0; l < lanes; l++) {
+                    const int64_t t = t0 + l;
+                    const T rt = r[t], *zt = z + t * K;
+                    T cz = 0;
+                    for (int k = 0; k < K; k++) {
+                        const int sl = k < n ? 0 : k < 2 * n ? 1 : 2;
+                        const T d = da[l * K + k];
+                        acc[k] += d;
+                        acc[K + sl] += d * zt[k];
+                        const T g = gates[sl] * d / rt;
+                        gzr[t * K + k] = g;
+                        cz += g * zt[k];
+                    }
+                    if (gx) {
+                        const T coef = cz / (-(T)nC * rt);
+                        const T *xt = x + t * nC;
+                        T *gt = gx + t * nC;
+                        for (int j = 0; j < n; j++) {
+                            const T *xj = xt + j * C;
+                            T *gj = gt + j * C;
+                            const T h = hp[l * n + j];
+                            int64_t c = 0;
+                            if (gu) {
+                                const T *gut = gu + t * C;
+                                for (; c + W <= C; c += W) VST(gj + c, VLD(xj + c) * coef + h * VLD(gut + c));
+                                for (; c < C; c++) gj[c] = xj[c] * coef + h * gut[c];
+                            } else {
+                                for (; c + W <= C; c += W) VST(gj + c, VLD(xj + c) * coef);
+                                for (; c < C; c++) gj[c] = xj[c] * coef;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        free(s.mem);
+    }
+    for (int k = 0; k < K + 3; k++) {
+        T sum = 0;
+        for (int th = 0; th < threads; th++) sum += part[(size_t)th * (K + 3) + k];
+        if (k < K) dbias[k] = sum;
+        else dalpha[k - K] = sum;
+    }
+    free(part);
+    return err;
+}
+
+#undef CALL_N
+#undef SHUF
+#undef VLD
+#undef VST
 #undef VT
 #undef IV
 #undef VSEL
