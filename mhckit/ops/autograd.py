@@ -207,9 +207,7 @@ def _coeffs_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: 
     n, c = x.shape[-2], x.shape[-1]
     x3 = x.reshape(-1, n, c)
     if cpu.available(x, phi, bias, alpha, n=n):
-        z = x3.reshape(-1, n * c) @ phi  # normalised in place by the kernel
-        h_pre, h_post, h_res, r, u = cpu.coeffs_fwd(x3, z, bias, alpha, rms_eps, iters, with_u)
-        return h_pre, h_post, h_res, r, z, u
+        return cpu.coeffs_fwd(x3, phi, bias, alpha, rms_eps, iters, with_u)
     v = x3.reshape(-1, n * c).to(phi.dtype)  # [T, nC]
     r = torch.sqrt(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_() / (n * c) + rms_eps)  # [T, 1]
     z = (v @ phi).div_(r)  # [T, K]
@@ -256,12 +254,7 @@ def _coeffs_backward(saved, iters: int, g_u, g_pre, g_post, g_res, need_x: bool,
     x3 = x.reshape(-1, n, c)
     gu = None if g_u is None else g_u.reshape(-1, c)
     if cpu.available(x, phi, z, n=n):
-        gzr, grad_x, grad_bias, grad_alpha = cpu.coeffs_bwd(x3, gu, z, r, bias, alpha, g_pre, g_post, g_res, iters,
-                                                            need_x)
-        grad_phi = x3.reshape(-1, n * c).t() @ gzr if need_phi else None
-        if grad_x is not None:
-            grad_x.view(-1, n * c).addmm_(gzr, phi.t())
-        return grad_x, grad_phi, grad_bias, grad_alpha
+        return cpu.coeffs_bwd(x3, gu, z, r, phi, bias, alpha, g_pre, g_post, g_res, iters, need_x, need_phi)
     dt = phi.dtype
     gate = _gates(alpha, n, phi.shape[1])
     if gu is not None:  # dL/dh_pre[j] += <du, x[j]>

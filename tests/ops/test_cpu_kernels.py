@@ -124,6 +124,30 @@ def test_coefficients_match_pytorch_ops_and_reference(dt, n, c, fused_read):
         _close(got, want.detach(), dt)
 
 
+@pytest.mark.parametrize("blas", [False, True])
+@pytest.mark.parametrize("tokens", [1, 7, 15, 33])
+def test_projection_in_the_kernel_and_in_blas(monkeypatch, blas, tokens):
+    """The kernels run the matmuls with phi themselves up to PROJECT_MAX_WIDTH and leave them to BLAS
+    above it; both agree with the PyTorch ops, for token counts that fill 4-token groups and W-token
+    blocks partly."""
+    if blas:
+        monkeypatch.setattr(cpu, "PROJECT_MAX_WIDTH", 0)
+    x, phi, bias, alpha = _coeff_inputs(4, 11, torch.float32, lead=(tokens,), seed=7)
+    w = [torch.randn(*o, generator=torch.Generator().manual_seed(2)) for o in ((tokens, 11), (tokens, 4), (tokens, 4),
+                                                                              (tokens, 4, 4))]
+
+    def run():
+        for t in (x, phi, bias, alpha):
+            t.grad = None
+        outs = CoeffsPreFunction.apply(x, phi, bias, alpha, 20, 1e-6)
+        sum((o * g).sum() for o, g in zip(outs, w)).backward()
+        return [o.detach() for o in outs] + [t.grad.clone() for t in (x, phi, bias, alpha)]
+
+    fast, slow = _both(run)
+    for a, b in zip(fast, slow):
+        _close(a, b, torch.float32)
+
+
 def test_gradcheck_through_the_kernels():
     x, phi, bias, alpha = _coeff_inputs(3, 4, torch.float64, lead=(5,), seed=3)
     assert cpu.available(x, n=3)

@@ -140,10 +140,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"mhc_pre_bwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
         getattr(lib, f"mhc_post_res_fwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
         getattr(lib, f"mhc_post_res_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, p, i64, i32, i64, i32]
-        getattr(lib, f"mhc_coeffs_fwd_{suf}").argtypes = [p, p, p, p, ctypes.c_double, p, p, p, p, p, i64, i32, i64,
-                                                          i32, i32]
-        getattr(lib, f"mhc_coeffs_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, p, i64, i32, i64, i32,
-                                                          i32]
+        getattr(lib, f"mhc_coeffs_fwd_{suf}").argtypes = [p, p, p, p, p, ctypes.c_double, p, p, p, p, p, i64, i32,
+                                                          i64, i32, i32]
+        getattr(lib, f"mhc_coeffs_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i64, i32,
+                                                          i64, i32, i32]
 
 
 def status() -> dict[str, object]:
@@ -305,42 +305,57 @@ def post_res_bwd(x, y, h_post, h_res, g, need: tuple[bool, bool, bool, bool]):
 # ---- mHC coefficients around the projection matmul (which runs in PyTorch / BLAS) ---------------
 
 
-def coeffs_fwd(x: torch.Tensor, zraw: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor, rms_eps: float,
+# Up to this width n*C the kernels run the projection matmuls themselves (a 4-token x 24-column
+# register block; faster than BLAS for these skinny shapes at small widths, and x is then read once);
+# wider, BLAS does them. Module-level so that tests can move it.
+PROJECT_MAX_WIDTH = 4096
+
+
+def coeffs_fwd(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor, rms_eps: float,
                iters: int, with_u: bool):
-    """From ``zraw = v @ phi`` (``v = x`` as ``[T, nC]``; normalised IN PLACE into ``z = zraw / r``):
-    ``(h_pre [T, n], h_post [T, n], h_res [T, n, n], r [T, 1], u [T, C] or None)``."""
+    """``x [T, n, C]`` -> ``(h_pre [T, n], h_post [T, n], h_res [T, n, n], r [T, 1], z [T, K], u [T, C]
+    or None)`` with ``z = (v @ phi) / r``; see ``mhc_cpu_impl.h``."""
     t, n, c = x.shape
     dt = x.dtype
     x3, bias, gates = x.contiguous(), bias.to(dt).contiguous(), gates.to(dt).contiguous()
-    if not zraw.is_contiguous():
-        raise ValueError("coeffs_fwd: zraw must be contiguous (it is normalised in place)")
+    phi = phi.to(dt).contiguous()  # kept referenced until the call returns
+    if n * c <= PROJECT_MAX_WIDTH:
+        z, phi_arg = torch.empty(t, phi.shape[1], dtype=dt), _ptr(phi)
+    else:
+        z, phi_arg = x3.view(t, n * c) @ phi, None
     r = torch.empty(t, 1, dtype=dt)
     h_pre, h_post, h_res = torch.empty(t, n, dtype=dt), torch.empty(t, n, dtype=dt), torch.empty(t, n, n, dtype=dt)
     u = torch.empty(t, c, dtype=dt) if with_u else None
-    _call("mhc_coeffs_fwd", dt, _ptr(x3), _ptr(zraw), _ptr(bias), _ptr(gates), float(rms_eps), _ptr(r), _ptr(h_pre),
-          _ptr(h_post), _ptr(h_res), _ptr(u), t, n, c, iters, torch.get_num_threads())
-    return h_pre, h_post, h_res, r, u
+    _call("mhc_coeffs_fwd", dt, _ptr(x3), phi_arg, _ptr(z), _ptr(bias), _ptr(gates), float(rms_eps), _ptr(r),
+          _ptr(h_pre), _ptr(h_post), _ptr(h_res), _ptr(u), t, n, c, iters, torch.get_num_threads())
+    return h_pre, h_post, h_res, r, z, u
 
 
-def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor,
-               g_pre, g_post, g_res, iters: int, need_x: bool):
-    """``(gzr [T, K], gx [T, n, C] or None, dbias [K], dalpha [3])``: everything of the coefficient
-    backward except the two matmuls with ``phi`` (``dphi = v^T gzr``; ``gx += gzr phi^T``, to be added
-    by the caller). ``gx`` already holds the norm term and, with ``gu``, the read's ``h_pre[j] gu``."""
+def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor,
+               gates: torch.Tensor, g_pre, g_post, g_res, iters: int, need_x: bool, need_phi: bool):
+    """``(gx [T, n, C] or None, dphi [nC, K] or None, dbias [K], dalpha [3])`` of the coefficients
+    (and, with ``gu``, of the read ``u``); see ``mhc_cpu_impl.h``."""
     t, n, c = x.shape
     dt = x.dtype
     k = z.shape[-1]
-    x3, z, r = x.contiguous(), z.contiguous(), r.contiguous()
+    x3, z, r, phi = x.contiguous(), z.contiguous(), r.contiguous(), phi.to(dt).contiguous()
     bias, gates = bias.to(dt).contiguous(), gates.to(dt).contiguous()
 
     def flat(g, w):
         return None if g is None else g.reshape(t, w).to(dt).contiguous()
 
     gu, g_pre, g_post, g_res = flat(gu, c), flat(g_pre, n), flat(g_post, n), flat(g_res, n * n)
-    gzr = torch.empty(t, k, dtype=dt)
+    here = n * c <= PROJECT_MAX_WIDTH  # the matmuls with phi in the kernel, else in BLAS below
+    gzr = None if here else torch.empty(t, k, dtype=dt)
     gx = torch.empty(t, n, c, dtype=dt) if need_x else None
+    dphi = torch.empty(n * c, k, dtype=dt) if here else None
     dbias, dalpha = torch.empty(k, dtype=dt), torch.empty(3, dtype=dt)
     _call("mhc_coeffs_bwd", dt, _ptr(x3), _ptr(gu), _ptr(z), _ptr(r), _ptr(bias), _ptr(gates), _ptr(g_pre),
-          _ptr(g_post), _ptr(g_res), _ptr(gzr), _ptr(gx), _ptr(dbias), _ptr(dalpha), t, n, c, iters,
-          torch.get_num_threads())
-    return gzr, gx, dbias, dalpha
+          _ptr(g_post), _ptr(g_res), _ptr(phi if here else None), _ptr(gzr), _ptr(gx), _ptr(dphi), _ptr(dbias),
+          _ptr(dalpha), t, n, c, iters, torch.get_num_threads())
+    if not here:
+        if need_phi:
+            dphi = x3.view(t, n * c).t() @ gzr
+        if gx is not None:
+            gx.view(t, n * c).addmm_(gzr, phi.t())
+    return gx, dphi if need_phi else None, dbias, dalpha

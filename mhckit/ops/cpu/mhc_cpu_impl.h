@@ -504,125 +504,262 @@ int FN(mhc_post_res_bwd)(const T *x, const T *y, const T *hp, const T *hr, const
     return 0;
 }
 
-/* ---- mHC coefficients (Eq. 7-9) around the projection matmul, which the caller runs (BLAS) ------ */
-/* Forward, after z = v @ phi (v = x as [T, nC]):
- *     r = sqrt(|v|^2 / nC + eps);  z /= r (in place);  tail -> h_pre, h_post, h_res;
- *     u = sum_j h_pre[j] x[j] (if u is not NULL).
- * One pass over the tokens in blocks of W; x is read once per block (norm, then u from cache). */
-int FN(mhc_coeffs_fwd)(const T *x, T *z, const T *bias, const T *gates, double rms_eps, T *r, T *h_pre, T *h_post,
-                       T *h_res, T *u, int64_t tokens, int n, int64_t C, int iters, int threads) {
+/* ---- mHC coefficients (Eq. 7-9) ------------------------------------------------------------------ */
+
+#define KB (3 * W) /* projection columns per register block: 4 tokens x 3 vectors of accumulators */
+
+/* phi [nC, K] -> [nC, KP] zero padded (KP = K rounded up to KB), so every block is full width */
+static T *FN(pack_phi)(const T *phi, int64_t nC, int K, int *KP) {
+    *KP = (K + KB - 1) / KB * KB;
+    T *p = calloc((size_t)nC * *KP, sizeof(T));
+    if (p)
+        for (int64_t i = 0; i < nC; i++) memcpy(p + i * *KP, phi + i * K, sizeof(T) * K);
+    return p;
+}
+
+/* z rows (ld K) of `lanes` tokens = (x rows (ld nC) @ phi) / r, with phiP from FN(pack_phi): for 4
+ * tokens at a time, 12 vector accumulators over the nC axis (one broadcast of x[t][i] per 3 FMAs). */
+static void FN(project_block)(const T *x, int64_t nC, const T *phiP, int KP, const T *r, T *z, int K, int lanes) {
+    for (int t0 = 0; t0 < lanes; t0 += 4) {
+        const T *xr[4];
+        for (int t = 0; t < 4; t++) xr[t] = x + (t0 + t < lanes ? t0 + t : lanes - 1) * nC;
+        for (int kb = 0; kb < KP; kb += KB) {
+            VT acc[4][3] = {{{0}}};
+            const T *ph = phiP + kb;
+            for (int64_t i = 0; i < nC; i++, ph += KP) {
+                const VT p0 = VLD(ph), p1 = VLD(ph + W), p2 = VLD(ph + 2 * W);
+                for (int t = 0; t < 4; t++) {
+                    const T v = xr[t][i];
+                    acc[t][0] += v * p0;
+                    acc[t][1] += v * p1;
+                    acc[t][2] += v * p2;
+                }
+            }
+            for (int t = 0; t < 4 && t0 + t < lanes; t++)
+                for (int q = 0; q < 3; q++) {
+                    const VT zq = acc[t][q] / r[t0 + t];
+                    for (int l = 0; l < W && kb + q * W + l < K; l++) z[(t0 + t) * K + kb + q * W + l] = zq[l];
+                }
+        }
+    }
+}
+
+/* Forward:  r = sqrt(|v|^2 / nC + eps) (v = x as [T, nC]);  z = (v @ phi) / r  [T, K];  the tail ->
+ * h_pre, h_post, h_res;  u = sum_j h_pre[j] x[j] (if u is not NULL). With phi == NULL, z holds
+ * v @ phi on entry (from BLAS) and is divided by r in place. One pass over the tokens in blocks
+ * of W: x is read from memory once per block and then from cache. */
+int FN(mhc_coeffs_fwd)(const T *x, const T *phi, T *z, const T *bias, const T *gates, double rms_eps, T *r, T *h_pre,
+                       T *h_post, T *h_res, T *u, int64_t tokens, int n, int64_t C, int iters, int threads) {
     if (n < 1 || n > MAXN || iters < 1) return 1;
     const int K = 2 * n + n * n, nn = n * n;
     const int64_t nC = n * C, blocks = (tokens + W - 1) / W;
+    int KP = 0;
+    T *phiP = NULL;
+    if (phi && !(phiP = FN(pack_phi)(phi, nC, K, &KP))) return 2;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t t0 = b * W;
         const int lanes = tokens - t0 < W ? (int)(tokens - t0) : W;
         for (int l = 0; l < lanes; l++) {
             const T *xt = x + (t0 + l) * nC;
-            const T rt = (T)sqrt((double)(FN(dot)(xt, xt, nC) / (T)nC + (T)rms_eps));
-            r[t0 + l] = rt;
-            for (int k = 0; k < K; k++) z[(t0 + l) * K + k] /= rt;
+            r[t0 + l] = (T)sqrt((double)(FN(dot)(xt, xt, nC) / (T)nC + (T)rms_eps));
         }
+        if (phiP) FN(project_block)(x + t0 * nC, nC, phiP, KP, r + t0, z + t0 * K, K, lanes);
+        else
+            for (int l = 0; l < lanes; l++)
+                for (int k = 0; k < K; k++) z[(t0 + l) * K + k] /= r[t0 + l];
         FN(tail_fwd_block)(z + t0 * K, bias, gates, h_pre + t0 * n, h_post + t0 * n, h_res + t0 * nn, lanes, n, iters);
         if (u)
             for (int l = 0; l < lanes; l++)
                 CALL_N(FN(pre_tok), n, x + (t0 + l) * nC, h_pre + (t0 + l) * n, u + (t0 + l) * C);
     }
+    free(phiP);
     return 0;
 }
 
-/* Backward, before the two matmuls the caller runs (dphi = v^T gzr, gx += gzr phi^T):
+/* dphi [nC, KP] += x rows^T @ G for 4 tokens (x rows ld nC; G rows ld KP, zero past K) */
+static void FN(rank4_update)(const T *const xr[4], const T *G, int KP, T *dphi, int64_t nC) {
+    for (int kb = 0; kb < KP; kb += KB) {
+        VT g[4][3];
+        for (int t = 0; t < 4; t++)
+            for (int q = 0; q < 3; q++) g[t][q] = VLD(G + t * KP + kb + q * W);
+        T *dp = dphi + kb;
+        for (int64_t i = 0; i < nC; i++, dp += KP) {
+            VT a0 = VLD(dp), a1 = VLD(dp + W), a2 = VLD(dp + 2 * W);
+            for (int t = 0; t < 4; t++) {
+                const T v = xr[t][i];
+                a0 += v * g[t][0];
+                a1 += v * g[t][1];
+                a2 += v * g[t][2];
+            }
+            VST(dp, a0), VST(dp + W, a1), VST(dp + 2 * W, a2);
+        }
+    }
+}
+
+/* gx rows [i0, i0 + NQ W) of NT tokens += G @ phi^T (phiT [K, nC], G rows ld KP) */
+static inline __attribute__((always_inline)) void FN(gx_chunk)(T *const *gr, const T *G, int KP, const T *phiT, int K,
+                                                                int64_t nC, int64_t i0, const int NQ, const int NT) {
+    VT acc[4][3];
+    for (int t = 0; t < NT; t++)
+        for (int q = 0; q < NQ; q++) acc[t][q] = VLD(gr[t] + i0 + q * W);
+    for (int k = 0; k < K; k++) {
+        VT p[3];
+        for (int q = 0; q < NQ; q++) p[q] = VLD(phiT + k * nC + i0 + q * W);
+        for (int t = 0; t < NT; t++) {
+            const T g = G[t * KP + k];
+            for (int q = 0; q < NQ; q++) acc[t][q] += g * p[q];
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int q = 0; q < NQ; q++) VST(gr[t] + i0 + q * W, acc[t][q]);
+}
+
+/* gx rows (NT = 4 or 1 tokens, ld nC) += G @ phi^T, in chunks of 3 W, then W, then scalars */
+static inline __attribute__((always_inline)) void FN(gx_matmul)(T *const *gr, const T *G, int KP, const T *phiT, int K,
+                                                                 int64_t nC, const int NT) {
+    int64_t i = 0;
+    for (; i + KB <= nC; i += KB) FN(gx_chunk)(gr, G, KP, phiT, K, nC, i, 3, NT);
+    for (; i + W <= nC; i += W) FN(gx_chunk)(gr, G, KP, phiT, K, nC, i, 1, NT);
+    for (; i < nC; i++)
+        for (int t = 0; t < NT; t++) {
+            T a = gr[t][i];
+            for (int k = 0; k < K; k++) a += G[t * KP + k] * phiT[k * nC + i];
+            gr[t][i] = a;
+        }
+}
+
+/* Backward:
  *     g_pre += <gu, x[j]> (the read u = sum_j h_pre[j] x[j], if gu);  da through the tail;
  *     dbias = sum_T da;  dalpha[s] = sum_T sum_{k in slice s} da z;  gzr = gate da / r  [T, K];
- *     gx = x * coef + h_pre[j] gu   with  coef = -sum_K(gzr z) / (nC r)   (gx may be NULL).
- * dbias / dalpha are summed per thread, then over threads in a fixed order. */
+ *     gx = x * coef + h_pre[j] gu (+ gzr @ phi^T)   with  coef = -sum_K(gzr z) / (nC r)   (if gx);
+ *     dphi = v^T gzr.
+ * With phi != NULL the two matmuls run here (dphi summed per thread, then over threads; gzr may then
+ * be NULL); with phi == NULL, gzr [T, K] is written and the caller runs them (BLAS): dphi = v^T gzr,
+ * gx += gzr phi^T. dbias / dalpha are summed per thread, then over threads in a fixed order. */
 int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *z, const T *r, const T *bias, const T *gates, const T *g_pre,
-                       const T *g_post, const T *g_res, T *gzr, T *gx, T *dbias, T *dalpha, int64_t tokens, int n,
-                       int64_t C, int iters, int threads) {
+                       const T *g_post, const T *g_res, const T *phi, T *gzr, T *gx, T *dphi, T *dbias, T *dalpha,
+                       int64_t tokens, int n, int64_t C, int iters, int threads) {
     if (n < 1 || n > MAXN || iters < 1 || threads < 1) return 1;
-    const int K = 2 * n + n * n, nn = n * n;
+    const int K = 2 * n + n * n, nn = n * n, KP = (K + KB - 1) / KB * KB;
     const int64_t nC = n * C, blocks = (tokens + W - 1) / W;
     T *part = calloc((size_t)threads * (K + 3), sizeof(T));
-    if (!part) return 2;
-    int err = 0;
+    T *phiT = NULL, *dphiP = NULL, *zero = NULL;
+    if (phi) {
+        phiT = malloc(sizeof(T) * (size_t)nC * K);
+        dphiP = calloc((size_t)threads * nC * KP, sizeof(T));
+        zero = calloc((size_t)nC, sizeof(T));
+        if (phiT)
+            for (int64_t i = 0; i < nC; i++)
+                for (int k = 0; k < K; k++) phiT[k * nC + i] = phi[i * K + k];
+    }
+    int err = !part || (phi && (!phiT || !dphiP || !zero)) ? 2 : 0;
+    if (!err) {
 #pragma omp parallel num_threads(threads)
-    {
-        FN(scratch_t) s;
+        {
+            FN(scratch_t) s;
 #ifdef _OPENMP
-        T *acc = part + (size_t)omp_get_thread_num() * (K + 3);
+            const int me = omp_get_thread_num();
 #else
-        T *acc = part;
+            const int me = 0;
 #endif
-        if (FN(scratch_alloc)(&s, n, iters)) {
+            T *acc = part + (size_t)me * (K + 3), *dp = dphiP ? dphiP + (size_t)me * nC * KP : NULL;
+            if (FN(scratch_alloc)(&s, n, iters)) {
 #pragma omp atomic write
-            err = 2;
-        } else {
+                err = 2;
+            } else {
 #pragma omp for schedule(static)
-            for (int64_t b = 0; b < blocks; b++) {
-                const int64_t t0 = b * W;
-                const int lanes = tokens - t0 < W ? (int)(tokens - t0) : W;
-                T gp[W * MAXN], hp[W * MAXN], da[W * (2 * MAXN + MAXN * MAXN)];
-                const T *gpre = g_pre ? g_pre + t0 * n : NULL;
-                if (gu) {
+                for (int64_t b = 0; b < blocks; b++) {
+                    const int64_t t0 = b * W;
+                    const int lanes = tokens - t0 < W ? (int)(tokens - t0) : W;
+                    T gp[W * MAXN], hp[W * MAXN], da[W * (2 * MAXN + MAXN * MAXN)];
+                    T G[W * (2 * MAXN + MAXN * MAXN + KB)]; /* gzr rows of the block, ld KP, zero padded */
+                    const T *gpre = g_pre ? g_pre + t0 * n : NULL;
+                    if (gu) {
+                        for (int l = 0; l < lanes; l++) {
+                            const int64_t t = t0 + l;
+                            CALL_N(FN(pre_bwd_tok), n, x + t * nC, NULL, gu + t * C, NULL, gp + l * n);
+                            if (g_pre)
+                                for (int j = 0; j < n; j++) gp[l * n + j] += g_pre[t * n + j];
+                        }
+                        gpre = gp;
+                    }
+                    FN(tail_bwd_block)(&s, z + t0 * K, bias, gates, gpre, g_post ? g_post + t0 * n : NULL,
+                                       g_res ? g_res + t0 * nn : NULL, da, hp, lanes, n, iters);
+                    memset(G, 0, sizeof(T) * W * KP);
                     for (int l = 0; l < lanes; l++) {
                         const int64_t t = t0 + l;
-                        CALL_N(FN(pre_bwd_tok), n, x + t * nC, NULL, gu + t * C, NULL, gp + l * n);
-                        if (g_pre)
-                            for (int j = 0; j < n; j++) gp[l * n + j] += g_pre[t * n + j];
-                    }
-                    gpre = gp;
-                }
-                FN(tail_bwd_block)(&s, z + t0 * K, bias, gates, gpre, g_post ? g_post + t0 * n : NULL,
-                                   g_res ? g_res + t0 * nn : NULL, da, hp, lanes, n, iters);
-                for (int l = 0; l < lanes; l++) {
-                    const int64_t t = t0 + l;
-                    const T rt = r[t], *zt = z + t * K;
-                    T cz = 0;
-                    for (int k = 0; k < K; k++) {
-                        const int sl = k < n ? 0 : k < 2 * n ? 1 : 2;
-                        const T d = da[l * K + k];
-                        acc[k] += d;
-                        acc[K + sl] += d * zt[k];
-                        const T g = gates[sl] * d / rt;
-                        gzr[t * K + k] = g;
-                        cz += g * zt[k];
-                    }
-                    if (gx) {
-                        const T coef = cz / (-(T)nC * rt);
-                        const T *xt = x + t * nC;
-                        T *gt = gx + t * nC;
-                        for (int j = 0; j < n; j++) {
-                            const T *xj = xt + j * C;
-                            T *gj = gt + j * C;
-                            const T h = hp[l * n + j];
-                            int64_t c = 0;
-                            if (gu) {
-                                const T *gut = gu + t * C;
-                                for (; c + W <= C; c += W) VST(gj + c, VLD(xj + c) * coef + h * VLD(gut + c));
-                                for (; c < C; c++) gj[c] = xj[c] * coef + h * gut[c];
-                            } else {
-                                for (; c + W <= C; c += W) VST(gj + c, VLD(xj + c) * coef);
-                                for (; c < C; c++) gj[c] = xj[c] * coef;
+                        const T rt = r[t], *zt = z + t * K;
+                        T cz = 0;
+                        for (int k = 0; k < K; k++) {
+                            const int sl = k < n ? 0 : k < 2 * n ? 1 : 2;
+                            const T d = da[l * K + k];
+                            acc[k] += d;
+                            acc[K + sl] += d * zt[k];
+                            const T g = gates[sl] * d / rt;
+                            G[l * KP + k] = g;
+                            cz += g * zt[k];
+                        }
+                        if (gzr) memcpy(gzr + t * K, G + l * KP, sizeof(T) * K);
+                        if (gx) {
+                            const T coef = cz / (-(T)nC * rt);
+                            const T *xt = x + t * nC;
+                            T *gt = gx + t * nC;
+                            for (int j = 0; j < n; j++) {
+                                const T *xj = xt + j * C;
+                                T *gj = gt + j * C;
+                                const T h = hp[l * n + j];
+                                int64_t c = 0;
+                                if (gu) {
+                                    const T *gut = gu + t * C;
+                                    for (; c + W <= C; c += W) VST(gj + c, VLD(xj + c) * coef + h * VLD(gut + c));
+                                    for (; c < C; c++) gj[c] = xj[c] * coef + h * gut[c];
+                                } else {
+                                    for (; c + W <= C; c += W) VST(gj + c, VLD(xj + c) * coef);
+                                    for (; c < C; c++) gj[c] = xj[c] * coef;
+                                }
                             }
                         }
                     }
+                    if (!phi) continue;
+                    for (int l0 = 0; l0 < lanes; l0 += 4) { /* 4 tokens at a time; absent ones read zeros */
+                        const T *xr[4];
+                        T *gr[4];
+                        for (int t = 0; t < 4; t++) xr[t] = l0 + t < lanes ? x + (t0 + l0 + t) * nC : zero;
+                        FN(rank4_update)(xr, G + l0 * KP, KP, dp, nC);
+                        if (!gx) continue;
+                        for (int t = 0; t < 4; t++) gr[t] = gx + (t0 + (l0 + t < lanes ? l0 + t : l0)) * nC;
+                        if (l0 + 4 <= lanes) FN(gx_matmul)(gr, G + l0 * KP, KP, phiT, K, nC, 4);
+                        else /* a partial group: one token at a time */
+                            for (int t = l0; t < lanes; t++) {
+                                T *row = gx + (t0 + t) * nC;
+                                FN(gx_matmul)(&row, G + t * KP, KP, phiT, K, nC, 1);
+                            }
+                    }
                 }
             }
+            free(s.mem);
         }
-        free(s.mem);
+        for (int k = 0; k < K + 3; k++) {
+            T sum = 0;
+            for (int th = 0; th < threads; th++) sum += part[(size_t)th * (K + 3) + k];
+            if (k < K) dbias[k] = sum;
+            else dalpha[k - K] = sum;
+        }
+        if (phi)
+            for (int64_t i = 0; i < nC; i++)
+                for (int k = 0; k < K; k++) {
+                    T sum = 0;
+                    for (int th = 0; th < threads; th++) sum += dphiP[((size_t)th * nC + i) * KP + k];
+                    dphi[i * K + k] = sum;
+                }
     }
-    for (int k = 0; k < K + 3; k++) {
-        T sum = 0;
-        for (int th = 0; th < threads; th++) sum += part[(size_t)th * (K + 3) + k];
-        if (k < K) dbias[k] = sum;
-        else dalpha[k - K] = sum;
-    }
-    free(part);
+    free(part), free(phiT), free(dphiP), free(zero);
     return err;
 }
 
 #undef CALL_N
+#undef KB
 #undef SHUF
 #undef VLD
 #undef VST
