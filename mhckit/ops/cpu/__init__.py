@@ -187,7 +187,10 @@ def _ptr(t: torch.Tensor | None):
 
 
 def _call(name: str, dtype: torch.dtype, *args) -> None:
-    fn = getattr(_STATE["lib"], f"{name}_{_SUFFIX[dtype]}")
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"mhckit CPU kernel {name}: the compiled kernels are unavailable ({_STATE.get('why')})")
+    fn = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
     err = fn(*args)
     if err:
         raise RuntimeError(f"mhckit CPU kernel {name} failed (code {err}: 1 bad n/iters, 2 out of memory)")

@@ -45,14 +45,34 @@ static inline VT FN(vexp)(VT x) {
 }
 #define VEXP FN(vexp)
 
+/* One normalisation: ROWS (a compile-time constant, so that the n x n entries are addressed at fixed
+ * offsets and stay in registers) divides every row k by its sum over j, else every column j by its
+ * sum over k. keep (ys != NULL): the iterate, the reciprocal of the clamped divisor and the
+ * unclamped mask of step st. */
+static inline __attribute__((always_inline)) void FN(skb_step)(VT *m, const int n, const int ROWS, int st, VT *ys,
+                                                                VT *cs, VT *oks) {
+    const VT zero = {0}, tiny = zero + TINY, one = zero + 1;
+    for (int a = 0; a < n; a++) {
+        VT s = zero;
+        for (int b = 0; b < n; b++) s += m[ROWS ? a * n + b : b * n + a];
+        const VT r = one / VSEL(s >= tiny, s, tiny); /* reciprocal of the clamped divisor */
+        for (int b = 0; b < n; b++) m[ROWS ? a * n + b : b * n + a] *= r;
+        if (ys) {
+            cs[st * n + a] = r;
+            oks[st * n + a] = VSEL(s >= tiny, one, zero);
+        }
+    }
+    if (ys) memcpy(ys + (size_t)st * n * n, m, sizeof(VT) * n * n);
+}
+
 /* Softmax over each column, then 2 iters - 1 alternating normalisations (rows first, rows last).
  * keep (ys != NULL): m0 = the softmax output; per step s the iterate ys[s*nn + i], the reciprocal
  * of the clamped divisor cs[s*n + r] and the unclamped mask oks[s*n + r] (1 or 0). Dividing by c is
  * done as one reciprocal and n products (differs from x / c by at most ~1 ulp). */
 static inline __attribute__((always_inline)) void FN(skb_fwd_n)(T (*m_)[W], const int n, int iters, T (*m0_)[W], T (*ys_)[W], T (*cs_)[W], T (*oks_)[W]) {
     const int nn = n * n, steps = 2 * iters - 1;
-    VT *m = (VT *)m_;
-    const VT zero = {0}, tiny = zero + TINY, one = zero + 1;
+    VT *m = (VT *)m_, *ys = (VT *)ys_, *cs = (VT *)cs_, *oks = (VT *)oks_;
+    const VT zero = {0};
     for (int j = 0; j < n; j++) {
         VT mx = m[j];
         for (int k = 1; k < n; k++) mx = VMAX(mx, m[k * n + j]);
@@ -64,43 +84,38 @@ static inline __attribute__((always_inline)) void FN(skb_fwd_n)(T (*m_)[W], cons
         for (int k = 0; k < n; k++) m[k * n + j] /= s;
     }
     if (m0_) memcpy(m0_, m, sizeof(VT) * nn);
-    for (int st = 0; st < steps; st++) {
-        const int rows = st % 2 == 0; /* rows: sum over j for each k; columns: sum over k for each j */
-        for (int a = 0; a < n; a++) {
-            VT s = zero;
-            for (int b = 0; b < n; b++) s += m[rows ? a * n + b : b * n + a];
-            const VT ok = VSEL(s >= tiny, one, zero);
-            const VT r = one / VSEL(s >= tiny, s, tiny); /* reciprocal of the clamped divisor */
-            for (int b = 0; b < n; b++) m[rows ? a * n + b : b * n + a] *= r;
-            if (ys_) {
-                ((VT *)cs_)[st * n + a] = r;
-                ((VT *)oks_)[st * n + a] = ok;
-            }
+    for (int st = 0; st < steps; st += 2) { /* rows, then columns (except after the last rows) */
+        FN(skb_step)(m, n, 1, st, ys, cs, oks);
+        if (st + 1 < steps) FN(skb_step)(m, n, 0, st + 1, ys, cs, oks);
+    }
+}
+
+/* The reverse of one kept step st (ROWS compile-time, as in FN(skb_step)) on the gradient g. */
+static inline __attribute__((always_inline)) void FN(skb_step_bwd)(VT *g, const int n, const int ROWS, int st,
+                                                                    const VT *ys, const VT *cs, const VT *oks) {
+    const VT *y = ys + (size_t)st * n * n, *c = cs + st * n, *ok = oks + st * n, zero = {0};
+    for (int a = 0; a < n; a++) {
+        VT d = zero;
+        for (int b = 0; b < n; b++) {
+            const int i = ROWS ? a * n + b : b * n + a;
+            d += g[i] * y[i];
         }
-        if (ys_) memcpy(ys_ + (size_t)st * nn, m, sizeof(VT) * nn);
+        d *= ok[a]; /* a clamped divisor is a constant: no term through it (as PyTorch's `* ok`) */
+        for (int b = 0; b < n; b++) {
+            const int i = ROWS ? a * n + b : b * n + a;
+            g[i] = (g[i] - d) * c[a];
+        }
     }
 }
 
 /* Reverse walk over the kept iterates: g (the gradient of the output) -> dL/dlogits, in place. */
 static inline __attribute__((always_inline)) void FN(skb_bwd_n)(T (*g_)[W], const int n, int iters, T (*m0_)[W], T (*ys_)[W], T (*cs_)[W], T (*oks_)[W]) {
-    const int nn = n * n, steps = 2 * iters - 1;
+    const int steps = 2 * iters - 1;
     VT *g = (VT *)g_;
-    const VT *m0 = (const VT *)m0_, zero = {0};
-    for (int st = steps - 1; st >= 0; st--) {
-        const VT *y = (const VT *)ys_ + (size_t)st * nn, *c = (const VT *)cs_ + st * n, *ok = (const VT *)oks_ + st * n;
-        const int rows = st % 2 == 0;
-        for (int a = 0; a < n; a++) {
-            VT d = zero;
-            for (int b = 0; b < n; b++) {
-                const int i = rows ? a * n + b : b * n + a;
-                d += g[i] * y[i];
-            }
-            d *= ok[a]; /* a clamped divisor is a constant: no term through it (as PyTorch's `* ok`) */
-            for (int b = 0; b < n; b++) {
-                const int i = rows ? a * n + b : b * n + a;
-                g[i] = (g[i] - d) * c[a];
-            }
-        }
+    const VT *m0 = (const VT *)m0_, *ys = (const VT *)ys_, *cs = (const VT *)cs_, *oks = (const VT *)oks_, zero = {0};
+    for (int st = steps - 1; st >= 0; st -= 2) { /* steps - 1 is a rows step; then columns, rows, ... */
+        FN(skb_step_bwd)(g, n, 1, st, ys, cs, oks);
+        if (st >= 1) FN(skb_step_bwd)(g, n, 0, st - 1, ys, cs, oks);
     }
     for (int j = 0; j < n; j++) {
         VT d = zero;
