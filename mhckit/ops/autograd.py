@@ -197,9 +197,9 @@ class PostResFunction(torch.autograd.Function):
 #   dphi = v^T (gz / r);  dv = (gz / r) phi^T - v * sum_K(gz * z) / (nC r^2)
 # Saved: x (alive anyway), phi, bias, alpha and the small per-token r [T, 1] and z [T, K] (the
 # gated logits are recomputed); no [T, nC] float copy is kept for fp32 streams.
-# On the CPU (fp32 / fp64, compiled kernels available) everything but the three matmuls with phi
-# is one C call forward (norm, tail, read) and one backward (read gradient, tail, dbias, dalpha,
-# the norm and read terms of dv); the matmuls stay in BLAS.
+# On the CPU (fp32 / fp64, compiled kernels available) all of it is one C call forward (norm,
+# projection, tail, read) and one backward (read gradient, tail, dbias, dalpha, dphi, dv); the
+# three matmuls with phi move to BLAS above n*C = cpu.PROJECT_MAX_WIDTH.
 
 
 def _coeffs_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float, with_u: bool):

@@ -148,6 +148,28 @@ def test_projection_in_the_kernel_and_in_blas(monkeypatch, blas, tokens):
         _close(a, b, torch.float32)
 
 
+@pytest.mark.parametrize("blas", [False, True])
+def test_frozen_phi_and_frozen_streams(monkeypatch, blas):
+    """A frozen projection (no dphi computed) or frozen streams (no dx): the other gradients agree."""
+    if blas:
+        monkeypatch.setattr(cpu, "PROJECT_MAX_WIDTH", 0)
+    for frozen in ("phi", "x"):
+        x, phi, bias, alpha = _coeff_inputs(4, 9, torch.float64, seed=9)
+        {"phi": phi, "x": x}[frozen].requires_grad_(False)
+        leaves = [t for t in (x, phi, bias, alpha) if t.requires_grad]
+
+        def run():
+            for t in leaves:
+                t.grad = None
+            outs = CoeffsPreFunction.apply(x, phi, bias, alpha, 20, 1e-6)
+            sum(o.cos().sum() for o in outs).backward()
+            return [t.grad.clone() for t in leaves]
+
+        fast, slow = _both(run)
+        for a, b in zip(fast, slow):
+            _close(a, b, torch.float64)
+
+
 def test_gradcheck_through_the_kernels():
     x, phi, bias, alpha = _coeff_inputs(3, 4, torch.float64, lead=(5,), seed=3)
     assert cpu.available(x, n=3)

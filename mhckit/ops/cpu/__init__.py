@@ -1,9 +1,12 @@
-"""Compiled CPU kernels for the per-token coefficient tail (gates, activations, Sinkhorn).
+"""Compiled CPU kernels for mHC's coefficients (RMS, projection, gates, activations, Sinkhorn,
+the branch read) and the stream write-back, forward and backward.
 
-At small widths the CPU cost of mHC is not memory traffic but the number of PyTorch ops: the
+At small widths the CPU cost of mHC is not arithmetic but the number of PyTorch ops: the
 20-iteration Sinkhorn alone is ~120 whole-tensor ops forward and ~400 backward (each a few µs
 of dispatch on tensors of a few thousand elements). ``mhc_cpu.c`` does the same arithmetic token
-by token in one pass (forward; the backward recomputes the iterates per token, nothing stored).
+by token in one pass (forward; the backward recomputes the iterates per token, nothing stored),
+one C call per sublayer for the coefficients and the read (:func:`coeffs_fwd`, :func:`coeffs_bwd`)
+and one for the write-back.
 
 The library is compiled on first use with the system C compiler (``$CC``, else ``cc`` / ``gcc``
 / ``clang``), with OpenMP when the compiler has it, into a cache directory
@@ -305,7 +308,7 @@ def post_res_bwd(x, y, h_post, h_res, g, need: tuple[bool, bool, bool, bool]):
     return gx, gy, gp, gr
 
 
-# ---- mHC coefficients around the projection matmul (which runs in PyTorch / BLAS) ---------------
+# ---- mHC coefficients: RMS, projection, tail and the branch read in one call each way -------------
 
 
 # Up to this width n*C the kernels run the projection matmuls themselves (a 4-token x 24-column
@@ -351,7 +354,7 @@ def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, phi: torch
     here = n * c <= PROJECT_MAX_WIDTH  # the matmuls with phi in the kernel, else in BLAS below
     gzr = None if here else torch.empty(t, k, dtype=dt)
     gx = torch.empty(t, n, c, dtype=dt) if need_x else None
-    dphi = torch.empty(n * c, k, dtype=dt) if here else None
+    dphi = torch.empty(n * c, k, dtype=dt) if here and need_phi else None
     dbias, dalpha = torch.empty(k, dtype=dt), torch.empty(3, dtype=dt)
     _call("mhc_coeffs_bwd", dt, _ptr(x3), _ptr(gu), _ptr(z), _ptr(r), _ptr(bias), _ptr(gates), _ptr(g_pre),
           _ptr(g_post), _ptr(g_res), _ptr(phi if here else None), _ptr(gzr), _ptr(gx), _ptr(dphi), _ptr(dbias),
@@ -361,4 +364,4 @@ def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, phi: torch
             dphi = x3.view(t, n * c).t() @ gzr
         if gx is not None:
             gx.view(t, n * c).addmm_(gzr, phi.t())
-    return gx, dphi if need_phi else None, dbias, dalpha
+    return gx, dphi, dbias, dalpha

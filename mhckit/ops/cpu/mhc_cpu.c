@@ -1,4 +1,5 @@
-/* mhckit CPU kernels: the mHC coefficient tail (Eq. 8-9) and the stream read / write-back (Eq. 3), arXiv 2512.24880.
+/* mhckit CPU kernels: the mHC coefficients (Eq. 7-9: RMS, projection, gates, Sinkhorn) with the branch
+ * read, and the stream read / write-back (Eq. 3), forward and backward; arXiv 2512.24880.
  *
  * Built at first use by mhckit/ops/cpu/__init__.py with the system C compiler and loaded with
  * ctypes (no Python headers, no torch headers). Every function works token by token on small
@@ -15,6 +16,9 @@
  *
  * Tokens are processed in blocks of W = 8 lanes (entry i of an n x n block for 8 tokens side by
  * side), so that every step of the Sinkhorn is an 8-wide vector operation, divisions included.
+ * The coefficient kernels (mhc_coeffs_fwd / _bwd) work on the same blocks: the block's stream rows
+ * are read from memory once and the projection matmuls, the tail and the read run on them from
+ * cache (matmuls as 4-token x 24-column register blocks; per-thread dphi summed at the end).
  *
  * Layout: token t's K = 2n + n^2 coefficient logits at row t of a [T, ld] array:
  *     [pre (n) | post (n) | res (n x n, row k = output stream, col j = input stream)].

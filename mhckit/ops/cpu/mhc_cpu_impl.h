@@ -648,7 +648,7 @@ static inline __attribute__((always_inline)) void FN(gx_matmul)(T *const *gr, co
  *     g_pre += <gu, x[j]> (the read u = sum_j h_pre[j] x[j], if gu);  da through the tail;
  *     dbias = sum_T da;  dalpha[s] = sum_T sum_{k in slice s} da z;  gzr = gate da / r  [T, K];
  *     gx = x * coef + h_pre[j] gu (+ gzr @ phi^T)   with  coef = -sum_K(gzr z) / (nC r)   (if gx);
- *     dphi = v^T gzr.
+ *     dphi = v^T gzr (if dphi).
  * With phi != NULL the two matmuls run here (dphi summed per thread, then over threads; gzr may then
  * be NULL); with phi == NULL, gzr [T, K] is written and the caller runs them (BLAS): dphi = v^T gzr,
  * gx += gzr phi^T. dbias / dalpha are summed per thread, then over threads in a fixed order. */
@@ -741,7 +741,7 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *z, const T *r, const T 
                         const T *xr[4];
                         T *gr[4];
                         for (int t = 0; t < 4; t++) xr[t] = l0 + t < lanes ? x + (t0 + l0 + t) * nC : zero;
-                        FN(rank4_update)(xr, G + l0 * KP, KP, dp, nC);
+                        if (dphi) FN(rank4_update)(xr, G + l0 * KP, KP, dp, nC);
                         if (!gx) continue;
                         for (int t = 0; t < 4; t++) gr[t] = gx + (t0 + (l0 + t < lanes ? l0 + t : l0)) * nC;
                         if (l0 + 4 <= lanes) FN(gx_matmul)(gr, G + l0 * KP, KP, phiT, K, nC, 4);
@@ -761,7 +761,7 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *z, const T *r, const T 
             if (k < K) dbias[k] = sum;
             else dalpha[k - K] = sum;
         }
-        if (phi)
+        if (phi && dphi)
             for (int64_t i = 0; i < nC; i++)
                 for (int k = 0; k < K; k++) {
                     T sum = 0;
