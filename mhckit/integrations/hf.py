@@ -71,10 +71,9 @@ difference| / max |logit| 3.5e-6 to 1.1e-5 over four batches (Frobenius ratio ~1
 unmodified float32 model is itself 3.1e-6 away from its float64 evaluation; on the 2-layer test models
 it is ~3e-7.
 
-Gradient checkpointing (``model.gradient_checkpointing_enable()``) works with
-``gradient_checkpointing_kwargs={"use_reentrant": True}`` or ``backend="reference"``; with the default
-non-reentrant checkpoint the fused ``torch`` backend's coefficient backward currently fails
-(``CheckpointError``: it unpacks ``ctx.saved_tensors`` more than once).
+Gradient checkpointing (``model.gradient_checkpointing_enable()``; ``activation_checkpointing_enable()``
+from transformers 5.24) works, re-entrant or not, with every backend (the fused ``torch`` backend's
+Functions read ``ctx.saved_tensors`` once, as the non-reentrant checkpoint requires); tested.
 
 GGUF files load without ``accelerate`` through :func:`load_gguf` (``transformers``' own GGUF
 reader, dequantised to a plain float model that can be trained and retrofitted).
