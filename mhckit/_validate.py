@@ -184,28 +184,29 @@ def assert_finite(op: str, what: str, value: object) -> None:
     )
 
 
-def finite_checked(*names: str, outputs: str | Sequence[str] = "output"):
+def finite_checked(*names: str, outputs: str | Sequence[str] = "output", op: str | None = None):
     """Decorator for a functional op: when :class:`check_finite` is on, check the tensor arguments
-    ``names`` (positional order, or by keyword) before the op and its result after it."""
+    ``names`` (positional order, or by keyword) before the op and its result after it. Errors name
+    the op ``op`` (default: the function's name)."""
 
     def wrap(fn):
-        op = fn.__name__
+        name_of_op = op or fn.__name__
 
         @functools.wraps(fn)
         def checked(*args, **kwargs):
             if not _FINITE_CHECK[0]:
                 return fn(*args, **kwargs)
             for name, value in zip(names, args):
-                assert_finite(op, f"input {name!r}", value)
+                assert_finite(name_of_op, f"input {name!r}", value)
             for name in names[len(args):]:
                 if name in kwargs:
-                    assert_finite(op, f"input {name!r}", kwargs[name])
+                    assert_finite(name_of_op, f"input {name!r}", kwargs[name])
             out = fn(*args, **kwargs)
             if isinstance(out, tuple) and not isinstance(outputs, str):
                 for name, value in zip(outputs, out):
-                    assert_finite(op, f"output {name!r}", value)
+                    assert_finite(name_of_op, f"output {name!r}", value)
             else:
-                assert_finite(op, f"output {outputs!r}", out)
+                assert_finite(name_of_op, f"output {outputs!r}", out)
             return out
 
         return checked

@@ -34,8 +34,16 @@ from ._validate import (
     compute_dtype,
     finite_checked,
 )
-from .ops import resolve_backend
-from .ops.autograd import CoeffsFunction, CoeffsPreFunction, PostResFunction, PreFunction, SinkhornFunction
+from .ops import cpu, resolve_backend
+from .ops.autograd import (
+    CoeffsCarryFunction,
+    CoeffsFunction,
+    CoeffsPreFunction,
+    PostCarryFunction,
+    PostResFunction,
+    PreFunction,
+    SinkhornFunction,
+)
 from .reference import DEFAULT_RMS_EPS
 
 __all__ = [
@@ -132,6 +140,31 @@ def mhc_coeffs_pre(
     _check_mhc(x, phi, bias, alpha, iters)
     dt = compute_dtype(x, phi)
     return CoeffsPreFunction.apply(x, phi.to(dt), bias.to(dt), alpha.to(dt), iters, rms_eps)
+
+
+# ---- one sublayer on the compiled CPU kernels (private to HyperConnection; see CoeffsCarryFunction) ----
+
+
+def _carry_ok(x: Tensor, phi: Tensor, backend: str) -> bool:
+    """Whether :func:`_mhc_read_carry` can run: the ``torch`` backend with the compiled CPU kernels
+    on streams of phi's dtype (float32 / float64), outside ``torch.compile``."""
+    return cpu.available(x, phi, n=x.shape[-2]) and resolve_backend(backend, x, phi) == "torch"
+
+
+@finite_checked("x", "phi", "bias", "alpha", outputs=("u", "h_pre", "h_post", "h_res", "carrier"), op="mhc_coeffs_pre")
+def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iters: int, rms_eps: float):
+    """:func:`mhc_coeffs_pre` plus the carrier that :func:`_mhc_write_carry` takes in place of ``x``:
+    ``(u, h_pre, h_post, h_res, carrier)``. Only where :func:`_carry_ok`."""
+    _check_mhc(x, phi, bias, alpha, iters)
+    dt = phi.dtype
+    return CoeffsCarryFunction.apply(x, phi, bias.to(dt), alpha.to(dt), iters, rms_eps)
+
+
+@finite_checked("x", "y", "h_post", "h_res", outputs="x_new", op="mhc_post_res")
+def _mhc_write_carry(carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """:func:`mhc_post_res` on the carrier of :func:`_mhc_read_carry` (same h_post / h_res)."""
+    check_coefficient(y, "y", carrier.shape[:-2] + carrier.shape[-1:])
+    return PostCarryFunction.apply(carrier, y, h_post, h_res)
 
 
 @finite_checked("x", "h_pre", outputs="u")

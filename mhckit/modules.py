@@ -97,6 +97,15 @@ class DynamicCoefficients(nn.Module):
         h_pre, h_post, h_res = self(x)
         return F.mhc_pre(x, h_pre, backend=cfg.backend), h_pre, h_post, h_res
 
+    def read_carry(self, x: Tensor):
+        """``(u, h_pre, h_post, h_res, carrier)`` when mHC runs on the compiled CPU kernels (the
+        write-back then takes ``carrier`` and its stream gradient joins the coefficient backward;
+        see :class:`mhckit.ops.autograd.CoeffsCarryFunction`), else None."""
+        cfg = self.cfg
+        if not isinstance(self.constraint, SinkhornConstraint) or not F._carry_ok(x, self.phi, cfg.backend):
+            return None
+        return F._mhc_read_carry(x, self.phi, self.bias, self.alpha, iters=cfg.sinkhorn_iters, rms_eps=cfg.rms_eps)
+
     def forward(self, x: Tensor) -> Coefficients:
         cfg = self.cfg
         if isinstance(self.constraint, SinkhornConstraint):
@@ -240,8 +249,13 @@ class HyperConnection(nn.Module):
         if self.coeffs is None:  # plain residual: u is the single stream
             return x.squeeze(-2), lambda y: x + y.unsqueeze(-2)
         backend = self.cfg.backend
+        carrier = None
         if isinstance(self.coeffs, DynamicCoefficients):
-            u, h_pre, h_post, h_res = self.coeffs.read(x)
+            carried = self.coeffs.read_carry(x)
+            if carried is not None:
+                u, h_pre, h_post, h_res, carrier = carried
+            else:
+                u, h_pre, h_post, h_res = self.coeffs.read(x)
         else:
             h_pre, h_post, h_res = self.coeffs(x)
             u = F.mhc_pre(x, h_pre, backend=backend)
@@ -251,6 +265,8 @@ class HyperConnection(nn.Module):
         def finish(y: Tensor) -> Tensor:
             if h_res is None:
                 out = F.residual_update(x, y, h_post)
+            elif carrier is not None:
+                out = F._mhc_write_carry(carrier, y, h_post, h_res)
             else:
                 out = F.mhc_post_res(x, y, h_post, h_res, backend=backend)
             rc = recompute.active()

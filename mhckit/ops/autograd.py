@@ -332,6 +332,93 @@ class CoeffsPreFunction(torch.autograd.Function):
         return grad_x, grad_phi, grad_bias, grad_alpha, None, None
 
 
+# ----------------------------------------------------------------------------------------------
+# One sublayer on the compiled CPU kernels: the write-back's x-side backward joins the coefficients'
+# ----------------------------------------------------------------------------------------------
+# With CoeffsPreFunction + PostResFunction the backward makes 8 passes over [T, n, C] stream tensors:
+# write-back: read g, read x, write dx;  coefficients: read x, write dx';  autograd: dx + dx' (read 2,
+# write 1). The pair below moves the write-back's x-side work (dx = h_res^T g, dh_res = <g[k], x[j]>)
+# into the coefficient backward, which reads x anyway: write-back: read g (dy, dh_post); coefficients:
+# read g, read x, write dx (the read's and the norm's terms included) -- 4 passes, one dx allocation.
+# The write-back's output gradient g reaches the coefficient backward along an extra output of
+# CoeffsCarryFunction, the `carrier` (an alias of x that only PostCarryFunction consumes): the
+# gradient sent along it is g itself, not a gradient of x. Autograd sums it over several write-backs
+# of one read, which is right: what the coefficient backward does with it is linear in g given x.
+# Private to HyperConnection (which pairs them); the public ops keep their own Functions.
+
+
+class CoeffsCarryFunction(torch.autograd.Function):
+    """:class:`CoeffsPreFunction` plus the carrier for :class:`PostCarryFunction`: returns
+    ``(u, h_pre, h_post, h_res, carrier)``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
+        h_pre, h_post, h_res, r, z, u = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps, True)
+        lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+        ctx.save_for_backward(x, phi, bias, alpha, r, z)
+        ctx.iters, ctx.rms_eps = iters, rms_eps
+        return (u.reshape(*lead, c), h_pre.reshape(*lead, n), h_post.reshape(*lead, n),
+                h_res.reshape(*lead, n, n), x.view_as(x))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_u: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor, g_out: Tensor):
+        saved = ctx.saved_tensors  # read once: torch.utils.checkpoint allows a single unpack
+        x, phi, bias, alpha, r, z = saved
+        n, c = x.shape[-2], x.shape[-1]
+        need = ctx.needs_input_grad
+        x3 = x.reshape(-1, n, c)
+        if cpu.available(x, phi, z, n=n):
+            gu = None if g_u is None else g_u.reshape(-1, c)
+            grad_x, grad_phi, grad_bias, grad_alpha = cpu.coeffs_bwd(
+                x3, gu, z, r, phi, bias, alpha, g_pre, g_post, g_res, ctx.iters, need[0], need[1], g_out=g_out
+            )
+        else:  # the kernels were switched off between forward and backward: the same sums in PyTorch ops
+            g3 = h_res = None
+            if g_out is not None:
+                g3 = g_out.reshape(-1, n, c).to(phi.dtype)
+                dres = _contract(g3, *x3.unbind(-2))  # <g[k], x[j]>
+                g_res = dres if g_res is None else g_res.reshape(-1, n, n).to(dres.dtype) + dres
+                h_res = _coeffs_forward(x, phi, bias, alpha, ctx.iters, ctx.rms_eps, False)[2]
+            grad_x, grad_phi, grad_bias, grad_alpha = _coeffs_backward(
+                saved, ctx.iters, g_u, g_pre, g_post, g_res, need[0], need[1]
+            )
+            if grad_x is not None and g3 is not None:
+                grad_x = _mix(h_res.transpose(-1, -2), g3, grad_x)
+        grad_x = grad_x.reshape(x.shape).to(x.dtype) if grad_x is not None else None
+        return grad_x, grad_phi, grad_bias, grad_alpha, None, None
+
+
+class PostCarryFunction(torch.autograd.Function):
+    """The write-back ``h_res x + h_post y`` on the carrier of :class:`CoeffsCarryFunction`: its
+    backward computes ``dy`` and ``dh_post`` and sends the output gradient itself back along the
+    carrier (``dx`` and ``dh_res`` are the coefficient backward's)."""
+
+    @staticmethod
+    def forward(ctx, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+        ctx.save_for_backward(y, h_post)
+        if cpu.available(carrier, y, h_post, h_res, n=carrier.shape[-2]):
+            return cpu.post_res_fwd(carrier, y, h_post, h_res)
+        dt = h_res.dtype
+        out = h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)
+        return _mix(h_res, carrier, out).to(carrier.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        y, h_post = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if cpu.available(g, y, h_post, n=g.shape[-2]):
+            grad_y, grad_post = cpu.post_bwd(y, h_post, g, need[1], need[2])
+        else:
+            dt = h_post.dtype
+            g2 = g.to(dt)
+            grad_y = _mix(h_post.unsqueeze(-2), g2).squeeze(-2) if need[1] else None
+            grad_post = _contract(g2, y).squeeze(-1) if need[2] else None
+        grad_y = grad_y.to(y.dtype) if grad_y is not None else None
+        return (g if need[0] else None), grad_y, grad_post, None
+
+
 def _gates(alpha: Tensor, n: int, k: int) -> Tensor:
     """``[K]`` per-column gate: ``alpha[0]`` on pre, ``alpha[1]`` on post, ``alpha[2]`` on res."""
     a = alpha.to(torch.promote_types(alpha.dtype, torch.float32))

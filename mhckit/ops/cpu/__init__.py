@@ -6,7 +6,9 @@ At small widths the CPU cost of mHC is not arithmetic but the number of PyTorch 
 of dispatch on tensors of a few thousand elements). ``mhc_cpu.c`` does the same arithmetic token
 by token in one pass (forward; the backward recomputes the iterates per token, nothing stored),
 one C call per sublayer for the coefficients and the read (:func:`coeffs_fwd`, :func:`coeffs_bwd`)
-and one for the write-back.
+and one for the write-back. Inside :class:`mhckit.HyperConnection` the write-back's backward only
+computes ``dy`` and ``dh_post`` (:func:`post_bwd`); its ``dx`` and ``dh_res`` are made by
+:func:`coeffs_bwd` in the pass that reads the streams anyway (``g_out``).
 
 The library is compiled on first use with the system C compiler (``$CC``, else ``cc`` / ``gcc``
 / ``clang``), with OpenMP when the compiler has it, into a cache directory
@@ -36,13 +38,13 @@ import torch
 
 __all__ = [
     "available", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
-    "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "coeffs_fwd", "coeffs_bwd", "MAX_STREAMS",
+    "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "post_bwd", "coeffs_fwd", "coeffs_bwd", "MAX_STREAMS",
 ]
 
 MAX_STREAMS = 8
 _SOURCE = Path(__file__).with_name("mhc_cpu.c")
 _SOURCES = (_SOURCE, _SOURCE.with_name("mhc_cpu_impl.h"))
-_ABI = 4
+_ABI = 5
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "lib": CDLL | None, "why": str | None, "path": str
 
@@ -145,8 +147,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"mhc_post_res_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, p, i64, i32, i64, i32]
         getattr(lib, f"mhc_coeffs_fwd_{suf}").argtypes = [p, p, p, p, p, ctypes.c_double, p, p, p, p, p, i64, i32,
                                                           i64, i32, i32]
-        getattr(lib, f"mhc_coeffs_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i64, i32,
-                                                          i64, i32, i32]
+        getattr(lib, f"mhc_coeffs_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i64,
+                                                          i32, i64, i32, i32]
 
 
 def status() -> dict[str, object]:
@@ -185,15 +187,20 @@ def available(*tensors: torch.Tensor, n: int) -> bool:
     return _load() is not None
 
 
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()  # ctypes passes an int as the c_void_p argument
+
+
+_FNS: dict[tuple[str, torch.dtype], object] = {}  # (kernel, dtype) -> the ctypes function
 
 
 def _call(name: str, dtype: torch.dtype, *args) -> None:
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"mhckit CPU kernel {name}: the compiled kernels are unavailable ({_STATE.get('why')})")
-    fn = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
+    fn = _FNS.get((name, dtype))
+    if fn is None:
+        lib = _load()
+        if lib is None:
+            raise RuntimeError(f"mhckit CPU kernel {name}: the compiled kernels are unavailable ({_STATE.get('why')})")
+        fn = _FNS[(name, dtype)] = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
     err = fn(*args)
     if err:
         raise RuntimeError(f"mhckit CPU kernel {name} failed (code {err}: 1 bad n/iters, 2 out of memory)")
@@ -308,6 +315,18 @@ def post_res_bwd(x, y, h_post, h_res, g, need: tuple[bool, bool, bool, bool]):
     return gx, gy, gp, gr
 
 
+def post_bwd(y: torch.Tensor, h_post: torch.Tensor, g: torch.Tensor, need_y: bool, need_post: bool):
+    """``(dy, dh_post)`` (None where not needed) of :func:`post_res_fwd`: the part of its backward
+    that does not read ``x`` (one pass over ``g``)."""
+    n, c, dt = g.shape[-2], g.shape[-1], g.dtype
+    y2, hp, g3 = _c(y.reshape(-1, c), dt), _c(h_post.reshape(-1, n), dt), _c(g.reshape(-1, n, c), dt)
+    gy = torch.empty(y.shape, dtype=dt) if need_y else None
+    gp = torch.empty(h_post.shape, dtype=dt) if need_post else None
+    _call("mhc_post_res_bwd", dt, None, _ptr(y2), _ptr(hp), None, _ptr(g3), None, _ptr(gy), _ptr(gp), None,
+          g3.shape[0], n, c, torch.get_num_threads())
+    return gy, gp
+
+
 # ---- mHC coefficients: RMS, projection, tail and the branch read in one call each way -------------
 
 
@@ -338,9 +357,10 @@ def coeffs_fwd(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, gates: to
 
 
 def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor,
-               gates: torch.Tensor, g_pre, g_post, g_res, iters: int, need_x: bool, need_phi: bool):
+               gates: torch.Tensor, g_pre, g_post, g_res, iters: int, need_x: bool, need_phi: bool, g_out=None):
     """``(gx [T, n, C] or None, dphi [nC, K] or None, dbias [K], dalpha [3])`` of the coefficients
-    (and, with ``gu``, of the read ``u``); see ``mhc_cpu_impl.h``."""
+    (and, with ``gu``, of the read ``u``; with ``g_out`` [T, n, C], the output gradient of the
+    write-back ``h_res x + h_post y``, of that write-back's ``x`` and ``h_res``); see ``mhc_cpu_impl.h``."""
     t, n, c = x.shape
     dt = x.dtype
     k = z.shape[-1]
@@ -351,12 +371,13 @@ def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, phi: torch
         return None if g is None else g.reshape(t, w).to(dt).contiguous()
 
     gu, g_pre, g_post, g_res = flat(gu, c), flat(g_pre, n), flat(g_post, n), flat(g_res, n * n)
+    g_out = flat(g_out, n * c)
     here = n * c <= PROJECT_MAX_WIDTH  # the matmuls with phi in the kernel, else in BLAS below
     gzr = None if here else torch.empty(t, k, dtype=dt)
     gx = torch.empty(t, n, c, dtype=dt) if need_x else None
     dphi = torch.empty(n * c, k, dtype=dt) if here and need_phi else None
     dbias, dalpha = torch.empty(k, dtype=dt), torch.empty(3, dtype=dt)
-    _call("mhc_coeffs_bwd", dt, _ptr(x3), _ptr(gu), _ptr(z), _ptr(r), _ptr(bias), _ptr(gates), _ptr(g_pre),
+    _call("mhc_coeffs_bwd", dt, _ptr(x3), _ptr(gu), _ptr(g_out), _ptr(z), _ptr(r), _ptr(bias), _ptr(gates), _ptr(g_pre),
           _ptr(g_post), _ptr(g_res), _ptr(phi if here else None), _ptr(gzr), _ptr(gx), _ptr(dphi), _ptr(dbias),
           _ptr(dalpha), t, n, c, iters, torch.get_num_threads())
     if not here:

@@ -15,10 +15,14 @@
  *     M = softmax_col(L)        =>  dL/dL = M * (g - sum_col(g * M))
  *
  * Tokens are processed in blocks of W = 8 lanes (entry i of an n x n block for 8 tokens side by
- * side), so that every step of the Sinkhorn is an 8-wide vector operation, divisions included.
- * The coefficient kernels (mhc_coeffs_fwd / _bwd) work on the same blocks: the block's stream rows
- * are read from memory once and the projection matmuls, the tail and the read run on them from
- * cache (matmuls as 4-token x 24-column register blocks; per-thread dphi summed at the end).
+ * side), so that every step of the Sinkhorn is an 8-wide vector operation, divisions included; the
+ * forward without kept iterates runs two such blocks side by side (SB = 16 tokens) to hide the
+ * latency of each step's sum -> divide -> scale chain.
+ * The coefficient kernels (mhc_coeffs_fwd / _bwd) work on blocks of SB tokens: the block's stream
+ * rows are read from memory once and the projection matmuls, the tail and the read run on them from
+ * cache (matmuls as 4-token x 24-column register blocks; per-thread dphi summed at the end). The
+ * backward can also take the output gradient of the sublayer's write-back and then produces that
+ * write-back's dx and dh_res in the same pass (see mhckit/ops/autograd.py, CoeffsCarryFunction).
  *
  * Layout: token t's K = 2n + n^2 coefficient logits at row t of a [T, ld] array:
  *     [pre (n) | post (n) | res (n x n, row k = output stream, col j = input stream)].
@@ -34,7 +38,9 @@
 #endif
 
 #define MAXN 8 /* streams */
-#define W 8    /* tokens per block (vector lanes); the shuffles in FN(reduce8) assume 8 */
+#define W 8    /* vector lanes; the shuffles in FN(reduce8) assume 8 */
+#define H 2    /* vectors per Sinkhorn entry */
+#define SB (H * W) /* tokens per block of the coefficient kernels (Sinkhorn lanes) */
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SUFFIX)
@@ -67,7 +73,7 @@
 #undef TINY
 #undef EXP
 
-int mhc_abi_version(void) { return 4; }
+int mhc_abi_version(void) { return 5; }
 
 int mhc_openmp(void) {
 #ifdef _OPENMP

@@ -1,0 +1,171 @@
+"""The sublayer pair on the compiled CPU kernels (CoeffsCarryFunction + PostCarryFunction): the
+write-back's stream gradient joins the coefficient backward. Checked against the unfused pair
+(CoeffsPreFunction + PostResFunction), the PyTorch ops and the reference, every gradient."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from mhckit import reference
+from mhckit.modules import DynamicCoefficients, HyperConnection
+from mhckit.ops import cpu
+from mhckit.ops.autograd import CoeffsCarryFunction, PostCarryFunction
+
+HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
+
+
+def _close(a, b, dt):
+    tol = dict(rtol=2e-5, atol=2e-6) if dt == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(a, b, **tol)
+
+
+def _layer(n, c, dt, seed=0):
+    torch.manual_seed(seed)
+    hc = HyperConnection(c, torch.nn.Linear(c, c), variant="mhc", n_streams=n, init="identity").to(dt)
+    with torch.no_grad():  # away from the start, so that every term of the gradient is non-trivial
+        hc.coeffs.phi.normal_(0, 0.3)
+        hc.coeffs.bias.normal_(0, 0.5)
+        hc.coeffs.alpha.uniform_(0.5, 1.5)
+    return hc
+
+
+def _no_carry(hc):
+    """The same layer forced onto the unfused pair."""
+    for m in hc.modules():
+        if isinstance(m, DynamicCoefficients):
+            m.read_carry = lambda x: None
+
+
+def _case(n, c, lead, dt, seed=0):
+    """A layer, its input streams and an output gradient."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(*lead, n, c, generator=gen, dtype=dt, requires_grad=True)
+    return _layer(n, c, dt, seed), x, torch.randn(*lead, n, c, generator=gen, dtype=dt)
+
+
+def _grads(hc, x, g, twice=False):
+    for p in [x, *hc.parameters()]:
+        p.grad = None
+    if twice:  # two write-backs of one read (the carrier's gradients are summed by autograd)
+        u, finish = hc.split(x)
+        y = hc.branch(u)
+        out = finish(y) + 0.5 * finish(y.flip(-1))
+    else:
+        out = hc(x)
+    out.backward(g)
+    return [out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in hc.parameters()]
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,c,lead", [(2, 8, (3,)), (3, 13, (2, 5)), (4, 64, (37,)), (4, 67, (9,)), (8, 20, (17,))])
+def test_carry_matches_the_unfused_pair(dt, n, c, lead):
+    hc, x, g = _case(n, c, lead, dt)
+    assert hc.coeffs.read_carry(x) is not None  # the carry path is the one taken here
+    fast = _grads(hc, x, g)
+    _no_carry(hc)
+    slow = _grads(hc, x, g)
+    for a, b in zip(fast, slow):
+        _close(a, b, dt)
+
+
+def test_carry_matches_the_reference_with_two_write_backs_of_one_read():
+    dt = torch.float64
+    hc, x, g = _case(4, 16, (11,), dt, seed=1)
+    fast = _grads(hc, x, g, twice=True)
+    hc.cfg = hc.coeffs.cfg = dataclasses.replace(hc.cfg, backend="reference")
+    assert hc.coeffs.read_carry(x) is None
+    ref = _grads(hc, x, g, twice=True)
+    for a, b in zip(fast, ref):
+        _close(a, b, dt)
+
+
+def test_kernels_switched_off_between_forward_and_backward():
+    """The carry Functions' PyTorch fallback gives the same gradients."""
+    dt = torch.float64
+    hc, x, g = _case(3, 12, (7,), dt, seed=2)
+    fast = _grads(hc, x, g)
+    for p in [x, *hc.parameters()]:
+        p.grad = None
+    out = hc(x)
+    with cpu.disabled():
+        out.backward(g)
+    for a, b in zip(fast[1:], [x.grad] + [p.grad for p in hc.parameters()]):
+        _close(a, b, dt)
+
+
+@pytest.mark.parametrize("frozen", ["x", "phi", "branch_only"])
+def test_carry_with_frozen_inputs(frozen):
+    dt = torch.float64
+    hc, x, g = _case(4, 8, (9,), dt, seed=3)
+    x.requires_grad_(frozen != "x")
+    if frozen == "phi":
+        hc.coeffs.phi.requires_grad_(False)
+    if frozen == "branch_only":
+        for p in hc.coeffs.parameters():
+            p.requires_grad_(False)
+
+    def run():
+        for p in [x, *hc.parameters()]:
+            p.grad = None
+        hc(x).backward(g)
+        return [t.grad for t in [x, *hc.parameters()]]
+
+    fast = run()
+    _no_carry(hc)
+    slow = run()
+    for a, b in zip(fast, slow):
+        assert (a is None) == (b is None)
+        if a is not None:
+            _close(a, b, dt)
+
+
+def test_gradcheck_through_the_carry_pair():
+    dt = torch.float64
+    n, c = 3, 4
+    k = 2 * n + n * n
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, n, c, generator=gen, dtype=dt, requires_grad=True)
+    phi = (torch.randn(n * c, k, generator=gen, dtype=dt) * 0.5).requires_grad_()
+    bias = torch.randn(k, generator=gen, dtype=dt).requires_grad_()
+    alpha = (torch.rand(3, generator=gen, dtype=dt) + 0.5).requires_grad_()
+    w = torch.randn(c, c, generator=gen, dtype=dt)
+
+    def sublayer(x, phi, bias, alpha):
+        u, h_pre, h_post, h_res, carrier = CoeffsCarryFunction.apply(x, phi, bias, alpha, 7, 1e-6)
+        return PostCarryFunction.apply(carrier, torch.tanh(u @ w), h_post, h_res)
+
+    assert torch.autograd.gradcheck(sublayer, (x, phi, bias, alpha))
+
+
+def test_read_only_without_write_back():
+    """No write-back: the carrier gets no gradient and the read alone is differentiated."""
+    dt = torch.float64
+    hc = _layer(4, 8, dt, seed=5)
+    x = torch.randn(6, 4, 8, dtype=dt, requires_grad=True)
+    u, _ = hc.split(x)
+    u.square().sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    co = hc.coeffs
+    reference.mhc_pre(x, reference.mhc_coeffs(x, co.phi, co.bias, co.alpha)[0]).square().sum().backward()
+    _close(gx, x.grad, dt)
+
+
+@pytest.mark.parametrize("n,c", [(1, 7), (4, 64), (3, 13)])
+def test_post_bwd_matches_the_full_write_back_backward(n, c):
+    dt = torch.float64
+    x, y, g = torch.randn(5, n, c, dtype=dt), torch.randn(5, c, dtype=dt), torch.randn(5, n, c, dtype=dt)
+    h_post, h_res = torch.rand(5, n, dtype=dt), torch.rand(5, n, n, dtype=dt)
+    _, gy, gp, _ = cpu.post_res_bwd(x, y, h_post, h_res, g, (False, True, True, False))
+    for need in [(True, True), (True, False), (False, True)]:
+        dy, dp = cpu.post_bwd(y, h_post, g, *need)
+        assert (dy is None) != need[0] and (dp is None) != need[1]
+        if need[0]:
+            _close(dy, gy, dt)
+        if need[1]:
+            _close(dp, gp, dt)
