@@ -55,9 +55,10 @@ def step_fn(model, opt, tokens, device, cpu_kernels: bool = True):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
 
     def step():
-        with autocast, (contextlib.nullcontext() if cpu_kernels else cpu.disabled()):
-            _, loss = model(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
+        with contextlib.nullcontext() if cpu_kernels else cpu.disabled():  # forward and backward
+            with autocast:
+                _, loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
