@@ -13,6 +13,9 @@
  * rows last. The backward recomputes the iterates per token and walks them in reverse:
  *     y = x / c, c = sum_d(x)   =>  dL/dx = (g - [c unclamped] * sum_d(g * y)) / c
  *     M = softmax_col(L)        =>  dL/dL = M * (g - sum_col(g * M))
+ * keeping per block only the rows steps' iterates and every step's reciprocal divisor (its sign
+ * bit marks a clamped one); a columns step's iterate is recomputed as rows iterate x reciprocal,
+ * the same product as in the forward, so the gradient uses bitwise the forward's iterates.
  *
  * Tokens are processed in blocks of W = 8 lanes (entry i of an n x n block for 8 tokens side by
  * side), so that every step of the Sinkhorn is an 8-wide vector operation, divisions included; the
@@ -39,8 +42,8 @@
 
 #define MAXN 8 /* streams */
 #define W 8    /* vector lanes; the shuffles in FN(reduce8) assume 8 */
-#define H 2    /* vectors per Sinkhorn entry */
-#define SB (H * W) /* tokens per block of the coefficient kernels (Sinkhorn lanes) */
+#define HH_ 2  /* vectors per Sinkhorn entry in the forward that keeps nothing */
+#define SB (HH_ * W) /* tokens per block of the coefficient kernels */
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SUFFIX)

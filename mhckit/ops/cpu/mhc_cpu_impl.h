@@ -46,10 +46,10 @@ static inline VT FN(vexp)(VT x) {
 #define VEXP FN(vexp)
 
 /* A Sinkhorn step depends on the one before (sum -> divide -> scale), so one vector per entry leaves
- * the core waiting on latencies. The forward without kept iterates therefore runs HH = 2 blocks of
- * W tokens side by side (entry i of the block is m[i * HH + h], SB = 2W tokens; ~1.15-1.8x faster
- * per token, measured); the kept-iterate forward and the backward run HH = 1 (their kept iterates
- * for 2W tokens would not fit in L1). */
+ * the core waiting on latencies. The forward that keeps nothing runs HH = 2 blocks of W tokens side
+ * by side (entry i of the block is m[i * HH + h]; SB = 2W tokens); the kept-iterate forward and the
+ * backward run HH = 1 (measured faster there: their stores and loads of the kept iterates fill the
+ * gaps, and two blocks' worth would not stay in L1). */
 
 /* s = sum of p[0..n): (p0 + p1) + (p2 + p3) for n = 4 (a shorter dependency chain), else in order */
 static inline __attribute__((always_inline)) VT FN(vsum)(const VT *p, const int n) {
@@ -61,10 +61,11 @@ static inline __attribute__((always_inline)) VT FN(vsum)(const VT *p, const int 
 
 /* One normalisation: ROWS (a compile-time constant, so that the n x n entries are addressed at fixed
  * offsets) divides every row k by its sum over j, else every column j by its sum over k.
- * keep (ys != NULL; HH = 1): the iterate, the reciprocal of the clamped divisor and the unclamped
- * mask of step st. */
+ * keep (cs != NULL): the reciprocal of the clamped divisor of step st, negated where the divisor
+ * was clamped (the backward reads "unclamped" from the sign bit), and after a rows step the
+ * iterate (the columns step's iterate is that times its reciprocals, recomputed in backward). */
 static inline __attribute__((always_inline)) void FN(skb_step)(VT *m, const int n, const int ROWS, const int HH,
-                                                                int st, VT *ys, VT *cs, VT *oks) {
+                                                                int st, VT *ys, VT *cs) {
     const VT zero = {0}, tiny = zero + TINY, one = zero + 1;
     for (int a = 0; a < n; a++)
         for (int h = 0; h < HH; h++) {
@@ -73,20 +74,17 @@ static inline __attribute__((always_inline)) void FN(skb_step)(VT *m, const int 
             const VT s = FN(vsum)(p, n);
             const VT r = one / VSEL(s >= tiny, s, tiny); /* reciprocal of the clamped divisor */
             for (int b = 0; b < n; b++) m[(ROWS ? a * n + b : b * n + a) * HH + h] *= r;
-            if (ys) {
-                cs[st * n + a] = r;
-                oks[st * n + a] = VSEL(s >= tiny, one, zero);
-            }
+            if (cs) cs[(st * n + a) * HH + h] = VSEL(s >= tiny, r, -r);
         }
-    if (ys) memcpy(ys + (size_t)st * n * n, m, sizeof(VT) * n * n);
+    if (cs && ROWS) memcpy(ys + (size_t)(st / 2) * n * n * HH, m, sizeof(VT) * n * n * HH);
 }
 
 /* Softmax over each column, then 2 iters - 1 alternating normalisations (rows first, rows last), on
- * HH vectors per entry. keep (ys != NULL, HH = 1): m0 = the softmax output; per step s the iterate,
- * the reciprocal of the clamped divisor and the unclamped mask (1 or 0). Dividing by c is done as
- * one reciprocal and n products (differs from x / c by at most ~1 ulp). */
+ * HH vectors per entry. keep (cs != NULL): m0 = the softmax output, ys[iters] the rows steps'
+ * iterates, cs[steps] the signed reciprocals. Dividing by c is done as one reciprocal and n products
+ * (differs from x / c by at most ~1 ulp). */
 static inline __attribute__((always_inline)) void FN(skb_fwd_n)(VT *m, const int n, const int HH, int iters, VT *m0,
-                                                                 VT *ys, VT *cs, VT *oks) {
+                                                                 VT *ys, VT *cs) {
     const int steps = 2 * iters - 1;
     for (int j = 0; j < n; j++)
         for (int h = 0; h < HH; h++) {
@@ -99,100 +97,112 @@ static inline __attribute__((always_inline)) void FN(skb_fwd_n)(VT *m, const int
         }
     if (m0) memcpy(m0, m, sizeof(VT) * n * n * HH);
     for (int st = 0; st < steps; st += 2) { /* rows, then columns (except after the last rows) */
-        FN(skb_step)(m, n, 1, HH, st, ys, cs, oks);
-        if (st + 1 < steps) FN(skb_step)(m, n, 0, HH, st + 1, ys, cs, oks);
+        FN(skb_step)(m, n, 1, HH, st, ys, cs);
+        if (st + 1 < steps) FN(skb_step)(m, n, 0, HH, st + 1, ys, cs);
     }
 }
 
-/* The reverse of one kept step st (ROWS compile-time, as in FN(skb_step)) on the gradient g. */
-static inline __attribute__((always_inline)) void FN(skb_step_bwd)(VT *g, const int n, const int ROWS, int st,
-                                                                    const VT *ys, const VT *cs, const VT *oks) {
-    const VT *y = ys + (size_t)st * n * n, *c = cs + st * n, *ok = oks + st * n;
-    for (int a = 0; a < n; a++) {
-        VT p[MAXN];
-        for (int b = 0; b < n; b++) {
-            const int i = ROWS ? a * n + b : b * n + a;
-            p[b] = g[i] * y[i];
+/* The reverse of kept step st (ROWS compile-time) on the gradient g:
+ *     g = (g - [unclamped] sum_d(g * y)) * c. */
+static inline __attribute__((always_inline)) void FN(skb_step_bwd)(VT *g, const int n, const int ROWS, const int HH,
+                                                                    int st, const VT *ys, const VT *cs) {
+    const VT *y = ys + (size_t)(st / 2) * n * n * HH, *c = cs + st * n * HH, zero = {0};
+    for (int a = 0; a < n; a++)
+        for (int h = 0; h < HH; h++) {
+            const VT cv = c[a * HH + h];
+            const IV ok = (IV)cv >= (IV)zero; /* sign bit clear: the divisor was not clamped */
+            const VT ca = VSEL(ok, cv, -cv);
+            VT acc = zero;
+            for (int b = 0; b < n; b++) {
+                const int i = (ROWS ? a * n + b : b * n + a) * HH + h;
+                acc += g[i] * (ROWS ? y[i] : y[i] * ca); /* a columns step's iterate, as its forward made it */
+            }
+            const VT d = VSEL(ok, acc, zero); /* a clamped divisor is a constant: no term through it */
+            for (int b = 0; b < n; b++) {
+                const int i = (ROWS ? a * n + b : b * n + a) * HH + h;
+                g[i] = (g[i] - d) * ca;
+            }
         }
-        const VT d = FN(vsum)(p, n) * ok[a]; /* a clamped divisor is a constant: no term through it */
-        for (int b = 0; b < n; b++) {
-            const int i = ROWS ? a * n + b : b * n + a;
-            g[i] = (g[i] - d) * c[a];
-        }
-    }
 }
 
 /* Reverse walk over the kept iterates: g (the gradient of the output) -> dL/dlogits, in place. */
-static inline __attribute__((always_inline)) void FN(skb_bwd_n)(VT *g, const int n, int iters, const VT *m0,
-                                                                 const VT *ys, const VT *cs, const VT *oks) {
+static inline __attribute__((always_inline)) void FN(skb_bwd_n)(VT *g, const int n, const int HH, int iters,
+                                                                 const VT *m0, const VT *ys, const VT *cs) {
     const int steps = 2 * iters - 1;
     for (int st = steps - 1; st >= 0; st -= 2) { /* steps - 1 is a rows step; then columns, rows, ... */
-        FN(skb_step_bwd)(g, n, 1, st, ys, cs, oks);
-        if (st >= 1) FN(skb_step_bwd)(g, n, 0, st - 1, ys, cs, oks);
+        FN(skb_step_bwd)(g, n, 1, HH, st, ys, cs);
+        if (st >= 1) FN(skb_step_bwd)(g, n, 0, HH, st - 1, ys, cs);
     }
-    for (int j = 0; j < n; j++) {
-        VT p[MAXN];
-        for (int k = 0; k < n; k++) p[k] = g[k * n + j] * m0[k * n + j];
-        const VT d = FN(vsum)(p, n);
-        for (int k = 0; k < n; k++) g[k * n + j] = m0[k * n + j] * (g[k * n + j] - d);
-    }
+    for (int j = 0; j < n; j++)
+        for (int h = 0; h < HH; h++) {
+            VT p[MAXN];
+            for (int k = 0; k < n; k++) p[k] = g[(k * n + j) * HH + h] * m0[(k * n + j) * HH + h];
+            const VT d = FN(vsum)(p, n);
+            for (int k = 0; k < n; k++) {
+                const int i = (k * n + j) * HH + h;
+                g[i] = m0[i] * (g[i] - d);
+            }
+        }
 }
 
-/* Entry points with n = 4 (the paper's) as its own compile-time copy:
- * skb_fwd2: forward of SB = 2W tokens, m[nn][SB] (nothing kept);
- * skb_fwd / skb_bwd: kept-iterate forward and backward of W tokens, rows of W lanes. */
+/* Entry points, n = 4 (the paper's) as its own compile-time copy: skb_fwd2 keeps nothing (rows of SB
+ * lanes, HH = 2); skb_fwd / skb_bwd keep the iterates in / read them from the scratch (rows of W
+ * lanes, HH = 1). */
 static void FN(skb_fwd2)(T (*m)[SB], int n, int iters) {
-    if (n == 4) FN(skb_fwd_n)((VT *)m, 4, 2, iters, NULL, NULL, NULL, NULL);
-    else FN(skb_fwd_n)((VT *)m, n, 2, iters, NULL, NULL, NULL, NULL);
+    if (n == 4) FN(skb_fwd_n)((VT *)m, 4, 2, iters, NULL, NULL, NULL);
+    else FN(skb_fwd_n)((VT *)m, n, 2, iters, NULL, NULL, NULL);
 }
 
-static void FN(skb_fwd)(T (*m)[W], int n, int iters, T (*m0)[W], T (*ys)[W], T (*cs)[W], T (*oks)[W]) {
-    if (n == 4) FN(skb_fwd_n)((VT *)m, 4, 1, iters, (VT *)m0, (VT *)ys, (VT *)cs, (VT *)oks);
-    else FN(skb_fwd_n)((VT *)m, n, 1, iters, (VT *)m0, (VT *)ys, (VT *)cs, (VT *)oks);
+static void FN(skb_fwd)(T (*m)[W], int n, int iters, T (*m0)[W], T (*ys)[W], T (*cs)[W]) {
+    if (n == 4) FN(skb_fwd_n)((VT *)m, 4, 1, iters, (VT *)m0, (VT *)ys, (VT *)cs);
+    else FN(skb_fwd_n)((VT *)m, n, 1, iters, (VT *)m0, (VT *)ys, (VT *)cs);
 }
 
-static void FN(skb_bwd)(T (*g)[W], int n, int iters, T (*m0)[W], T (*ys)[W], T (*cs)[W], T (*oks)[W]) {
-    if (n == 4) FN(skb_bwd_n)((VT *)g, 4, iters, (const VT *)m0, (const VT *)ys, (const VT *)cs, (const VT *)oks);
-    else FN(skb_bwd_n)((VT *)g, n, iters, (const VT *)m0, (const VT *)ys, (const VT *)cs, (const VT *)oks);
+static void FN(skb_bwd)(T (*g)[W], int n, int iters, T (*m0)[W], T (*ys)[W], T (*cs)[W]) {
+    if (n == 4) FN(skb_bwd_n)((VT *)g, 4, 1, iters, (const VT *)m0, (const VT *)ys, (const VT *)cs);
+    else FN(skb_bwd_n)((VT *)g, n, 1, iters, (const VT *)m0, (const VT *)ys, (const VT *)cs);
 }
 
-/* Per-thread scratch for the backward: m, m0, g, kept iterates, divisors, masks (rows of W lanes). */
+/* Per-thread scratch for the backward: m, m0, g, the rows steps' iterates and the signed
+ * reciprocals (rows of W lanes; ~16 KB for n = 4, 20 iterations, float). */
 typedef struct {
-    T (*m)[W], (*m0)[W], (*g)[W], (*ys)[W], (*cs)[W], (*oks)[W];
+    T (*m)[W], (*m0)[W], (*g)[W], (*ys)[W], (*cs)[W];
     void *mem;
 } FN(scratch_t);
 
 static int FN(scratch_alloc)(FN(scratch_t) *s, int n, int iters) {
     const size_t nn = (size_t)n * n, steps = 2 * (size_t)iters - 1;
-    const size_t vals = nn * (3 + steps) + 2 * (size_t)n * steps;
-    s->mem = malloc(sizeof(T) * W * vals);
+    const size_t rows = nn * (3 + (size_t)iters) + (size_t)n * steps;
+    s->mem = malloc(sizeof(T) * W * rows);
     if (!s->mem) return 2;
     T (*base)[W] = (T (*)[W])s->mem;
-    s->m = base, s->m0 = base + nn, s->g = base + 2 * nn, s->ys = base + 3 * nn, s->cs = s->ys + nn * steps;
-    s->oks = s->cs + (size_t)n * steps;
+    s->m = base, s->m0 = base + nn, s->g = base + 2 * nn, s->ys = base + 3 * nn, s->cs = s->ys + nn * iters;
     return 0;
 }
 
-/* Kept-iterate forward and backward of the W tokens [l0, l0 + W) of a block (lanes at or past
- * `lanes` are zero): logits row l at lg + l * ld, gradient row l at gr + l * nn -> dlogits row l at
- * out + l * ldo; the recomputed forward output (rows of nn) to hres if not NULL. */
-static void FN(skb_grad_w)(FN(scratch_t) *s, const T *lg, int64_t ld, const T *bias, T gate, const T *gr, T *out,
-                           int64_t ldo, T *hres, int l0, int lanes, int n, int iters) {
+/* Kept-iterate forward and backward of the tokens [0, lanes) of a block (lanes <= SB), W at a time:
+ * logits row l at lg + l * ld (bias + gate * logits if bias), gradient row l at gr + l * nn ->
+ * dlogits row l at out + l * ldo; the recomputed forward output (rows of nn) to hres if not NULL. */
+static void FN(skb_grad)(FN(scratch_t) *s, const T *lg, int64_t ld, const T *bias, T gate, const T *gr, T *out,
+                         int64_t ldo, T *hres, int lanes, int n, int iters) {
     const int nn = n * n;
-    for (int i = 0; i < nn; i++)
-        for (int l = 0; l < W; l++) {
-            const int in = l0 + l < lanes;
-            const T v = in ? lg[(l0 + l) * ld + i] : 0;
-            s->m[i][l] = in ? (bias ? bias[i] + v * gate : v) : 0;
-            s->g[i][l] = in ? gr[(l0 + l) * nn + i] : 0;
-        }
-    FN(skb_fwd)(s->m, n, iters, s->m0, s->ys, s->cs, s->oks);
-    if (hres)
-        for (int l = l0; l < lanes && l < l0 + W; l++)
-            for (int i = 0; i < nn; i++) hres[l * nn + i] = s->m[i][l - l0];
-    FN(skb_bwd)(s->g, n, iters, s->m0, s->ys, s->cs, s->oks);
-    for (int l = l0; l < lanes && l < l0 + W; l++)
-        for (int i = 0; i < nn; i++) out[l * ldo + i] = s->g[i][l - l0];
+    for (int l0 = 0; l0 < lanes; l0 += W) {
+        const int w = lanes - l0 < W ? lanes - l0 : W;
+        for (int i = 0; i < nn; i++)
+            for (int l = 0; l < W; l++) {
+                const int in = l < w;
+                const T v = in ? lg[(l0 + l) * ld + i] : 0;
+                s->m[i][l] = in ? (bias ? bias[i] + v * gate : v) : 0;
+                s->g[i][l] = in ? gr[(l0 + l) * nn + i] : 0;
+            }
+        FN(skb_fwd)(s->m, n, iters, s->m0, s->ys, s->cs);
+        if (hres)
+            for (int l = 0; l < w; l++)
+                for (int i = 0; i < nn; i++) hres[(l0 + l) * nn + i] = s->m[i][l];
+        FN(skb_bwd)(s->g, n, iters, s->m0, s->ys, s->cs);
+        for (int l = 0; l < w; l++)
+            for (int i = 0; i < nn; i++) out[(l0 + l) * ldo + i] = s->g[i][l];
+    }
 }
 
 /* Sinkhorn forward: logits [T, ld] (n*n values per row) -> out [T, n*n]. */
@@ -219,7 +229,7 @@ int FN(mhc_sinkhorn_bwd)(const T *logits, int64_t ld, const T *grad, T *dlogits,
                          int iters, int threads) {
     if (n < 1 || n > MAXN || iters < 1) return 1;
     const int nn = n * n;
-    const int64_t blocks = (tokens + W - 1) / W;
+    const int64_t blocks = (tokens + SB - 1) / SB;
     int err = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -230,10 +240,10 @@ int FN(mhc_sinkhorn_bwd)(const T *logits, int64_t ld, const T *grad, T *dlogits,
         } else {
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < blocks; b++) {
-                const int64_t t0 = b * W;
-                const int lanes = tokens - t0 < W ? (int)(tokens - t0) : W;
-                FN(skb_grad_w)(&s, logits + t0 * ld, ld, NULL, 0, grad + t0 * nn, dlogits + t0 * ldo, ldo, NULL, 0,
-                               lanes, n, iters);
+                const int64_t t0 = b * SB;
+                const int lanes = tokens - t0 < SB ? (int)(tokens - t0) : SB;
+                FN(skb_grad)(&s, logits + t0 * ld, ld, NULL, 0, grad + t0 * nn, dlogits + t0 * ldo, ldo, NULL, lanes,
+                             n, iters);
             }
         }
         free(s.mem);
@@ -245,7 +255,7 @@ int FN(mhc_sinkhorn_bwd)(const T *logits, int64_t ld, const T *grad, T *dlogits,
 
 /* sigmoid(bias[i] + gate * z[l, i]) for the SB lanes of column i (absent lanes: z = 0) */
 static inline void FN(sigmoid_col)(const T *z, int K, int i, T bias, T gate, int lanes, VT *out) {
-    for (int h = 0; h < H; h++) {
+    for (int h = 0; h < HH_; h++) {
         VT a;
         for (int l = 0; l < W; l++) a[l] = h * W + l < lanes ? z[(h * W + l) * K + i] : 0;
         out[h] = 1 / (1 + VEXP(-(bias + a * gate)));
@@ -259,7 +269,7 @@ static void FN(tail_fwd_block)(const T *z, const T *bias, const T *gates, T *h_p
     const int K = 2 * n + n * n, nn = n * n;
     T m[MAXN * MAXN][SB];
     for (int i = 0; i < 2 * n; i++) {
-        VT sg[H];
+        VT sg[HH_];
         FN(sigmoid_col)(z, K, i, bias[i], gates[i < n ? 0 : 1], lanes, sg);
         for (int l = 0; l < lanes; l++) {
             if (i < n) h_pre[l * n + i] = sg[l / W][l % W];
@@ -282,9 +292,9 @@ static void FN(tail_bwd_block)(FN(scratch_t) *s, const T *z, const T *bias, cons
     for (int i = 0; i < 2 * n; i++) { /* d sigmoid = s (1 - s); h_post carries a factor 2 */
         const T *gp = i < n ? g_pre : g_post;
         const int col = i < n ? i : i - n;
-        VT sg[H];
+        VT sg[HH_];
         FN(sigmoid_col)(z, K, i, bias[i], gates[i < n ? 0 : 1], lanes, sg);
-        for (int h = 0; h < H; h++) {
+        for (int h = 0; h < HH_; h++) {
             const VT dsg = (T)(i < n ? 1 : 2) * sg[h] * (1 - sg[h]);
             for (int l = 0; l < W && h * W + l < lanes; l++) {
                 const int t = h * W + l;
@@ -297,8 +307,7 @@ static void FN(tail_bwd_block)(FN(scratch_t) *s, const T *z, const T *bias, cons
         for (int l = 0; l < lanes; l++) memset(da + l * K + 2 * n, 0, sizeof(T) * nn);
         return;
     }
-    for (int l0 = 0; l0 < lanes; l0 += W)
-        FN(skb_grad_w)(s, z + 2 * n, K, bias + 2 * n, gates[2], g_res, da + 2 * n, K, hres, l0, lanes, n, iters);
+    FN(skb_grad)(s, z + 2 * n, K, bias + 2 * n, gates[2], g_res, da + 2 * n, K, hres, lanes, n, iters);
 }
 
 /* Coefficient tail forward over T tokens: z [T, K] -> h_pre [T, n], h_post [T, n], h_res [T, n*n]. */
