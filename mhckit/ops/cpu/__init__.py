@@ -265,7 +265,12 @@ def tail_bwd(z: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor, g_pre, g_
 
 
 def _c(t: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dt).contiguous()
+    """``t`` as a contiguous ``dt`` tensor (itself when it already is: no dispatch on the hot path)."""
+    if t is None:
+        return None
+    if t.dtype is not dt:
+        t = t.to(dt)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def pre_fwd(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -342,8 +347,8 @@ def coeffs_fwd(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, gates: to
     or None)`` with ``z = (v @ phi) / r``; see ``mhc_cpu_impl.h``."""
     t, n, c = x.shape
     dt = x.dtype
-    x3, bias, gates = x.contiguous(), bias.to(dt).contiguous(), gates.to(dt).contiguous()
-    phi = phi.to(dt).contiguous()  # kept referenced until the call returns
+    x3, bias, gates = _c(x, dt), _c(bias, dt), _c(gates, dt)
+    phi = _c(phi, dt)  # kept referenced until the call returns
     if n * c <= PROJECT_MAX_WIDTH:
         z, phi_arg = torch.empty(t, phi.shape[1], dtype=dt), _ptr(phi)
     else:
@@ -364,11 +369,10 @@ def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, phi: torch
     t, n, c = x.shape
     dt = x.dtype
     k = z.shape[-1]
-    x3, z, r, phi = x.contiguous(), z.contiguous(), r.contiguous(), phi.to(dt).contiguous()
-    bias, gates = bias.to(dt).contiguous(), gates.to(dt).contiguous()
+    x3, z, r, phi, bias, gates = _c(x, dt), _c(z, dt), _c(r, dt), _c(phi, dt), _c(bias, dt), _c(gates, dt)
 
     def flat(g, w):
-        return None if g is None else g.reshape(t, w).to(dt).contiguous()
+        return None if g is None else _c(g.reshape(t, w), dt)
 
     gu, g_pre, g_post, g_res = flat(gu, c), flat(g_pre, n), flat(g_post, n), flat(g_res, n * n)
     g_out = flat(g_out, n * c)
