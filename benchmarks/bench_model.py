@@ -48,7 +48,7 @@ def build(preset: dict, spec: dict, device: str, backend: str) -> tuple[GPT, tor
                     n_head=preset["n_head"], d_model=preset["d_model"], recompute=spec["recompute"],
                     hc=MHCConfig(variant=spec["variant"], backend=backend))
     model = GPT(cfg).to(device)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
 
 
 def step_fn(model, opt, tokens, device, cpu_kernels: bool = True):

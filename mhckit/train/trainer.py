@@ -135,8 +135,12 @@ class Trainer:
         self.model = GPT(cfg.model).to(self.device)
         self.raw_model = self.model
         self.model = dist_utils.wrap(self.model, cfg, self.dist)
+        # fused AdamW: one kernel over all tensors instead of ~10 ops per tensor (on the CPU, 2.7 ms ->
+        # 0.4 ms per step for the default mHC compare model, 1.5 -> 0.4 ms for the residual one);
+        # FSDP2's sharded (DTensor) parameters keep the per-tensor loop
         self.opt = torch.optim.AdamW(
-            param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False
+            param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+            fused=self.dist.mode != "fsdp",
         )
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         seq = cfg.model.seq_len
