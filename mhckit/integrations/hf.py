@@ -81,6 +81,7 @@ reader, dequantised to a plain float model that can be trained and retrofitted).
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -129,13 +130,26 @@ def _enter(layer: nn.Module, hidden_states: Tensor) -> Tensor:
     return hidden_states
 
 
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def _cache_kwarg(attn) -> str:
+    """The name under which ``attn`` takes the KV cache: ``cache`` from transformers 5.24 on (the old
+    ``past_key_values`` is deprecated there), else ``past_key_values``."""
+    kind = type(attn)
+    if kind not in _CACHE_KWARG:
+        params = inspect.signature(kind.forward).parameters
+        _CACHE_KWARG[kind] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[kind]
+
+
 def _llama_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                          use_cache=False, position_embeddings=None, **kwargs):
     """Llama / Qwen2 / Qwen3 / Mistral decoder layer with two hyper-connection sublayers."""
     x = _enter(self, hidden_states)  # [B, T, n, C]
     u, finish = self.mhc_attn.split(x)  # u: [B, T, C]
-    if past_key_values is not None:  # transformers >= 5.24 passes the cache as `cache` (in kwargs)
-        kwargs["past_key_values"] = past_key_values
+    if past_key_values is not None:  # positional (GPT-2 in transformers >= 5.24) or the old keyword
+        kwargs[_cache_kwarg(self.self_attn)] = past_key_values
     y, _ = self.self_attn(hidden_states=self.input_layernorm(u), attention_mask=attention_mask,
                           position_ids=position_ids, use_cache=use_cache,
                           position_embeddings=position_embeddings, **kwargs)
@@ -151,8 +165,8 @@ def _gpt2_block_forward(self, hidden_states, past_key_values=None, attention_mas
         raise ValueError("encoder_hidden_states: got a tensor; a retrofitted GPT-2 has no cross-attention")
     x = _enter(self, hidden_states)
     u, finish = self.mhc_attn.split(x)
-    if past_key_values is not None:  # transformers >= 5.24 passes the cache as `cache` (in kwargs)
-        kwargs["past_key_values"] = past_key_values
+    if past_key_values is not None:  # positional (transformers >= 5.24) or the old keyword
+        kwargs[_cache_kwarg(self.attn)] = past_key_values
     y, _ = self.attn(self.ln_1(u), attention_mask=attention_mask, use_cache=use_cache, **kwargs)
     x = finish(y)
     u, finish = self.mhc_mlp.split(x)
