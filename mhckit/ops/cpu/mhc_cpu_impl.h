@@ -743,8 +743,10 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
     if (n < 1 || n > MAXN || iters < 1 || threads < 1) return 1;
     const int K = 2 * n + n * n, nn = n * n, KP = (K + KB - 1) / KB * KB;
     const int64_t nC = n * C, blocks = (tokens + SB - 1) / SB;
-    T *part = calloc((size_t)threads * (K + 3), sizeof(T));
+    T *part = calloc((size_t)threads * 2 * K, sizeof(T)); /* per thread: sum_T da, sum_T da z (per column) */
     T *phiT = NULL, *dphiP = NULL, *zero = NULL;
+    T gk[2 * MAXN + MAXN * MAXN]; /* the gate of each column */
+    for (int k = 0; k < K; k++) gk[k] = gates[k < n ? 0 : k < 2 * n ? 1 : 2];
     if (phi) {
         phiT = malloc(sizeof(T) * (size_t)nC * K);
         dphiP = calloc((size_t)threads * nC * KP, sizeof(T));
@@ -763,7 +765,7 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
 #else
             const int me = 0;
 #endif
-            T *acc = part + (size_t)me * (K + 3), *dp = dphiP ? dphiP + (size_t)me * nC * KP : NULL;
+            T *acc = part + (size_t)me * 2 * K, *dp = dphiP ? dphiP + (size_t)me * nC * KP : NULL;
             if (FN(scratch_alloc)(&s, n, iters)) {
 #pragma omp atomic write
                 err = 2;
@@ -794,17 +796,25 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
                     FN(tail_bwd_block)(&s, z + t0 * K, bias, gates, gpre, g_post ? g_post + t0 * n : NULL, gres, da,
                                        hp, g_out ? hr : NULL, lanes, n, iters);
                     memset(G, 0, sizeof(T) * SB * KP);
-                    for (int l = 0; l < lanes; l++) {
+                    for (int l = 0; l < lanes; l++) { /* gzr = gate da / r, sum_K gzr z; dbias, dalpha parts */
                         const int64_t t = t0 + l;
-                        const T rt = r[t], *zt = z + t * K;
-                        T cz = 0;
-                        for (int k = 0; k < K; k++) {
-                            const int sl = k < n ? 0 : k < 2 * n ? 1 : 2;
-                            const T d = da[l * K + k];
+                        const T rt = r[t], *zt = z + t * K, *dl = da + l * K;
+                        T *Gl = G + l * KP;
+                        VT czv = {0};
+                        int k = 0;
+                        for (; k + W <= K; k += W) {
+                            const VT d = VLD(dl + k), zk = VLD(zt + k), g = VLD(gk + k) * d / rt;
+                            VST(acc + k, VLD(acc + k) + d);
+                            VST(acc + K + k, VLD(acc + K + k) + d * zk);
+                            VST(Gl + k, g);
+                            czv += g * zk;
+                        }
+                        T cz = FN(hsum)(czv);
+                        for (; k < K; k++) {
+                            const T d = dl[k], g = gk[k] * d / rt;
                             acc[k] += d;
-                            acc[K + sl] += d * zt[k];
-                            const T g = gates[sl] * d / rt;
-                            G[l * KP + k] = g;
+                            acc[K + k] += d * zt[k];
+                            Gl[k] = g;
                             cz += g * zt[k];
                         }
                         if (gzr) memcpy(gzr + t * K, G + l * KP, sizeof(T) * K);
@@ -816,12 +826,12 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
                     if (!phi) continue;
                     for (int l0 = 0; l0 < lanes; l0 += 4) { /* 4 tokens at a time; absent ones read zeros */
                         const T *xr[4];
-                        T *gr[4];
+                        T *gxr[4];
                         for (int t = 0; t < 4; t++) xr[t] = l0 + t < lanes ? x + (t0 + l0 + t) * nC : zero;
                         if (dphi) FN(rank4_update)(xr, G + l0 * KP, KP, dp, nC);
                         if (!gx) continue;
-                        for (int t = 0; t < 4; t++) gr[t] = gx + (t0 + (l0 + t < lanes ? l0 + t : l0)) * nC;
-                        if (l0 + 4 <= lanes) FN(gx_matmul)(gr, G + l0 * KP, KP, phiT, K, nC, 4);
+                        for (int t = 0; t < 4; t++) gxr[t] = gx + (t0 + (l0 + t < lanes ? l0 + t : l0)) * nC;
+                        if (l0 + 4 <= lanes) FN(gx_matmul)(gxr, G + l0 * KP, KP, phiT, K, nC, 4);
                         else /* a partial group: one token at a time */
                             for (int t = l0; t < lanes; t++) {
                                 T *row = gx + (t0 + t) * nC;
@@ -832,11 +842,15 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
             }
             free(s.mem);
         }
-        for (int k = 0; k < K + 3; k++) {
-            T sum = 0;
-            for (int th = 0; th < threads; th++) sum += part[(size_t)th * (K + 3) + k];
-            if (k < K) dbias[k] = sum;
-            else dalpha[k - K] = sum;
+        dalpha[0] = dalpha[1] = dalpha[2] = 0;
+        for (int k = 0; k < K; k++) { /* over threads in a fixed order, then the columns of each slice */
+            T sum = 0, sumz = 0;
+            for (int th = 0; th < threads; th++) {
+                sum += part[(size_t)th * 2 * K + k];
+                sumz += part[(size_t)th * 2 * K + K + k];
+            }
+            dbias[k] = sum;
+            dalpha[k < n ? 0 : k < 2 * n ? 1 : 2] += sumz;
         }
         if (phi && dphi)
             for (int64_t i = 0; i < nC; i++)
