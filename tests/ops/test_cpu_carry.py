@@ -157,11 +157,15 @@ def test_read_only_without_write_back():
 
 
 @pytest.mark.parametrize("n,c", [(1, 7), (4, 64), (3, 13)])
-def test_post_bwd_matches_the_full_write_back_backward(n, c):
+def test_post_bwd_matches_the_write_back_backward(n, c):
+    """dy and dh_post without reading x, against PyTorch sums and the kernel's all-outputs path."""
     dt = torch.float64
     x, y, g = torch.randn(5, n, c, dtype=dt), torch.randn(5, c, dtype=dt), torch.randn(5, n, c, dtype=dt)
     h_post, h_res = torch.rand(5, n, dtype=dt), torch.rand(5, n, n, dtype=dt)
-    _, gy, gp, _ = cpu.post_res_bwd(x, y, h_post, h_res, g, (False, True, True, False))
+    gy, gp = (h_post.unsqueeze(-1) * g).sum(-2), (g * y.unsqueeze(-2)).sum(-1)
+    _, gy_all, gp_all, _ = cpu.post_res_bwd(x, y, h_post, h_res, g, (True, True, True, True))
+    _close(gy_all, gy, dt)
+    _close(gp_all, gp, dt)
     for need in [(True, True), (True, False), (False, True)]:
         dy, dp = cpu.post_bwd(y, h_post, g, *need)
         assert (dy is None) != need[0] and (dp is None) != need[1]
