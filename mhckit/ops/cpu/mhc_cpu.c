@@ -54,13 +54,7 @@
 #define EXP expf
 #define ITYPE int32_t
 #define VEXP_POLY 1
-#include "mhc_cpu_impl.h"
-#undef ITYPE
-#undef VEXP_POLY
-#undef T
-#undef SUFFIX
-#undef TINY
-#undef EXP
+#include "mhc_cpu_impl.h" /* undefines T, SUFFIX, TINY, EXP, ITYPE, VEXP_POLY */
 
 #define T double
 #define SUFFIX _f64
@@ -68,13 +62,7 @@
 #define EXP exp
 #define ITYPE int64_t
 #define VEXP_POLY 0
-#include "mhc_cpu_impl.h"
-#undef ITYPE
-#undef VEXP_POLY
-#undef T
-#undef SUFFIX
-#undef TINY
-#undef EXP
+#include "mhc_cpu_impl.h" /* undefines T, SUFFIX, TINY, EXP, ITYPE, VEXP_POLY */
 
 int mhc_abi_version(void) { return 5; }
 

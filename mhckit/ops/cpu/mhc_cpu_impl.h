@@ -205,6 +205,35 @@ static void FN(skb_grad)(FN(scratch_t) *s, const T *lg, int64_t ld, const T *bia
     }
 }
 
+/* The backward kernels' frame: OpenMP threads, each with its own Sinkhorn scratch, run
+ * body(ctx, scratch, t0, lanes, thread) over the blocks of SB tokens. The split is static, so the
+ * per-thread partial sums (and the results) do not depend on timing. 2 if a scratch allocation failed. */
+typedef void (*FN(block_body))(const void *ctx, FN(scratch_t) *s, int64_t t0, int lanes, int me);
+
+static int FN(for_blocks)(int64_t tokens, int n, int iters, int threads, FN(block_body) body, const void *ctx) {
+    const int64_t blocks = (tokens + SB - 1) / SB;
+    int err = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        FN(scratch_t) s;
+#ifdef _OPENMP
+        const int me = omp_get_thread_num();
+#else
+        const int me = 0;
+#endif
+        if (FN(scratch_alloc)(&s, n, iters)) {
+#pragma omp atomic write
+            err = 2;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < blocks; b++)
+                body(ctx, &s, b * SB, tokens - b * SB < SB ? (int)(tokens - b * SB) : SB, me);
+        }
+        free(s.mem);
+    }
+    return err;
+}
+
 /* Sinkhorn forward: logits [T, ld] (n*n values per row) -> out [T, n*n]. */
 int FN(mhc_sinkhorn_fwd)(const T *logits, int64_t ld, T *out, int64_t tokens, int n, int iters, int threads) {
     if (n < 1 || n > MAXN || iters < 1) return 1;
@@ -225,30 +254,25 @@ int FN(mhc_sinkhorn_fwd)(const T *logits, int64_t ld, T *out, int64_t tokens, in
 }
 
 /* Sinkhorn backward: logits [T, ld], grad [T, n*n] -> dlogits [T, ldo]. */
+typedef struct {
+    const T *logits, *grad;
+    T *dlogits;
+    int64_t ld, ldo;
+    int n, iters;
+} FN(skb_bwd_ctx);
+
+static void FN(skb_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, int lanes, int me) {
+    const FN(skb_bwd_ctx) *c = ctx;
+    (void)me;
+    FN(skb_grad)(s, c->logits + t0 * c->ld, c->ld, NULL, 0, c->grad + t0 * c->n * c->n, c->dlogits + t0 * c->ldo,
+                 c->ldo, NULL, lanes, c->n, c->iters);
+}
+
 int FN(mhc_sinkhorn_bwd)(const T *logits, int64_t ld, const T *grad, T *dlogits, int64_t ldo, int64_t tokens, int n,
                          int iters, int threads) {
     if (n < 1 || n > MAXN || iters < 1) return 1;
-    const int nn = n * n;
-    const int64_t blocks = (tokens + SB - 1) / SB;
-    int err = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        FN(scratch_t) s;
-        if (FN(scratch_alloc)(&s, n, iters)) {
-#pragma omp atomic write
-            err = 2;
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < blocks; b++) {
-                const int64_t t0 = b * SB;
-                const int lanes = tokens - t0 < SB ? (int)(tokens - t0) : SB;
-                FN(skb_grad)(&s, logits + t0 * ld, ld, NULL, 0, grad + t0 * nn, dlogits + t0 * ldo, ldo, NULL, lanes,
-                             n, iters);
-            }
-        }
-        free(s.mem);
-    }
-    return err;
+    const FN(skb_bwd_ctx) c = {logits, grad, dlogits, ld, ldo, n, iters};
+    return FN(for_blocks)(tokens, n, iters, threads, FN(skb_bwd_body), &c);
 }
 
 /* ---- coefficient tail on one block of <= SB tokens (pointers at the block's first row) --------- */
@@ -327,31 +351,26 @@ int FN(mhc_tail_fwd)(const T *z, const T *bias, const T *gates, T *h_pre, T *h_p
 
 /* Coefficient tail backward over T tokens: da [T, K] from the gradients of h_pre, h_post, h_res (any
  * of them may be NULL: zero gradient). */
+typedef struct {
+    const T *z, *bias, *gates, *g_pre, *g_post, *g_res;
+    T *da;
+    int n, iters;
+} FN(tail_bwd_ctx);
+
+static void FN(tail_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, int lanes, int me) {
+    const FN(tail_bwd_ctx) *c = ctx;
+    const int n = c->n, K = 2 * n + n * n;
+    (void)me;
+    FN(tail_bwd_block)(s, c->z + t0 * K, c->bias, c->gates, c->g_pre ? c->g_pre + t0 * n : NULL,
+                       c->g_post ? c->g_post + t0 * n : NULL, c->g_res ? c->g_res + t0 * n * n : NULL, c->da + t0 * K,
+                       NULL, NULL, lanes, n, c->iters);
+}
+
 int FN(mhc_tail_bwd)(const T *z, const T *bias, const T *gates, const T *g_pre, const T *g_post, const T *g_res, T *da,
                      int64_t tokens, int n, int iters, int threads) {
     if (n < 1 || n > MAXN || iters < 1) return 1;
-    const int K = 2 * n + n * n, nn = n * n;
-    const int64_t blocks = (tokens + SB - 1) / SB;
-    int err = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        FN(scratch_t) s;
-        if (FN(scratch_alloc)(&s, n, iters)) {
-#pragma omp atomic write
-            err = 2;
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < blocks; b++) {
-                const int64_t t0 = b * SB;
-                const int lanes = tokens - t0 < SB ? (int)(tokens - t0) : SB;
-                FN(tail_bwd_block)(&s, z + t0 * K, bias, gates, g_pre ? g_pre + t0 * n : NULL,
-                                   g_post ? g_post + t0 * n : NULL, g_res ? g_res + t0 * nn : NULL, da + t0 * K, NULL,
-                                   NULL, lanes, n, iters);
-            }
-        }
-        free(s.mem);
-    }
-    return err;
+    const FN(tail_bwd_ctx) c = {z, bias, gates, g_pre, g_post, g_res, da, n, iters};
+    return FN(for_blocks)(tokens, n, iters, threads, FN(tail_bwd_body), &c);
 }
 
 /* ---- stream read and write-back: x [T, n, C], y / u [T, C], coefficients [T, n] / [T, n, n] ---- */
@@ -737,12 +756,93 @@ static inline __attribute__((always_inline)) void FN(gx_matmul)(T *const *gr, co
  * With phi != NULL the two matmuls run here (dphi summed per thread, then over threads; gzr may then
  * be NULL); with phi == NULL, gzr [T, K] is written and the caller runs them (BLAS): dphi = v^T gzr,
  * gx += gzr phi^T. dbias / dalpha are summed per thread, then over threads in a fixed order. */
+typedef struct {
+    const T *x, *gu, *g_out, *z, *r, *bias, *gates, *gk, *g_pre, *g_post, *g_res, *phiT, *zero;
+    T *gzr, *gx, *part, *dphiP; /* part: per thread 2K sums; dphiP: per thread [nC, KP] (NULL: no dphi) */
+    int64_t C;
+    int n, iters;
+} FN(coeffs_bwd_ctx);
+
+static void FN(coeffs_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, int lanes, int me) {
+    const FN(coeffs_bwd_ctx) *c = ctx;
+    const T *x = c->x, *gu = c->gu, *g_out = c->g_out, *z = c->z, *r = c->r, *gk = c->gk;
+    const T *g_pre = c->g_pre, *g_post = c->g_post, *g_res = c->g_res, *phiT = c->phiT, *zero = c->zero;
+    T *gzr = c->gzr, *gx = c->gx;
+    const int n = c->n, nn = n * n, K = 2 * n + nn, KP = (K + KB - 1) / KB * KB, iters = c->iters;
+    const int64_t C = c->C, nC = n * C;
+    T *acc = c->part + (size_t)me * 2 * K, *dp = c->dphiP ? c->dphiP + (size_t)me * nC * KP : NULL;
+    T gp[SB * MAXN], hp[SB * MAXN], gr[SB * MAXN * MAXN], hr[SB * MAXN * MAXN];
+    T da[SB * (2 * MAXN + MAXN * MAXN)];
+    T G[SB * (2 * MAXN + MAXN * MAXN + KB)]; /* gzr rows of the block, ld KP, zero padded */
+    const T *gpre = g_pre ? g_pre + t0 * n : NULL, *gres = g_res ? g_res + t0 * nn : NULL;
+    for (int l = 0; l < lanes && (gu || g_out); l++) { /* dots with x[t], read once */
+        const int64_t t = t0 + l;
+        if (gu) {
+            CALL_N(FN(pre_bwd_tok), n, x + t * nC, NULL, gu + t * C, NULL, gp + l * n);
+            if (g_pre)
+                for (int j = 0; j < n; j++) gp[l * n + j] += g_pre[t * n + j];
+        }
+        if (g_out) {
+            CALL_N(FN(post_res_dots_tok), n, x + t * nC, NULL, g_out + t * nC, NULL, gr + l * nn);
+            if (g_res)
+                for (int i = 0; i < nn; i++) gr[l * nn + i] += g_res[t * nn + i];
+        }
+    }
+    if (gu) gpre = gp;
+    if (g_out) gres = gr;
+    FN(tail_bwd_block)(s, z + t0 * K, c->bias, c->gates, gpre, g_post ? g_post + t0 * n : NULL, gres, da,
+                       hp, g_out ? hr : NULL, lanes, n, iters);
+    memset(G, 0, sizeof(T) * SB * KP);
+    for (int l = 0; l < lanes; l++) { /* gzr = gate da / r, sum_K gzr z; dbias, dalpha parts */
+        const int64_t t = t0 + l;
+        const T rt = r[t], *zt = z + t * K, *dl = da + l * K;
+        T *Gl = G + l * KP;
+        VT czv = {0};
+        int k = 0;
+        for (; k + W <= K; k += W) {
+            const VT d = VLD(dl + k), zk = VLD(zt + k), g = VLD(gk + k) * d / rt;
+            VST(acc + k, VLD(acc + k) + d);
+            VST(acc + K + k, VLD(acc + K + k) + d * zk);
+            VST(Gl + k, g);
+            czv += g * zk;
+        }
+        T cz = FN(hsum)(czv);
+        for (; k < K; k++) {
+            const T d = dl[k], g = gk[k] * d / rt;
+            acc[k] += d;
+            acc[K + k] += d * zt[k];
+            Gl[k] = g;
+            cz += g * zt[k];
+        }
+        if (gzr) memcpy(gzr + t * K, G + l * KP, sizeof(T) * K);
+        if (gx)
+            CALL_N(FN(coeffs_gx_tok), n, x + t * nC, gu ? gu + t * C : NULL,
+                   g_out ? g_out + t * nC : NULL, hp + l * n, hr + l * nn, cz / (-(T)nC * rt),
+                   gx + t * nC);
+    }
+    if (!c->phiT) return;
+    for (int l0 = 0; l0 < lanes; l0 += 4) { /* 4 tokens at a time; absent ones read zeros */
+        const T *xr[4];
+        T *gxr[4];
+        for (int t = 0; t < 4; t++) xr[t] = l0 + t < lanes ? x + (t0 + l0 + t) * nC : zero;
+        if (dp) FN(rank4_update)(xr, G + l0 * KP, KP, dp, nC);
+        if (!gx) continue;
+        for (int t = 0; t < 4; t++) gxr[t] = gx + (t0 + (l0 + t < lanes ? l0 + t : l0)) * nC;
+        if (l0 + 4 <= lanes) FN(gx_matmul)(gxr, G + l0 * KP, KP, phiT, K, nC, 4);
+        else /* a partial group: one token at a time */
+            for (int t = l0; t < lanes; t++) {
+                T *row = gx + (t0 + t) * nC;
+                FN(gx_matmul)(&row, G + t * KP, KP, phiT, K, nC, 1);
+            }
+    }
+}
+
 int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, const T *r, const T *bias, const T *gates,
                        const T *g_pre, const T *g_post, const T *g_res, const T *phi, T *gzr, T *gx, T *dphi, T *dbias,
                        T *dalpha, int64_t tokens, int n, int64_t C, int iters, int threads) {
     if (n < 1 || n > MAXN || iters < 1 || threads < 1) return 1;
-    const int K = 2 * n + n * n, nn = n * n, KP = (K + KB - 1) / KB * KB;
-    const int64_t nC = n * C, blocks = (tokens + SB - 1) / SB;
+    const int K = 2 * n + n * n, KP = (K + KB - 1) / KB * KB;
+    const int64_t nC = n * C;
     T *part = calloc((size_t)threads * 2 * K, sizeof(T)); /* per thread: sum_T da, sum_T da z (per column) */
     T *phiT = NULL, *dphiP = NULL, *zero = NULL;
     T gk[2 * MAXN + MAXN * MAXN]; /* the gate of each column */
@@ -757,91 +857,11 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
     }
     int err = !part || (phi && (!phiT || !dphiP || !zero)) ? 2 : 0;
     if (!err) {
-#pragma omp parallel num_threads(threads)
-        {
-            FN(scratch_t) s;
-#ifdef _OPENMP
-            const int me = omp_get_thread_num();
-#else
-            const int me = 0;
-#endif
-            T *acc = part + (size_t)me * 2 * K, *dp = dphiP ? dphiP + (size_t)me * nC * KP : NULL;
-            if (FN(scratch_alloc)(&s, n, iters)) {
-#pragma omp atomic write
-                err = 2;
-            } else {
-#pragma omp for schedule(static)
-                for (int64_t b = 0; b < blocks; b++) {
-                    const int64_t t0 = b * SB;
-                    const int lanes = tokens - t0 < SB ? (int)(tokens - t0) : SB;
-                    T gp[SB * MAXN], hp[SB * MAXN], gr[SB * MAXN * MAXN], hr[SB * MAXN * MAXN];
-                    T da[SB * (2 * MAXN + MAXN * MAXN)];
-                    T G[SB * (2 * MAXN + MAXN * MAXN + KB)]; /* gzr rows of the block, ld KP, zero padded */
-                    const T *gpre = g_pre ? g_pre + t0 * n : NULL, *gres = g_res ? g_res + t0 * nn : NULL;
-                    for (int l = 0; l < lanes && (gu || g_out); l++) { /* dots with x[t], read once */
-                        const int64_t t = t0 + l;
-                        if (gu) {
-                            CALL_N(FN(pre_bwd_tok), n, x + t * nC, NULL, gu + t * C, NULL, gp + l * n);
-                            if (g_pre)
-                                for (int j = 0; j < n; j++) gp[l * n + j] += g_pre[t * n + j];
-                        }
-                        if (g_out) {
-                            CALL_N(FN(post_res_dots_tok), n, x + t * nC, NULL, g_out + t * nC, NULL, gr + l * nn);
-                            if (g_res)
-                                for (int i = 0; i < nn; i++) gr[l * nn + i] += g_res[t * nn + i];
-                        }
-                    }
-                    if (gu) gpre = gp;
-                    if (g_out) gres = gr;
-                    FN(tail_bwd_block)(&s, z + t0 * K, bias, gates, gpre, g_post ? g_post + t0 * n : NULL, gres, da,
-                                       hp, g_out ? hr : NULL, lanes, n, iters);
-                    memset(G, 0, sizeof(T) * SB * KP);
-                    for (int l = 0; l < lanes; l++) { /* gzr = gate da / r, sum_K gzr z; dbias, dalpha parts */
-                        const int64_t t = t0 + l;
-                        const T rt = r[t], *zt = z + t * K, *dl = da + l * K;
-                        T *Gl = G + l * KP;
-                        VT czv = {0};
-                        int k = 0;
-                        for (; k + W <= K; k += W) {
-                            const VT d = VLD(dl + k), zk = VLD(zt + k), g = VLD(gk + k) * d / rt;
-                            VST(acc + k, VLD(acc + k) + d);
-                            VST(acc + K + k, VLD(acc + K + k) + d * zk);
-                            VST(Gl + k, g);
-                            czv += g * zk;
-                        }
-                        T cz = FN(hsum)(czv);
-                        for (; k < K; k++) {
-                            const T d = dl[k], g = gk[k] * d / rt;
-                            acc[k] += d;
-                            acc[K + k] += d * zt[k];
-                            Gl[k] = g;
-                            cz += g * zt[k];
-                        }
-                        if (gzr) memcpy(gzr + t * K, G + l * KP, sizeof(T) * K);
-                        if (gx)
-                            CALL_N(FN(coeffs_gx_tok), n, x + t * nC, gu ? gu + t * C : NULL,
-                                   g_out ? g_out + t * nC : NULL, hp + l * n, hr + l * nn, cz / (-(T)nC * rt),
-                                   gx + t * nC);
-                    }
-                    if (!phi) continue;
-                    for (int l0 = 0; l0 < lanes; l0 += 4) { /* 4 tokens at a time; absent ones read zeros */
-                        const T *xr[4];
-                        T *gxr[4];
-                        for (int t = 0; t < 4; t++) xr[t] = l0 + t < lanes ? x + (t0 + l0 + t) * nC : zero;
-                        if (dphi) FN(rank4_update)(xr, G + l0 * KP, KP, dp, nC);
-                        if (!gx) continue;
-                        for (int t = 0; t < 4; t++) gxr[t] = gx + (t0 + (l0 + t < lanes ? l0 + t : l0)) * nC;
-                        if (l0 + 4 <= lanes) FN(gx_matmul)(gxr, G + l0 * KP, KP, phiT, K, nC, 4);
-                        else /* a partial group: one token at a time */
-                            for (int t = l0; t < lanes; t++) {
-                                T *row = gx + (t0 + t) * nC;
-                                FN(gx_matmul)(&row, G + t * KP, KP, phiT, K, nC, 1);
-                            }
-                    }
-                }
-            }
-            free(s.mem);
-        }
+        const FN(coeffs_bwd_ctx) c = {x, gu, g_out, z, r, bias, gates, gk, g_pre, g_post, g_res, phiT, zero,
+                                      gzr, gx, part, dphi ? dphiP : NULL, C, n, iters};
+        err = FN(for_blocks)(tokens, n, iters, threads, FN(coeffs_bwd_body), &c);
+    }
+    if (!err) {
         dalpha[0] = dalpha[1] = dalpha[2] = 0;
         for (int k = 0; k < K; k++) { /* over threads in a fixed order, then the columns of each slice */
             T sum = 0, sumz = 0;
@@ -874,3 +894,10 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
 #undef VSEL
 #undef VMAX
 #undef VEXP
+/* this instantiation's parameters (set by mhc_cpu.c before each include) */
+#undef ITYPE
+#undef VEXP_POLY
+#undef T
+#undef SUFFIX
+#undef TINY
+#undef EXP
