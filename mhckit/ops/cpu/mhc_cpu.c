@@ -25,7 +25,7 @@
  * rows are read from memory once and the projection matmuls, the tail and the read run on them from
  * cache (matmuls as 4-token x 24-column register blocks; per-thread dphi summed at the end). The
  * backward can also take the output gradient of the sublayer's write-back and then produces that
- * write-back's dx and dh_res in the same pass (see mhckit/ops/autograd.py, CoeffsCarryFunction).
+ * write-back's dx and dh_res in the same pass (see mhckit/ops/carry.py, CoeffsCarryFunction).
  *
  * Layout: token t's K = 2n + n^2 coefficient logits at row t of a [T, ld] array:
  *     [pre (n) | post (n) | res (n x n, row k = output stream, col j = input stream)].
@@ -44,9 +44,20 @@
 #define W 8    /* vector lanes; the shuffles in FN(reduce8) assume 8 */
 #define HH_ 2  /* vectors per Sinkhorn entry in the forward that keeps nothing */
 #define SB (HH_ * W) /* tokens per block of the coefficient kernels */
+#define ALIGNED __attribute__((aligned(64))) /* a cache line: no W-lane vector straddles two */
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SUFFIX)
+
+/* Heap blocks aligned like ALIGNED (malloc gives 16 bytes: in the OpenMP worker threads' arenas the
+ * per-thread Sinkhorn scratch then put most of its 32-byte vectors across two cache lines, and the
+ * kept-iterate Sinkhorn ran ~1.7x slower there than on the main thread). Zeroed if `zero`. */
+static void *mhc_alloc(size_t bytes, int zero) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, bytes ? bytes : 64)) return NULL;
+    if (zero) memset(p, 0, bytes);
+    return p;
+}
 
 #define T float
 #define SUFFIX _f32

@@ -173,7 +173,7 @@ typedef struct {
 static int FN(scratch_alloc)(FN(scratch_t) *s, int n, int iters) {
     const size_t nn = (size_t)n * n, steps = 2 * (size_t)iters - 1;
     const size_t rows = nn * (3 + (size_t)iters) + (size_t)n * steps;
-    s->mem = malloc(sizeof(T) * W * rows);
+    s->mem = mhc_alloc(sizeof(T) * W * rows, 0);
     if (!s->mem) return 2;
     T (*base)[W] = (T (*)[W])s->mem;
     s->m = base, s->m0 = base + nn, s->g = base + 2 * nn, s->ys = base + 3 * nn, s->cs = s->ys + nn * iters;
@@ -241,7 +241,7 @@ int FN(mhc_sinkhorn_fwd)(const T *logits, int64_t ld, T *out, int64_t tokens, in
     const int64_t blocks = (tokens + SB - 1) / SB;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
-        T m[MAXN * MAXN][SB];
+        T m[MAXN * MAXN][SB] ALIGNED;
         const int64_t t0 = b * SB;
         const int lanes = tokens - t0 < SB ? (int)(tokens - t0) : SB;
         for (int i = 0; i < nn; i++)
@@ -291,7 +291,7 @@ static inline void FN(sigmoid_col)(const T *z, int K, int i, T bias, T gate, int
 static void FN(tail_fwd_block)(const T *z, const T *bias, const T *gates, T *h_pre, T *h_post, T *h_res, int lanes,
                                int n, int iters) {
     const int K = 2 * n + n * n, nn = n * n;
-    T m[MAXN * MAXN][SB];
+    T m[MAXN * MAXN][SB] ALIGNED;
     for (int i = 0; i < 2 * n; i++) {
         VT sg[HH_];
         FN(sigmoid_col)(z, K, i, bias[i], gates[i < n ? 0 : 1], lanes, sg);
@@ -525,7 +525,7 @@ static inline __attribute__((always_inline)) void FN(post_res_dots_tok)(const T 
     const int nx = gres ? n : 0, m = nx + (gpost ? 1 : 0); /* columns: x[0..nx), then y */
     if (!m) return;
     VT acc[MAXN * (MAXN + 1) + 8];
-    T sums[MAXN * (MAXN + 1)];
+    T sums[MAXN * (MAXN + 1)] ALIGNED;
     const int64_t c0 = C - C % W;
     for (int k = 0; k < n; k++) {
         const T *gk = gt + k * C;
@@ -626,7 +626,7 @@ int FN(mhc_post_res_bwd)(const T *x, const T *y, const T *hp, const T *hr, const
 /* phi [nC, K] -> [nC, KP] zero padded (KP = K rounded up to KB), so every block is full width */
 static T *FN(pack_phi)(const T *phi, int64_t nC, int K, int *KP) {
     *KP = (K + KB - 1) / KB * KB;
-    T *p = calloc((size_t)nC * *KP, sizeof(T));
+    T *p = mhc_alloc(sizeof(T) * (size_t)nC * *KP, 1);
     if (p)
         for (int64_t i = 0; i < nC; i++) memcpy(p + i * *KP, phi + i * K, sizeof(T) * K);
     return p;
@@ -771,9 +771,9 @@ static void FN(coeffs_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, i
     const int n = c->n, nn = n * n, K = 2 * n + nn, KP = (K + KB - 1) / KB * KB, iters = c->iters;
     const int64_t C = c->C, nC = n * C;
     T *acc = c->part + (size_t)me * 2 * K, *dp = c->dphiP ? c->dphiP + (size_t)me * nC * KP : NULL;
-    T gp[SB * MAXN], hp[SB * MAXN], gr[SB * MAXN * MAXN], hr[SB * MAXN * MAXN];
-    T da[SB * (2 * MAXN + MAXN * MAXN)];
-    T G[SB * (2 * MAXN + MAXN * MAXN + KB)]; /* gzr rows of the block, ld KP, zero padded */
+    T gp[SB * MAXN] ALIGNED, hp[SB * MAXN] ALIGNED, gr[SB * MAXN * MAXN] ALIGNED, hr[SB * MAXN * MAXN] ALIGNED;
+    T da[SB * (2 * MAXN + MAXN * MAXN)] ALIGNED;
+    T G[SB * (2 * MAXN + MAXN * MAXN + KB)] ALIGNED; /* gzr rows of the block, ld KP, zero padded */
     const T *gpre = g_pre ? g_pre + t0 * n : NULL, *gres = g_res ? g_res + t0 * nn : NULL;
     for (int l = 0; l < lanes && (gu || g_out); l++) { /* dots with x[t], read once */
         const int64_t t = t0 + l;
@@ -843,14 +843,14 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
     if (n < 1 || n > MAXN || iters < 1 || threads < 1) return 1;
     const int K = 2 * n + n * n, KP = (K + KB - 1) / KB * KB;
     const int64_t nC = n * C;
-    T *part = calloc((size_t)threads * 2 * K, sizeof(T)); /* per thread: sum_T da, sum_T da z (per column) */
+    T *part = mhc_alloc(sizeof(T) * (size_t)threads * 2 * K, 1); /* per thread: sum_T da, sum_T da z (per column) */
     T *phiT = NULL, *dphiP = NULL, *zero = NULL;
-    T gk[2 * MAXN + MAXN * MAXN]; /* the gate of each column */
+    T gk[2 * MAXN + MAXN * MAXN] ALIGNED; /* the gate of each column */
     for (int k = 0; k < K; k++) gk[k] = gates[k < n ? 0 : k < 2 * n ? 1 : 2];
     if (phi) {
-        phiT = malloc(sizeof(T) * (size_t)nC * K);
-        dphiP = calloc((size_t)threads * nC * KP, sizeof(T));
-        zero = calloc((size_t)nC, sizeof(T));
+        phiT = mhc_alloc(sizeof(T) * (size_t)nC * K, 0);
+        dphiP = mhc_alloc(sizeof(T) * (size_t)threads * nC * KP, 1);
+        zero = mhc_alloc(sizeof(T) * (size_t)nC, 1);
         if (phiT)
             for (int64_t i = 0; i < nC; i++)
                 for (int k = 0; k < K; k++) phiT[k * nC + i] = phi[i * K + k];
