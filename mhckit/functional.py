@@ -36,14 +36,13 @@ from ._validate import (
 )
 from .ops import cpu, resolve_backend
 from .ops.autograd import (
-    CoeffsCarryFunction,
     CoeffsFunction,
     CoeffsPreFunction,
-    PostCarryFunction,
     PostResFunction,
     PreFunction,
     SinkhornFunction,
 )
+from .ops.carry import CoeffsCarryFunction, PostCarryFunction
 from .reference import DEFAULT_RMS_EPS
 
 __all__ = [
@@ -145,19 +144,34 @@ def mhc_coeffs_pre(
 # ---- one sublayer on the compiled CPU kernels (private to HyperConnection; see CoeffsCarryFunction) ----
 
 
-def _carry_ok(x: Tensor, phi: Tensor, backend: str) -> bool:
+def _carry_ok(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, backend: str) -> bool:
     """Whether :func:`_mhc_read_carry` can run: the ``torch`` backend with the compiled CPU kernels
-    on streams of phi's dtype (float32 / float64), outside ``torch.compile``."""
-    return cpu.available(x, phi, n=x.shape[-2]) and resolve_backend(backend, x, phi) == "torch"
+    on streams of phi's dtype (float32 / float64), outside ``torch.compile``, everything on the CPU."""
+    return (  # "auto" is "torch" for CPU tensors
+        cpu.available(x, phi, n=x.shape[-2]) and bias.is_cpu and alpha.is_cpu
+        and (backend == "auto" or resolve_backend(backend, x, phi) == "torch")
+    )
 
 
 @finite_checked("x", "phi", "bias", "alpha", outputs=("u", "h_pre", "h_post", "h_res", "carrier"), op="mhc_coeffs_pre")
 def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iters: int, rms_eps: float):
     """:func:`mhc_coeffs_pre` plus the carrier that :func:`_mhc_write_carry` takes in place of ``x``:
-    ``(u, h_pre, h_post, h_res, carrier)``. Only where :func:`_carry_ok`."""
-    _check_mhc(x, phi, bias, alpha, iters)
+    ``(u, h_pre, h_post, h_res, carrier)``. Only where :func:`_carry_ok` (x: streams [..., n, C])."""
+    n, c = x.shape[-2], x.shape[-1]
+    k = 2 * n + n * n
+    if not (  # the usual case in one comparison; else the full checks, which name what is wrong
+        (phi.shape, bias.shape, alpha.shape) == ((n * c, k), (k,), (3,))
+        and bias.is_floating_point() and alpha.is_floating_point() and type(iters) is int and iters >= 1
+    ):
+        _check_mhc(x, phi, bias, alpha, iters)
     dt = phi.dtype
-    return CoeffsCarryFunction.apply(x, phi, bias.to(dt), alpha.to(dt), iters, rms_eps)
+    return CoeffsCarryFunction.apply(
+        x if x.is_contiguous() else x.contiguous(), phi, _as(bias, dt), _as(alpha, dt), iters, rms_eps
+    )
+
+
+def _as(t: Tensor, dt: torch.dtype) -> Tensor:
+    return t if t.dtype is dt else t.to(dt)
 
 
 @finite_checked("x", "y", "h_post", "h_res", outputs="x_new", op="mhc_post_res")

@@ -100,9 +100,11 @@ class DynamicCoefficients(nn.Module):
     def read_carry(self, x: Tensor):
         """``(u, h_pre, h_post, h_res, carrier)`` when mHC runs on the compiled CPU kernels (the
         write-back then takes ``carrier`` and its stream gradient joins the coefficient backward;
-        see :class:`mhckit.ops.autograd.CoeffsCarryFunction`), else None."""
+        see :class:`mhckit.ops.carry.CoeffsCarryFunction`), else None."""
         cfg = self.cfg
-        if not isinstance(self.constraint, SinkhornConstraint) or not F._carry_ok(x, self.phi, cfg.backend):
+        if not isinstance(self.constraint, SinkhornConstraint) or not F._carry_ok(
+            x, self.phi, self.bias, self.alpha, cfg.backend
+        ):
             return None
         return F._mhc_read_carry(x, self.phi, self.bias, self.alpha, iters=cfg.sinkhorn_iters, rms_eps=cfg.rms_eps)
 

@@ -5,15 +5,17 @@ write-back's stream gradient joins the coefficient backward. Checked against the
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 
 import pytest
 import torch
 
+from mhckit import functional as F
 from mhckit import reference
 from mhckit.modules import DynamicCoefficients, HyperConnection
 from mhckit.ops import cpu
-from mhckit.ops.autograd import CoeffsCarryFunction, PostCarryFunction
+from mhckit.ops.carry import CoeffsCarryFunction, PostCarryFunction
 
 HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
@@ -173,3 +175,50 @@ def test_post_bwd_matches_the_write_back_backward(n, c):
             _close(dy, gy, dt)
         if need[1]:
             _close(dp, gp, dt)
+
+
+@pytest.mark.parametrize("name,shape", [("phi", (32, 23)), ("bias", (25,)), ("alpha", (2,))])
+def test_replaced_parameter_of_the_wrong_shape_is_a_named_error(name, shape):
+    """The carry path checks the parameters' shapes in one comparison; a mismatch still gets the
+    error that names the argument (not a kernel reading past the end of phi)."""
+    hc = HyperConnection(8, torch.nn.Identity(), variant="mhc", n_streams=4)
+    x = torch.randn(2, 3, 4, 8)
+    assert hc.coeffs.read_carry(x) is not None
+    setattr(hc.coeffs, name, torch.nn.Parameter(torch.zeros(shape)))
+    with pytest.raises(ValueError, match="^" + re.escape(f"{name}.shape: got {tuple(shape)}")):
+        hc(x)
+
+
+def test_bad_iters_on_the_carry_path_is_a_named_error():
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="^iters: got 0"):
+        F._mhc_read_carry(x, torch.zeros(32, 24), torch.zeros(24), torch.ones(3), iters=0, rms_eps=1e-6)
+
+
+def test_strided_streams_and_a_strided_or_half_branch_output():
+    """x that is not contiguous, and a branch whose output is a strided view or bfloat16: the carry
+    path (which hands the kernels contiguous tensors of the streams' dtype) equals the unfused pair."""
+    dt = torch.float32
+    n, c, t = 4, 16, 10
+    for branch in (lambda u: torch.cat([torch.tanh(u), u], -1)[..., :c], lambda u: torch.tanh(u).to(torch.bfloat16)):
+        torch.manual_seed(3)
+        hc = HyperConnection(c, branch, variant="mhc", n_streams=n, init="identity")
+        with torch.no_grad():
+            hc.coeffs.phi.normal_(0, 0.3)
+        base = torch.randn(c, n, t, dtype=dt)
+        g = torch.randn(t, n, c, dtype=dt)
+        res = []
+        for carry in (True, False):
+            x = base.permute(2, 1, 0).detach().requires_grad_()  # [t, n, c], not contiguous
+            assert not x.is_contiguous()
+            if not carry:
+                _no_carry(hc)
+            else:
+                assert hc.coeffs.read_carry(x) is not None
+            for p in hc.parameters():
+                p.grad = None
+            out = hc(x)
+            out.backward(g)
+            res.append([out.detach(), x.grad] + [p.grad.clone() for p in hc.parameters()])
+        for a, b in zip(*res):
+            _close(a, b, dt)

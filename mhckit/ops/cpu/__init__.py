@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "available", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
+    "available", "enabled", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
     "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "post_bwd", "coeffs_fwd", "coeffs_bwd", "MAX_STREAMS",
 ]
 
@@ -176,15 +176,21 @@ def disabled():
         _OFF[0] -= 1
 
 
+def enabled() -> bool:
+    """True when the kernels may run now: not switched off (:func:`disabled`), not inside
+    ``torch.compile`` tracing, the library loaded. The tensors are :func:`available`'s to check."""
+    return not _OFF[0] and not torch.compiler.is_compiling() and _load() is not None
+
+
 def available(*tensors: torch.Tensor, n: int) -> bool:
     """True when the compiled kernels can run on ``tensors`` (CPU, float32/float64, one dtype,
     ``n <= 8``) outside of ``torch.compile`` tracing."""
-    if torch.compiler.is_compiling() or _OFF[0] or not 1 <= n <= MAX_STREAMS:
+    if not 1 <= n <= MAX_STREAMS:
         return False
     dt = tensors[0].dtype
-    if dt not in _SUFFIX or any(t.device.type != "cpu" or t.dtype != dt for t in tensors):
+    if dt not in _SUFFIX or any(not t.is_cpu or t.dtype != dt for t in tensors):
         return False
-    return _load() is not None
+    return enabled()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -294,13 +300,17 @@ def pre_bwd(x: torch.Tensor, h: torch.Tensor | None, gu: torch.Tensor, need_x: b
     return gx, gh
 
 
+def _tokens(x: torch.Tensor) -> int:
+    """``T``: the number of ``[n, C]`` rows of streams ``x [..., n, C]`` (n, C >= 1)."""
+    return x.numel() // (x.shape[-2] * x.shape[-1])
+
+
 def post_res_fwd(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
-    """``out[..., k, :] = h_post[..., k] y + sum_j h_res[..., k, j] x[..., j, :]``."""
+    """``out[..., k, :] = h_post[..., k] y + sum_j h_res[..., k, j] x[..., j, :]`` (shaped as ``x``)."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
-    x3 = x.reshape(-1, n, c).contiguous()
-    y2, hp, hr = _c(y.reshape(-1, c), dt), _c(h_post.reshape(-1, n), dt), _c(h_res.reshape(-1, n, n), dt)
+    x, y, hp, hr = _c(x, dt), _c(y, dt), _c(h_post, dt), _c(h_res, dt)
     out = torch.empty(x.shape, dtype=dt)
-    _call("mhc_post_res_fwd", dt, _ptr(x3), _ptr(y2), _ptr(hp), _ptr(hr), _ptr(out), x3.shape[0], n, c,
+    _call("mhc_post_res_fwd", dt, _ptr(x), _ptr(y), _ptr(hp), _ptr(hr), _ptr(out), _tokens(x), n, c,
           torch.get_num_threads())
     return out
 
@@ -324,11 +334,11 @@ def post_bwd(y: torch.Tensor, h_post: torch.Tensor, g: torch.Tensor, need_y: boo
     """``(dy, dh_post)`` (None where not needed) of :func:`post_res_fwd`: the part of its backward
     that does not read ``x`` (one pass over ``g``)."""
     n, c, dt = g.shape[-2], g.shape[-1], g.dtype
-    y2, hp, g3 = _c(y.reshape(-1, c), dt), _c(h_post.reshape(-1, n), dt), _c(g.reshape(-1, n, c), dt)
+    y, hp, g = _c(y, dt), _c(h_post, dt), _c(g, dt)
     gy = torch.empty(y.shape, dtype=dt) if need_y else None
-    gp = torch.empty(h_post.shape, dtype=dt) if need_post else None
-    _call("mhc_post_res_bwd", dt, None, _ptr(y2), _ptr(hp), None, _ptr(g3), None, _ptr(gy), _ptr(gp), None,
-          g3.shape[0], n, c, torch.get_num_threads())
+    gp = torch.empty(hp.shape, dtype=dt) if need_post else None
+    _call("mhc_post_res_bwd", dt, None, _ptr(y), _ptr(hp), None, _ptr(g), None, _ptr(gy), _ptr(gp), None,
+          _tokens(g), n, c, torch.get_num_threads())
     return gy, gp
 
 
@@ -343,50 +353,46 @@ PROJECT_MAX_WIDTH = 4096
 
 def coeffs_fwd(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor, rms_eps: float,
                iters: int, with_u: bool):
-    """``x [T, n, C]`` -> ``(h_pre [T, n], h_post [T, n], h_res [T, n, n], r [T, 1], z [T, K], u [T, C]
-    or None)`` with ``z = (v @ phi) / r``; see ``mhc_cpu_impl.h``."""
-    t, n, c = x.shape
-    dt = x.dtype
-    x3, bias, gates = _c(x, dt), _c(bias, dt), _c(gates, dt)
-    phi = _c(phi, dt)  # kept referenced until the call returns
+    """``x [..., n, C]`` -> ``(h_pre [..., n], h_post [..., n], h_res [..., n, n], r [T, 1], z [T, K],
+    u [..., C] or None)`` with ``z = (v @ phi) / r``; see ``mhc_cpu_impl.h``."""
+    lead, n, c, dt = x.shape[:-2], x.shape[-2], x.shape[-1], x.dtype
+    x, bias, gates, phi = _c(x, dt), _c(bias, dt), _c(gates, dt), _c(phi, dt)  # kept referenced until the call returns
+    t = _tokens(x)
     if n * c <= PROJECT_MAX_WIDTH:
         z, phi_arg = torch.empty(t, phi.shape[1], dtype=dt), _ptr(phi)
     else:
-        z, phi_arg = x3.view(t, n * c) @ phi, None
+        z, phi_arg = x.view(t, n * c) @ phi, None
     r = torch.empty(t, 1, dtype=dt)
-    h_pre, h_post, h_res = torch.empty(t, n, dtype=dt), torch.empty(t, n, dtype=dt), torch.empty(t, n, n, dtype=dt)
-    u = torch.empty(t, c, dtype=dt) if with_u else None
-    _call("mhc_coeffs_fwd", dt, _ptr(x3), phi_arg, _ptr(z), _ptr(bias), _ptr(gates), float(rms_eps), _ptr(r),
+    h_pre, h_post = torch.empty(lead + (n,), dtype=dt), torch.empty(lead + (n,), dtype=dt)
+    h_res = torch.empty(lead + (n, n), dtype=dt)
+    u = torch.empty(lead + (c,), dtype=dt) if with_u else None
+    _call("mhc_coeffs_fwd", dt, _ptr(x), phi_arg, _ptr(z), _ptr(bias), _ptr(gates), float(rms_eps), _ptr(r),
           _ptr(h_pre), _ptr(h_post), _ptr(h_res), _ptr(u), t, n, c, iters, torch.get_num_threads())
     return h_pre, h_post, h_res, r, z, u
 
 
 def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor,
                gates: torch.Tensor, g_pre, g_post, g_res, iters: int, need_x: bool, need_phi: bool, g_out=None):
-    """``(gx [T, n, C] or None, dphi [nC, K] or None, dbias [K], dalpha [3])`` of the coefficients
-    (and, with ``gu``, of the read ``u``; with ``g_out`` [T, n, C], the output gradient of the
-    write-back ``h_res x + h_post y``, of that write-back's ``x`` and ``h_res``); see ``mhc_cpu_impl.h``."""
-    t, n, c = x.shape
-    dt = x.dtype
+    """``(gx [..., n, C] or None, dphi [nC, K] or None, dbias [K], dalpha [3])`` of the coefficients of
+    ``x [..., n, C]`` (and, with ``gu``, of the read ``u``; with ``g_out`` [..., n, C], the output
+    gradient of the write-back ``h_res x + h_post y``, of that write-back's ``x`` and ``h_res``); the
+    gradients are laid out as the forward's outputs; see ``mhc_cpu_impl.h``."""
+    n, c, dt = x.shape[-2], x.shape[-1], x.dtype
     k = z.shape[-1]
-    x3, z, r, phi, bias, gates = _c(x, dt), _c(z, dt), _c(r, dt), _c(phi, dt), _c(bias, dt), _c(gates, dt)
-
-    def flat(g, w):
-        return None if g is None else _c(g.reshape(t, w), dt)
-
-    gu, g_pre, g_post, g_res = flat(gu, c), flat(g_pre, n), flat(g_post, n), flat(g_res, n * n)
-    g_out = flat(g_out, n * c)
+    x, z, r, phi, bias, gates = _c(x, dt), _c(z, dt), _c(r, dt), _c(phi, dt), _c(bias, dt), _c(gates, dt)
+    gu, g_pre, g_post, g_res, g_out = _c(gu, dt), _c(g_pre, dt), _c(g_post, dt), _c(g_res, dt), _c(g_out, dt)
+    t = _tokens(x)
     here = n * c <= PROJECT_MAX_WIDTH  # the matmuls with phi in the kernel, else in BLAS below
     gzr = None if here else torch.empty(t, k, dtype=dt)
-    gx = torch.empty(t, n, c, dtype=dt) if need_x else None
+    gx = torch.empty(x.shape, dtype=dt) if need_x else None
     dphi = torch.empty(n * c, k, dtype=dt) if here and need_phi else None
     dbias, dalpha = torch.empty(k, dtype=dt), torch.empty(3, dtype=dt)
-    _call("mhc_coeffs_bwd", dt, _ptr(x3), _ptr(gu), _ptr(g_out), _ptr(z), _ptr(r), _ptr(bias), _ptr(gates), _ptr(g_pre),
+    _call("mhc_coeffs_bwd", dt, _ptr(x), _ptr(gu), _ptr(g_out), _ptr(z), _ptr(r), _ptr(bias), _ptr(gates), _ptr(g_pre),
           _ptr(g_post), _ptr(g_res), _ptr(phi if here else None), _ptr(gzr), _ptr(gx), _ptr(dphi), _ptr(dbias),
           _ptr(dalpha), t, n, c, iters, torch.get_num_threads())
     if not here:
         if need_phi:
-            dphi = x3.view(t, n * c).t() @ gzr
+            dphi = x.view(t, n * c).t() @ gzr
         if gx is not None:
             gx.view(t, n * c).addmm_(gzr, phi.t())
     return gx, dphi, dbias, dalpha

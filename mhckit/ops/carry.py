@@ -1,0 +1,111 @@
+"""One mHC sublayer on the compiled CPU kernels: the write-back's x-side backward joins the
+coefficients'. Private to :class:`mhckit.HyperConnection`, which pairs the two Functions; the
+public ops keep their own Functions (:mod:`mhckit.ops.autograd`).
+
+With ``CoeffsPreFunction + PostResFunction`` the backward makes 8 passes over ``[T, n, C]`` stream
+tensors: write-back: read g, read x, write dx; coefficients: read x, write dx'; autograd: dx + dx'
+(read 2, write 1). The pair below moves the write-back's x-side work (``dx = h_res^T g``,
+``dh_res = <g[k], x[j]>``) into the coefficient backward, which reads x anyway: write-back: read g
+(dy, dh_post); coefficients: read g, read x, write dx (the read's and the norm's terms included):
+4 passes, one dx allocation. The write-back's output gradient g reaches the coefficient backward
+along an extra output of :class:`CoeffsCarryFunction`, the ``carrier`` (an alias of x that only
+:class:`PostCarryFunction` consumes): the gradient sent along it is g itself, not a gradient of
+x. Autograd sums it over several write-backs of one read, which is right: what the coefficient
+backward does with it is linear in g given x.
+
+Little Python per call. At the default ``mhckit compare`` width (C = 64, 1024 tokens a step) the
+Python around the kernels cost more per sublayer than the write-back kernels themselves: mostly
+``reshape`` / ``to`` / ``view`` calls of ~1 µs each in a loop and several times that inside a
+training step. So the kernels' outputs are allocated in their final shapes, the caller's checks
+(:func:`mhckit.functional._carry_ok` and the shape checks) are not repeated, and a backward only
+asks whether the kernels are still switched on (:func:`mhckit.ops.cpu.enabled`); if they were
+switched off between forward and backward it does the same sums with PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import cpu
+from .autograd import _coeffs_backward, _coeffs_forward, _contract, _mix
+
+
+class CoeffsCarryFunction(torch.autograd.Function):
+    """:class:`~mhckit.ops.autograd.CoeffsPreFunction` plus the carrier for
+    :class:`PostCarryFunction`: returns ``(u, h_pre, h_post, h_res, carrier)``. ``x`` contiguous,
+    ``x``, ``phi``, ``bias``, ``alpha`` on the CPU in one float dtype (the caller checks)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
+        if cpu.enabled():
+            h_pre, h_post, h_res, r, z, u = cpu.coeffs_fwd(x, phi, bias, alpha, rms_eps, iters, True)
+        else:  # called with the kernels switched off: the PyTorch ops, [T, ...] results
+            h_pre, h_post, h_res, r, z, u = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps, True)
+            lead, n = x.shape[:-2], x.shape[-2]
+            u, h_pre, h_post = u.reshape(lead + u.shape[-1:]), h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,))
+            h_res = h_res.reshape(lead + (n, n))
+        ctx.save_for_backward(x, phi, bias, alpha, r, z)
+        ctx.iters, ctx.rms_eps = iters, rms_eps
+        return u, h_pre, h_post, h_res, x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_u: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor, g_out: Tensor):
+        saved = ctx.saved_tensors  # read once: torch.utils.checkpoint allows a single unpack
+        x, phi, bias, alpha, r, z = saved
+        need = ctx.needs_input_grad
+        if cpu.enabled():  # x, phi, z were checked in forward; the gradients are cast by the wrapper
+            grad_x, grad_phi, grad_bias, grad_alpha = cpu.coeffs_bwd(
+                x, g_u, z, r, phi, bias, alpha, g_pre, g_post, g_res, ctx.iters, need[0], need[1], g_out=g_out
+            )
+            return grad_x, grad_phi, grad_bias, grad_alpha, None, None
+        # the kernels were switched off between forward and backward: the same sums in PyTorch ops
+        n, c = x.shape[-2], x.shape[-1]
+        x3 = x.reshape(-1, n, c)
+        g3 = h_res = None
+        if g_out is not None:
+            g3 = g_out.reshape(-1, n, c).to(phi.dtype)
+            dres = _contract(g3, *x3.unbind(-2))  # <g[k], x[j]>
+            g_res = dres if g_res is None else g_res.reshape(-1, n, n).to(dres.dtype) + dres
+            h_res = _coeffs_forward(x, phi, bias, alpha, ctx.iters, ctx.rms_eps, False)[2]
+        grad_x, grad_phi, grad_bias, grad_alpha = _coeffs_backward(
+            saved, ctx.iters, g_u, g_pre, g_post, g_res, need[0], need[1]
+        )
+        if grad_x is not None and g3 is not None:
+            grad_x = _mix(h_res.transpose(-1, -2), g3, grad_x)
+        grad_x = grad_x.reshape(x.shape).to(x.dtype) if grad_x is not None else None
+        return grad_x, grad_phi, grad_bias, grad_alpha, None, None
+
+
+class PostCarryFunction(torch.autograd.Function):
+    """The write-back ``h_res x + h_post y`` on the carrier of :class:`CoeffsCarryFunction`: its
+    backward computes ``dy`` and ``dh_post`` and sends the output gradient itself back along the
+    carrier (``dx`` and ``dh_res`` are the coefficient backward's). ``y [..., C]`` of any float
+    dtype (cast to the carrier's)."""
+
+    @staticmethod
+    def forward(ctx, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+        ctx.save_for_backward(y, h_post)
+        if y.is_cpu and cpu.enabled():
+            return cpu.post_res_fwd(carrier, y, h_post, h_res)
+        dt = h_res.dtype
+        out = h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)
+        return _mix(h_res, carrier, out).to(carrier.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        y, h_post = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if cpu.enabled():
+            grad_y, grad_post = cpu.post_bwd(y, h_post, g, need[1], need[2])
+        else:
+            dt = h_post.dtype
+            g2 = g.to(dt)
+            grad_y = _mix(h_post.unsqueeze(-2), g2).squeeze(-2) if need[1] else None
+            grad_post = _contract(g2, y).squeeze(-1) if need[2] else None
+        if grad_y is not None and grad_y.dtype != y.dtype:
+            grad_y = grad_y.to(y.dtype)
+        return (g if need[0] else None), grad_y, grad_post, None
