@@ -626,7 +626,7 @@ int FN(mhc_post_res_bwd)(const T *x, const T *y, const T *hp, const T *hr, const
 /* phi [nC, K] -> [nC, KP] zero padded (KP = K rounded up to KB), so every block is full width */
 static T *FN(pack_phi)(const T *phi, int64_t nC, int K, int *KP) {
     *KP = (K + KB - 1) / KB * KB;
-    T *p = mhc_alloc(sizeof(T) * (size_t)nC * *KP, 1);
+    T *p = calloc((size_t)nC * *KP, sizeof(T));
     if (p)
         for (int64_t i = 0; i < nC; i++) memcpy(p + i * *KP, phi + i * K, sizeof(T) * K);
     return p;
