@@ -31,6 +31,8 @@ RESULTS = Path(__file__).parent / "results"
 PRESETS = {
     # the default `mhckit compare` model (CPU)
     "default": dict(n_layer=6, d_model=64, n_head=4, seq_len=64, batch=16, vocab=256),
+    # the same model 4x wider (C = 256): how the CPU overhead of mHC falls with the width
+    "wide": dict(n_layer=6, d_model=256, n_head=4, seq_len=64, batch=16, vocab=256),
     # GPT-2 small shape
     "gpt124m": dict(n_layer=12, d_model=768, n_head=12, seq_len=1024, batch=16, vocab=50304),
 }
