@@ -49,9 +49,10 @@
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SUFFIX)
 
-/* Heap blocks aligned like ALIGNED (malloc gives 16 bytes: in the OpenMP worker threads' arenas the
- * per-thread Sinkhorn scratch then put most of its 32-byte vectors across two cache lines, and the
- * kept-iterate Sinkhorn ran ~1.7x slower there than on the main thread). Zeroed if `zero`. */
+/* Heap blocks aligned like ALIGNED. malloc guarantees 16 bytes; the OpenMP worker's per-thread Sinkhorn
+ * scratch then had most of its 32-byte vectors across two cache lines, and the 2-thread kept-iterate
+ * Sinkhorn took 1.7x as long as with aligned scratch (how often depended on the heap's state).
+ * Zeroed if `zero`. */
 static void *mhc_alloc(size_t bytes, int zero) {
     void *p = NULL;
     if (posix_memalign(&p, 64, bytes ? bytes : 64)) return NULL;
