@@ -24,6 +24,7 @@ from benchmarks.harness import Result, write_results
 from mhckit import MHCConfig
 from mhckit.models import GPT, GPTConfig
 from mhckit.ops import cpu
+from mhckit.train.alloc import keep_freed_memory
 from mhckit.train.memory import estimate_training_memory
 from mhckit.train.runinfo import run_info
 
@@ -75,8 +76,14 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--default-heap", action="store_true",
+                   help="leave glibc's heap thresholds alone (the trainer keeps freed memory: mhckit/train/alloc.py)")
     args = p.parse_args(argv)
     preset, dev = PRESETS[args.preset], args.device
+    heap = "left alone"
+    if not dev.startswith("cuda") and not args.default_heap:  # as the trainer sets it, for every variant
+        heap = keep_freed_memory()
+    print("heap:", heap)
     names = args.variants.split(",")
     tokens = torch.randint(0, preset["vocab"], (preset["batch"], preset["seq_len"] + 1), device=dev)
     runs = {n: build(preset, VARIANTS[n], dev, args.backend) for n in names}
@@ -119,7 +126,7 @@ def main(argv=None) -> int:
         print(f"{n:15s} {1e3 * med:9.1f} ms/step  {ntok / med:10,.0f} tok/s  throughput x{statistics.median(ratios):.3f} "
               f"vs {base}  memory {memory[n] / 2**20:8.1f} MB (x{memory[n] / memory[base]:.2f})")
     stem = Path(args.out) if args.out else RESULTS / f"model_{args.preset}_{dev.split(':')[0]}"
-    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads()))
+    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads(), heap=heap))
     print(f"wrote {stem}.csv and {stem}.md  (ratio column = throughput relative to {base})")
     return 0
 

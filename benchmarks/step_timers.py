@@ -24,6 +24,7 @@ import torch
 from benchmarks.bench_model import PRESETS, VARIANTS, build, step_fn
 from mhckit import modules
 from mhckit.ops import carry, cpu
+from mhckit.train.alloc import keep_freed_memory
 
 
 @contextlib.contextmanager
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not cpu.status()["active"]:
         raise SystemExit(f"the compiled CPU kernels are not active: {cpu.status()['why']}")
+    print("heap:", keep_freed_memory())  # as the trainer and bench_model
     preset = PRESETS[args.preset]
     tokens = torch.randint(0, preset["vocab"], (preset["batch"], preset["seq_len"] + 1))
     runs = {n: build(preset, VARIANTS[n], "cpu", "auto") for n in ("residual", "mhc")}

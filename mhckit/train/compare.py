@@ -49,7 +49,7 @@ from .report import divergence_sentences, gain_sentences, run_name, write_report
 DEFAULT_VARIANTS = ("residual", "hc", "mhc", "mhc-lite")
 DEFAULT_PRESET = "default"
 # Fields that do not change a run's result: a finished run trained with other values is still valid.
-IGNORED_FIELDS = ("resume", "progress", "out_dir", "cache_dir", "threads", "keep_ckpts", "name")
+IGNORED_FIELDS = ("resume", "progress", "out_dir", "cache_dir", "threads", "keep_ckpts", "name", "keep_freed_memory")
 # Fields compare sets itself for every run.
 # How many seeds `mhckit compare --preset=P` runs by default, sized with the preset's budget (the
 # seed count is not a TrainConfig field, so it lives here rather than in the presets).

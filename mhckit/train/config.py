@@ -60,6 +60,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     parallel: str = "auto"  # "auto" (ddp under torchrun), "none", "ddp" or "fsdp" (FSDP2 fully_shard)
     threads: int = 0  # CPU threads for torch; 0 = leave torch's default
+    keep_freed_memory: bool = True  # CPU, glibc: keep freed heap memory instead of page-faulting it back each step
     progress: bool = True  # show a progress bar
     max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss or grad norm (each skipped)
     model: GPTConfig = field(default_factory=GPTConfig)  # the model (and its hyper-connection in model.hc)
@@ -100,7 +101,7 @@ class TrainConfig:
                               ("parallel", PARALLEL), ("tokenizer", TOKENIZERS)):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), "one of " + ", ".join(map(repr, allowed)))
-        for name in ("resume", "compile", "progress"):
+        for name in ("resume", "compile", "progress", "keep_freed_memory"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "true or false")
         _check_model(self.model)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..models.gpt import GPT
+from . import alloc
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .config import TrainConfig
@@ -126,6 +127,9 @@ class Trainer:
         self.device = self.dist.device or resolve_device(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.heap = "left alone"  # the CPU heap's settings, see mhckit/train/alloc.py
+        if self.device.type == "cpu" and cfg.keep_freed_memory:
+            self.heap = alloc.keep_freed_memory()
         self.data = data or load_token_data(cfg.data, cfg.tokenizer, cfg.cache_dir, cfg.val_fraction)
         vocab = self.data.tokenizer.vocab_size
         if cfg.model.vocab_size != vocab:
