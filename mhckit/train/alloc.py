@@ -6,8 +6,9 @@ serves blocks above ``M_MMAP_THRESHOLD`` with fresh mappings. A training step fr
 activations at the end of backward and allocates them again in the next forward, so memory that is
 given back is page-faulted in again every step. Measured on the default ``mhckit compare`` model
 (2-core CPU): the mHC model took ~900-1200 minor page faults per step, the plain residual none; with
-the settings below both take ~1, and mHC's tokens/s relative to the residual rose by +0.005 to +0.030
-(+0.018 on average) over four pairs of interleaved runs. The cost: the process keeps its peak heap
+the settings below both take ~1. With the same two settings given through the environment (64 MiB /
+256 MiB, also ~1 fault per step) mHC's tokens/s relative to the residual rose by +0.005 to +0.030
+(+0.018 on average) over four pairs of runs. The cost: the process keeps its peak heap
 (the next step needs it again). jemalloc / tcmalloc (``LD_PRELOAD``) keep freed memory by design;
 glibc's ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` environment variables set the same
 thing by hand, and when either is set this module leaves the heap alone.
