@@ -253,7 +253,7 @@ BAD_VALUES = {
     "grad_clip": ["-1", "inf"], "eval_every": ["0", "-1"], "eval_batches": ["0"], "diag_every": ["0"],
     "log_every": ["0"], "ckpt_every": ["-1"], "keep_ckpts": ["0"], "resume": ["maybe"], "device": ["tpu"],
     "precision": ["fp8"], "compile": ["maybe"], "parallel": ["deepspeed"], "threads": ["-1"],
-    "progress": ["maybe"], "max_bad_steps": ["0"],
+    "progress": ["maybe"], "keep_freed_memory": ["2"], "max_bad_steps": ["0"],
     "model.vocab_size": ["0"], "model.seq_len": ["0", "-1"], "model.n_layer": ["0"], "model.n_head": ["0"],
     "model.d_model": ["0", "30"], "model.mlp_hidden": ["-1"], "model.tie_embeddings": ["maybe"],
     "model.rope_base": ["0", "inf"], "model.norm_eps": ["-1", "nan"], "model.init_std": ["0"],
