@@ -48,6 +48,9 @@ class CoeffsCarryFunction(torch.autograd.Function):
             h_res = h_res.reshape(lead + (n, n))
         ctx.save_for_backward(x, phi, bias, alpha, r, z)
         ctx.iters, ctx.rms_eps = iters, rms_eps
+        # outputs nobody differentiates (h_pre, and h_res, whose gradient the write-back leaves to us)
+        # come back as None: no zero tensors made, filled and read by the backward
+        ctx.set_materialize_grads(False)
         return u, h_pre, h_post, h_res, x.view_as(x)
 
     @staticmethod

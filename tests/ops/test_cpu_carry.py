@@ -222,3 +222,29 @@ def test_strided_streams_and_a_strided_or_half_branch_output():
             res.append([out.detach(), x.grad] + [p.grad.clone() for p in hc.parameters()])
         for a, b in zip(*res):
             _close(a, b, dt)
+
+
+@pytest.mark.parametrize("used", [("u",), ("h_pre",), ("h_res",), ("h_post",), ("u", "h_pre", "h_post", "h_res")])
+def test_read_with_only_some_outputs_differentiated(used):
+    """Outputs nobody differentiates reach the backward as None (no zero tensors); any subset that is
+    used gives the reference's gradients. (The carrier is only for the write-back: the gradient sent
+    along it is read as the write-back's output gradient, not as a gradient of x.)"""
+    dt = torch.float64
+    hc = _layer(3, 8, dt, seed=7)
+    co = hc.coeffs
+    x = torch.randn(5, 3, 8, dtype=dt, requires_grad=True)
+
+    def loss(outs):
+        return sum((outs[k] ** 2).sum() * (i + 1) for i, k in enumerate(used))
+
+    u, h_pre, h_post, h_res, carrier = co.read_carry(x)
+    fast = dict(u=u, h_pre=h_pre, h_post=h_post, h_res=h_res, carrier=carrier)
+    grads = torch.autograd.grad(loss(fast), [x, co.phi, co.bias, co.alpha], allow_unused=True)
+    h_pre, h_post, h_res = reference.mhc_coeffs(x, co.phi, co.bias, co.alpha)
+    ref = dict(u=reference.mhc_pre(x, h_pre), h_pre=h_pre, h_post=h_post, h_res=h_res)
+    want = torch.autograd.grad(loss(ref), [x, co.phi, co.bias, co.alpha], allow_unused=True)
+    for a, b in zip(grads, want):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            _close(a, b, dt)
