@@ -145,10 +145,13 @@ def mhc_coeffs_pre(
 
 
 def _carry_ok(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, backend: str) -> bool:
-    """Whether :func:`_mhc_read_carry` can run: the ``torch`` backend with the compiled CPU kernels
-    on streams of phi's dtype (float32 / float64), outside ``torch.compile``, everything on the CPU."""
+    """Whether :func:`_mhc_read_carry` can run: the ``torch`` backend with the compiled CPU kernels,
+    outside ``torch.compile``, everything on the CPU, streams of float32 / float64 with parameters
+    of that dtype, or streams of bfloat16 / float16 (parameters of any float dtype but float64: the
+    coefficients are computed in float32, as :func:`mhc_coeffs_pre` does)."""
     return (  # "auto" is "torch" for CPU tensors
-        cpu.available(x, phi, n=x.shape[-2]) and bias.is_cpu and alpha.is_cpu
+        cpu.streams_available(x, n=x.shape[-2]) and phi.is_cpu and bias.is_cpu and alpha.is_cpu
+        and (phi.dtype is x.dtype or compute_dtype(x, phi) is cpu.coef_dtype(x.dtype) is not x.dtype)
         and (backend == "auto" or resolve_backend(backend, x, phi) == "torch")
     )
 
@@ -164,9 +167,9 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
         and bias.is_floating_point() and alpha.is_floating_point() and type(iters) is int and iters >= 1
     ):
         _check_mhc(x, phi, bias, alpha, iters)
-    dt = phi.dtype
+    dt = cpu.coef_dtype(x.dtype)
     return CoeffsCarryFunction.apply(
-        x if x.is_contiguous() else x.contiguous(), phi, _as(bias, dt), _as(alpha, dt), iters, rms_eps
+        x if x.is_contiguous() else x.contiguous(), _as(phi, dt), _as(bias, dt), _as(alpha, dt), iters, rms_eps
     )
 
 

@@ -25,3 +25,20 @@ def test_step_timers_times_the_kernels_and_puts_everything_back(capsys):
         assert line in out, out
     assert (cpu._call, modules.HyperConnection.split, carry.CoeffsCarryFunction.__dict__["backward"]) == before
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
+def test_layer_benchmark_in_bfloat16_casts_every_case(tmp_path, monkeypatch):
+    """``bench_layer --dtype bfloat16``: every case runs on bf16 tensors (mhckit's on the bf16 kernels)
+    and the results say so."""
+    from benchmarks import bench_layer
+
+    seen = []
+    real = cpu._call
+    monkeypatch.setattr(cpu, "_call", lambda name, dtype, *a: (seen.append(dtype), real(name, dtype, *a))[1])
+    stem = tmp_path / "layer"
+    assert bench_layer.main(["--B", "1", "--T", "8", "--C", "16", "--branch", "linear", "--rounds", "1",
+                             "--no-peers", "--dtype", "bfloat16", "--out", str(stem)]) == 0
+    assert seen and set(seen) == {torch.bfloat16}
+    rows = (stem.with_suffix(".csv")).read_text()
+    assert "bfloat16" in rows and "mhckit-torch-ops" in rows and "float32" not in rows.split("\n", 1)[1]

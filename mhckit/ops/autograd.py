@@ -139,7 +139,7 @@ class PreFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, h_pre: Tensor) -> Tensor:
         ctx.save_for_backward(x, h_pre)
-        if cpu.available(x, h_pre, n=x.shape[-2]):
+        if cpu.streams_available(x, h_pre, n=x.shape[-2]):
             return cpu.pre_fwd(x, h_pre)
         u = _mix(h_pre.unsqueeze(-2), x).squeeze(-2)  # [..., C]
         return u.to(x.dtype)
@@ -148,7 +148,7 @@ class PreFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gu: Tensor):
         x, h_pre = ctx.saved_tensors
-        if cpu.available(x, h_pre, n=x.shape[-2]):
+        if cpu.streams_available(x, h_pre, n=x.shape[-2]):
             return cpu.pre_bwd(x, h_pre, gu, *ctx.needs_input_grad)
         g = gu.to(h_pre.dtype).unsqueeze(-2)  # [..., 1, C]
         grad_x = (h_pre.unsqueeze(-1) * g).to(x.dtype) if ctx.needs_input_grad[0] else None
@@ -160,7 +160,7 @@ class PostResFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
         ctx.save_for_backward(x, y, h_post, h_res)
-        if cpu.available(x, y, h_post, h_res, n=x.shape[-2]):
+        if cpu.streams_available(x, h_post, h_res, streams=(y,), n=x.shape[-2]):
             return cpu.post_res_fwd(x, y, h_post, h_res)
         dt = h_res.dtype
         out = h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)  # [..., n, C]
@@ -170,7 +170,7 @@ class PostResFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: Tensor):
         x, y, h_post, h_res = ctx.saved_tensors
-        if cpu.available(x, y, h_post, h_res, n=x.shape[-2]):
+        if cpu.streams_available(x, h_post, h_res, streams=(y,), n=x.shape[-2]):
             return cpu.post_res_bwd(x, y, h_post, h_res, g, ctx.needs_input_grad)
         dt = h_res.dtype
         g = g.to(dt)
@@ -197,16 +197,17 @@ class PostResFunction(torch.autograd.Function):
 #   dphi = v^T (gz / r);  dv = (gz / r) phi^T - v * sum_K(gz * z) / (nC r^2)
 # Saved: x (alive anyway), phi, bias, alpha and the small per-token r [T, 1] and z [T, K] (the
 # gated logits are recomputed); no [T, nC] float copy is kept for fp32 streams.
-# On the CPU (fp32 / fp64, compiled kernels available) all of it is one C call forward (norm,
-# projection, tail, read) and one backward (read gradient, tail, dbias, dalpha, dphi, dv); the
-# three matmuls with phi move to BLAS above n*C = cpu.PROJECT_MAX_WIDTH.
+# On the CPU (fp32 / fp64 streams, or bf16 / fp16 streams with fp32 coefficients; compiled kernels
+# available) all of it is one C call forward (norm, projection, tail, read) and one backward (read
+# gradient, tail, dbias, dalpha, dphi, dv); for fp32 / fp64 the three matmuls with phi move to BLAS
+# above n*C = cpu.PROJECT_MAX_WIDTH.
 
 
 def _coeffs_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float, with_u: bool):
     """``(h_pre [T, n], h_post [T, n], h_res [T, n, n], r [T, 1], z [T, K], u [T, C] or None)``."""
     n, c = x.shape[-2], x.shape[-1]
     x3 = x.reshape(-1, n, c)
-    if cpu.available(x, phi, bias, alpha, n=n):
+    if cpu.streams_available(x, phi, bias, alpha, n=n):
         return cpu.coeffs_fwd(x3, phi, bias, alpha, rms_eps, iters, with_u)
     v = x3.reshape(-1, n * c).to(phi.dtype)  # [T, nC]
     r = torch.sqrt(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_() / (n * c) + rms_eps)  # [T, 1]
@@ -221,7 +222,7 @@ def _coeffs_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: 
         h_res = _tokens_first(sinkhorn_forward(_tokens_last(logits), iters), logits.shape)
     u = None
     if with_u:
-        if cpu.available(x3, h_pre, n=n):
+        if cpu.streams_available(x3, h_pre, n=n):
             u = cpu.pre_fwd(x3, h_pre)
         else:
             u = _mix(h_pre.unsqueeze(-2), x3).squeeze(-2).to(x.dtype)  # [T, C]
@@ -253,7 +254,7 @@ def _coeffs_backward(saved, iters: int, g_u, g_pre, g_post, g_res, need_x: bool,
     n, c = x.shape[-2], x.shape[-1]
     x3 = x.reshape(-1, n, c)
     gu = None if g_u is None else g_u.reshape(-1, c)
-    if cpu.available(x, phi, z, n=n):
+    if cpu.streams_available(x, phi, z, n=n):
         return cpu.coeffs_bwd(x3, gu, z, r, phi, bias, alpha, g_pre, g_post, g_res, iters, need_x, need_phi)
     dt = phi.dtype
     gate = _gates(alpha, n, phi.shape[1])

@@ -86,12 +86,13 @@ class PostCarryFunction(torch.autograd.Function):
     """The write-back ``h_res x + h_post y`` on the carrier of :class:`CoeffsCarryFunction`: its
     backward computes ``dy`` and ``dh_post`` and sends the output gradient itself back along the
     carrier (``dx`` and ``dh_res`` are the coefficient backward's). ``y [..., C]`` of any float
-    dtype (cast to the carrier's)."""
+    dtype (cast to the carrier's by the kernels; with 2-byte streams only a ``y`` of their dtype goes
+    to the kernels, so that a wider ``y`` is not rounded before the sum)."""
 
     @staticmethod
     def forward(ctx, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
         ctx.save_for_backward(y, h_post)
-        if y.is_cpu and cpu.enabled():
+        if y.is_cpu and _y_fits(y, carrier) and cpu.enabled():
             return cpu.post_res_fwd(carrier, y, h_post, h_res)
         dt = h_res.dtype
         out = h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)
@@ -102,7 +103,7 @@ class PostCarryFunction(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         y, h_post = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if cpu.enabled():
+        if _y_fits(y, g) and cpu.enabled():
             grad_y, grad_post = cpu.post_bwd(y, h_post, g, need[1], need[2])
         else:
             dt = h_post.dtype
@@ -112,3 +113,9 @@ class PostCarryFunction(torch.autograd.Function):
         if grad_y is not None and grad_y.dtype != y.dtype:
             grad_y = grad_y.to(y.dtype)
         return (g if need[0] else None), grad_y, grad_post, None
+
+
+def _y_fits(y: Tensor, streams: Tensor) -> bool:
+    """Whether the kernels may take ``y`` in the streams' dtype: its own, or streams of 4+ bytes
+    (which the PyTorch ops also cast ``y`` to: the coefficients' dtype is theirs)."""
+    return y.dtype is streams.dtype or streams.dtype.itemsize > 2

@@ -17,6 +17,13 @@ and flags, and loaded with :mod:`ctypes`: no Python or torch headers, ~1 s to bu
 compiler, or with ``MHCKIT_CPU_KERNELS=0``, or under ``torch.compile`` (ctypes calls do not
 trace), mhckit uses its PyTorch ops instead (same results to rounding; tests check both).
 
+Streams in bfloat16 or float16 (a model cast with ``.to(torch.bfloat16)``, e.g. a Hugging Face model
+loaded in bf16) run on the same kernels: the stream read, the write-back and the coefficient kernels
+take 2-byte streams, convert each block of tokens to float32 in per-thread scratch, compute in
+float32 and round every stream result once; the coefficients and their parameters' gradients are
+float32 (``mhc_cpu_half.h``). The PyTorch ops do the same sums (cast to float32, compute, cast back),
+so both paths agree to a unit in the last place of the 2-byte format.
+
 :func:`status` says which path is active and why.
 """
 
@@ -39,12 +46,13 @@ import torch
 __all__ = [
     "available", "enabled", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
     "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "post_bwd", "coeffs_fwd", "coeffs_bwd", "MAX_STREAMS",
+    "streams_available", "coef_dtype",
 ]
 
 MAX_STREAMS = 8
 _SOURCE = Path(__file__).with_name("mhc_cpu.c")
-_SOURCES = (_SOURCE, _SOURCE.with_name("mhc_cpu_impl.h"))
-_ABI = 5
+_SOURCES = (_SOURCE, _SOURCE.with_name("mhc_cpu_impl.h"), _SOURCE.with_name("mhc_cpu_half.h"))
+_ABI = 6
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "lib": CDLL | None, "why": str | None, "path": str
 
@@ -67,12 +75,13 @@ _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu99", "-fno-fast-math", "-Wno-psabi
 
 
 def _isa_flags() -> list[str]:
-    """AVX2 + FMA where PyTorch itself dispatches to AVX2 or AVX-512 (part of the cache key)."""
+    """AVX2 + FMA (+ F16C, float16 conversions) where PyTorch itself dispatches to AVX2 or AVX-512
+    (part of the cache key)."""
     try:
         cap = torch.backends.cpu.get_cpu_capability()
     except Exception:  # older torch
         return []
-    return ["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else []
+    return ["-mavx2", "-mfma", "-mf16c"] if cap in ("AVX2", "AVX512") else []
 
 
 def _build(cc: str, out: Path) -> str | None:
@@ -136,11 +145,15 @@ def _load() -> ctypes.CDLL | None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    formats = lib.mhc_half_formats()
+    halves = [suf for bit, suf in ((1, "bf16"), (2, "f16")) if formats & bit]
+    _STATE["halves"] = {dt for dt, suf in ((torch.bfloat16, "bf16"), (torch.float16, "f16")) if suf in halves}
     for suf in ("f32", "f64"):
         getattr(lib, f"mhc_sinkhorn_fwd_{suf}").argtypes = [p, i64, p, i64, i32, i32, i32]
         getattr(lib, f"mhc_sinkhorn_bwd_{suf}").argtypes = [p, i64, p, p, i64, i64, i32, i32, i32]
         getattr(lib, f"mhc_tail_fwd_{suf}").argtypes = [p, p, p, p, p, p, i64, i32, i32, i32]
         getattr(lib, f"mhc_tail_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, i64, i32, i32, i32]
+    for suf in ("f32", "f64", *halves):  # the stream kernels: also with 2-byte streams
         getattr(lib, f"mhc_pre_fwd_{suf}").argtypes = [p, p, p, i64, i32, i64, i32]
         getattr(lib, f"mhc_pre_bwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
         getattr(lib, f"mhc_post_res_fwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
@@ -152,17 +165,27 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def status() -> dict[str, object]:
-    """``{"active": bool, "why": reason when inactive, "path": the library, "openmp": bool}``."""
+    """``{"active": bool, "why": reason when inactive, "path": the library, "openmp": bool,
+    "half_streams": the 2-byte stream dtypes the library takes}``."""
     lib = _load()
     return {
         "active": lib is not None,
         "why": _STATE.get("why"),
         "path": _STATE.get("path"),
         "openmp": bool(lib.mhc_openmp()) if lib is not None else False,
+        "half_streams": sorted(str(d) for d in _STATE.get("halves", ())) if lib is not None else [],
     }
 
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+_COEF = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32,
+         torch.float16: torch.float32}
+
+
+def coef_dtype(stream_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the kernels' coefficients for streams of ``stream_dtype``: float32 for
+    bfloat16 / float16 streams, else the streams' own."""
+    return _COEF[stream_dtype]
 _OFF = [0]  # > 0 inside `disabled()`
 
 
@@ -188,9 +211,28 @@ def available(*tensors: torch.Tensor, n: int) -> bool:
     if not 1 <= n <= MAX_STREAMS:
         return False
     dt = tensors[0].dtype
-    if dt not in _SUFFIX or any(not t.is_cpu or t.dtype != dt for t in tensors):
+    if dt not in _COEF or dt in _HALVES or any(not t.is_cpu or t.dtype != dt for t in tensors):
         return False
     return enabled()
+
+
+_HALVES = (torch.bfloat16, torch.float16)
+
+
+def streams_available(x: torch.Tensor, *coefficients: torch.Tensor, streams: tuple = (), n: int) -> bool:
+    """True when the stream kernels (read, write-back, coefficients) can run on streams ``x``
+    (float32 / float64, or bfloat16 / float16 where the library has them), further stream tensors
+    ``streams`` of x's dtype and ``coefficients`` of :func:`coef_dtype` of it, all on the CPU, outside
+    ``torch.compile`` tracing."""
+    if not 1 <= n <= MAX_STREAMS:
+        return False
+    dt = x.dtype
+    cd = _COEF.get(dt)
+    if cd is None or not x.is_cpu or any(not t.is_cpu or t.dtype != dt for t in streams):
+        return False
+    if any(not t.is_cpu or t.dtype != cd for t in coefficients) or not enabled():
+        return False
+    return dt not in _HALVES or dt in _STATE.get("halves", ())
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -206,6 +248,8 @@ def _call(name: str, dtype: torch.dtype, *args) -> None:
         lib = _load()
         if lib is None:
             raise RuntimeError(f"mhckit CPU kernel {name}: the compiled kernels are unavailable ({_STATE.get('why')})")
+        if dtype in _HALVES and dtype not in _STATE.get("halves", ()):  # undeclared: ctypes would mangle pointers
+            raise RuntimeError(f"mhckit CPU kernel {name}: this build has no {dtype} streams")
         fn = _FNS[(name, dtype)] = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
     err = fn(*args)
     if err:
@@ -267,7 +311,8 @@ def tail_bwd(z: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor, g_pre, g_
     return da
 
 
-# ---- stream read / write-back: x [T, n, C], y / u [T, C], coefficients of x's dtype -------------
+# ---- stream read / write-back: x [T, n, C], y / u [T, C]; coefficients (and their gradients) of
+# coef_dtype(x.dtype), stream tensors (and their gradients) of x's dtype -----------------------------
 
 
 def _c(t: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:
@@ -282,7 +327,7 @@ def _c(t: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:
 def pre_fwd(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``u [..., C] = sum_j h[..., j] x[..., j, :]``."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
-    x3, h2 = x.reshape(-1, n, c).contiguous(), _c(h.reshape(-1, n), dt)
+    x3, h2 = x.reshape(-1, n, c).contiguous(), _c(h.reshape(-1, n), _COEF[dt])
     u = torch.empty(x.shape[:-2] + (c,), dtype=dt)
     _call("mhc_pre_fwd", dt, _ptr(x3), _ptr(h2), _ptr(u), x3.shape[0], n, c, torch.get_num_threads())
     return u
@@ -291,10 +336,11 @@ def pre_fwd(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 def pre_bwd(x: torch.Tensor, h: torch.Tensor | None, gu: torch.Tensor, need_x: bool, need_h: bool):
     """``(dL/dx or None, dL/dh [..., n] or None)`` for :func:`pre_fwd` (``h`` only read for dL/dx)."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
+    cd = _COEF[dt]
     x3, g2 = x.reshape(-1, n, c).contiguous(), _c(gu.reshape(-1, c), dt)
-    h2 = _c(h.reshape(-1, n), dt) if need_x else None
+    h2 = _c(h.reshape(-1, n), cd) if need_x else None
     gx = torch.empty(x.shape, dtype=dt) if need_x else None
-    gh = torch.empty(x.shape[:-1], dtype=dt) if need_h else None
+    gh = torch.empty(x.shape[:-1], dtype=cd) if need_h else None
     _call("mhc_pre_bwd", dt, _ptr(x3), _ptr(h2), _ptr(g2), _ptr(gx), _ptr(gh), x3.shape[0], n, c,
           torch.get_num_threads())
     return gx, gh
@@ -308,7 +354,7 @@ def _tokens(x: torch.Tensor) -> int:
 def post_res_fwd(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
     """``out[..., k, :] = h_post[..., k] y + sum_j h_res[..., k, j] x[..., j, :]`` (shaped as ``x``)."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
-    x, y, hp, hr = _c(x, dt), _c(y, dt), _c(h_post, dt), _c(h_res, dt)
+    x, y, hp, hr = _c(x, dt), _c(y, dt), _c(h_post, _COEF[dt]), _c(h_res, _COEF[dt])
     out = torch.empty(x.shape, dtype=dt)
     _call("mhc_post_res_fwd", dt, _ptr(x), _ptr(y), _ptr(hp), _ptr(hr), _ptr(out), _tokens(x), n, c,
           torch.get_num_threads())
@@ -318,13 +364,14 @@ def post_res_fwd(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: 
 def post_res_bwd(x, y, h_post, h_res, g, need: tuple[bool, bool, bool, bool]):
     """``(dx, dy, dh_post, dh_res)`` (None where ``need`` is False) for :func:`post_res_fwd`."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
+    cd = _COEF[dt]
     x3 = x.reshape(-1, n, c).contiguous()
-    y2, hp, hr = _c(y.reshape(-1, c), dt), _c(h_post.reshape(-1, n), dt), _c(h_res.reshape(-1, n, n), dt)
+    y2, hp, hr = _c(y.reshape(-1, c), dt), _c(h_post.reshape(-1, n), cd), _c(h_res.reshape(-1, n, n), cd)
     g3 = _c(g.reshape(-1, n, c), dt)
     gx = torch.empty(x.shape, dtype=dt) if need[0] else None
     gy = torch.empty(y.shape, dtype=dt) if need[1] else None
-    gp = torch.empty(h_post.shape, dtype=dt) if need[2] else None
-    gr = torch.empty(h_res.shape, dtype=dt) if need[3] else None
+    gp = torch.empty(h_post.shape, dtype=cd) if need[2] else None
+    gr = torch.empty(h_res.shape, dtype=cd) if need[3] else None
     _call("mhc_post_res_bwd", dt, _ptr(x3), _ptr(y2), _ptr(hp), _ptr(hr), _ptr(g3), _ptr(gx), _ptr(gy), _ptr(gp),
           _ptr(gr), x3.shape[0], n, c, torch.get_num_threads())
     return gx, gy, gp, gr
@@ -334,9 +381,9 @@ def post_bwd(y: torch.Tensor, h_post: torch.Tensor, g: torch.Tensor, need_y: boo
     """``(dy, dh_post)`` (None where not needed) of :func:`post_res_fwd`: the part of its backward
     that does not read ``x`` (one pass over ``g``)."""
     n, c, dt = g.shape[-2], g.shape[-1], g.dtype
-    y, hp, g = _c(y, dt), _c(h_post, dt), _c(g, dt)
+    y, hp, g = _c(y, dt), _c(h_post, _COEF[dt]), _c(g, dt)
     gy = torch.empty(y.shape, dtype=dt) if need_y else None
-    gp = torch.empty(hp.shape, dtype=dt) if need_post else None
+    gp = torch.empty(hp.shape, dtype=_COEF[dt]) if need_post else None
     _call("mhc_post_res_bwd", dt, None, _ptr(y), _ptr(hp), None, _ptr(g), None, _ptr(gy), _ptr(gp), None,
           _tokens(g), n, c, torch.get_num_threads())
     return gy, gp
@@ -356,15 +403,16 @@ def coeffs_fwd(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, gates: to
     """``x [..., n, C]`` -> ``(h_pre [..., n], h_post [..., n], h_res [..., n, n], r [T, 1], z [T, K],
     u [..., C] or None)`` with ``z = (v @ phi) / r``; see ``mhc_cpu_impl.h``."""
     lead, n, c, dt = x.shape[:-2], x.shape[-2], x.shape[-1], x.dtype
-    x, bias, gates, phi = _c(x, dt), _c(bias, dt), _c(gates, dt), _c(phi, dt)  # kept referenced until the call returns
+    cd = _COEF[dt]  # the coefficients' dtype; u is of the streams'
+    x, bias, gates, phi = _c(x, dt), _c(bias, cd), _c(gates, cd), _c(phi, cd)  # kept referenced until the call returns
     t = _tokens(x)
-    if n * c <= PROJECT_MAX_WIDTH:
-        z, phi_arg = torch.empty(t, phi.shape[1], dtype=dt), _ptr(phi)
+    if n * c <= PROJECT_MAX_WIDTH or dt in _HALVES:  # 2-byte streams: always here (x read once, in float)
+        z, phi_arg = torch.empty(t, phi.shape[1], dtype=cd), _ptr(phi)
     else:
         z, phi_arg = x.view(t, n * c) @ phi, None
-    r = torch.empty(t, 1, dtype=dt)
-    h_pre, h_post = torch.empty(lead + (n,), dtype=dt), torch.empty(lead + (n,), dtype=dt)
-    h_res = torch.empty(lead + (n, n), dtype=dt)
+    r = torch.empty(t, 1, dtype=cd)
+    h_pre, h_post = torch.empty(lead + (n,), dtype=cd), torch.empty(lead + (n,), dtype=cd)
+    h_res = torch.empty(lead + (n, n), dtype=cd)
     u = torch.empty(lead + (c,), dtype=dt) if with_u else None
     _call("mhc_coeffs_fwd", dt, _ptr(x), phi_arg, _ptr(z), _ptr(bias), _ptr(gates), float(rms_eps), _ptr(r),
           _ptr(h_pre), _ptr(h_post), _ptr(h_res), _ptr(u), t, n, c, iters, torch.get_num_threads())
@@ -378,15 +426,16 @@ def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, phi: torch
     gradient of the write-back ``h_res x + h_post y``, of that write-back's ``x`` and ``h_res``); the
     gradients are laid out as the forward's outputs; see ``mhc_cpu_impl.h``."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
-    k = z.shape[-1]
-    x, z, r, phi, bias, gates = _c(x, dt), _c(z, dt), _c(r, dt), _c(phi, dt), _c(bias, dt), _c(gates, dt)
-    gu, g_pre, g_post, g_res, g_out = _c(gu, dt), _c(g_pre, dt), _c(g_post, dt), _c(g_res, dt), _c(g_out, dt)
+    k, cd = z.shape[-1], _COEF[dt]  # stream tensors of dt, the rest of cd
+    x, z, r, phi, bias, gates = _c(x, dt), _c(z, cd), _c(r, cd), _c(phi, cd), _c(bias, cd), _c(gates, cd)
+    gu, g_pre, g_post, g_res, g_out = _c(gu, dt), _c(g_pre, cd), _c(g_post, cd), _c(g_res, cd), _c(g_out, dt)
     t = _tokens(x)
-    here = n * c <= PROJECT_MAX_WIDTH  # the matmuls with phi in the kernel, else in BLAS below
-    gzr = None if here else torch.empty(t, k, dtype=dt)
+    # the matmuls with phi in the kernel, else in BLAS below; 2-byte streams always here (gx rounded once)
+    here = n * c <= PROJECT_MAX_WIDTH or dt in _HALVES
+    gzr = None if here else torch.empty(t, k, dtype=cd)
     gx = torch.empty(x.shape, dtype=dt) if need_x else None
-    dphi = torch.empty(n * c, k, dtype=dt) if here and need_phi else None
-    dbias, dalpha = torch.empty(k, dtype=dt), torch.empty(3, dtype=dt)
+    dphi = torch.empty(n * c, k, dtype=cd) if here and need_phi else None
+    dbias, dalpha = torch.empty(k, dtype=cd), torch.empty(3, dtype=cd)
     _call("mhc_coeffs_bwd", dt, _ptr(x), _ptr(gu), _ptr(g_out), _ptr(z), _ptr(r), _ptr(bias), _ptr(gates), _ptr(g_pre),
           _ptr(g_post), _ptr(g_res), _ptr(phi if here else None), _ptr(gzr), _ptr(gx), _ptr(dphi), _ptr(dbias),
           _ptr(dalpha), t, n, c, iters, torch.get_num_threads())

@@ -76,7 +76,83 @@ static void *mhc_alloc(size_t bytes, int zero) {
 #define VEXP_POLY 0
 #include "mhc_cpu_impl.h" /* undefines T, SUFFIX, TINY, EXP, ITYPE, VEXP_POLY */
 
-int mhc_abi_version(void) { return 5; }
+/* ---- half-precision streams: 2-byte storage, float arithmetic (mhc_cpu_half.h) ---- */
+
+/* bfloat16: the top 16 bits of a float; float -> bfloat16 rounds to nearest even, NaN -> 0x7FC0
+ * (as c10::BFloat16 does, so that the results equal PyTorch's `.to(torch.bfloat16)`). Vector
+ * extensions for 8 values at a time (memcpy: any alignment, no aliasing questions). */
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef float f32x8 __attribute__((vector_size(32)));
+
+static void bf16_in(const uint16_t *restrict s, float *restrict d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        u16x8 h;
+        memcpy(&h, s + i, sizeof h);
+        const f32x8 f = (f32x8)(__builtin_convertvector(h, u32x8) << 16);
+        memcpy(d + i, &f, sizeof f);
+    }
+    for (; i < n; i++) {
+        const uint32_t u = (uint32_t)s[i] << 16;
+        memcpy(d + i, &u, sizeof u);
+    }
+}
+
+static inline uint16_t bf16_round1(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return f != f ? 0x7FC0 : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+static void bf16_out(const float *restrict s, uint16_t *restrict d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        f32x8 f;
+        memcpy(&f, s + i, sizeof f);
+        const u32x8 u = (u32x8)f, nan = (u32x8)(f != f);
+        const u32x8 r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16 & ~nan) | (0x7FC0 & nan);
+        const u16x8 h = __builtin_convertvector(r, u16x8);
+        memcpy(d + i, &h, sizeof h);
+    }
+    for (; i < n; i++) d[i] = bf16_round1(s[i]);
+}
+
+#define HSUF _bf16
+#define CVT_IN bf16_in
+#define CVT_OUT bf16_out
+#include "mhc_cpu_half.h"
+
+/* float16 (IEEE binary16) through the compiler's _Float16 (F16C instructions where enabled). */
+#ifdef __FLT16_MAX__
+#define MHC_HAVE_F16 1
+static void f16_in(const uint16_t *restrict s, float *restrict d, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        _Float16 h;
+        memcpy(&h, s + i, sizeof h);
+        d[i] = (float)h;
+    }
+}
+
+static void f16_out(const float *restrict s, uint16_t *restrict d, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const _Float16 h = (_Float16)s[i];
+        memcpy(d + i, &h, sizeof h);
+    }
+}
+
+#define HSUF _f16
+#define CVT_IN f16_in
+#define CVT_OUT f16_out
+#include "mhc_cpu_half.h"
+#else
+#define MHC_HAVE_F16 0
+#endif
+
+/* which stream formats this build has: bit 0 bfloat16, bit 1 float16 */
+int mhc_half_formats(void) { return 1 | (MHC_HAVE_F16 << 1); }
+
+int mhc_abi_version(void) { return 6; }
 
 int mhc_openmp(void) {
 #ifdef _OPENMP

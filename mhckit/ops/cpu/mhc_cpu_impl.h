@@ -167,16 +167,19 @@ static void FN(skb_bwd)(T (*g)[W], int n, int iters, T (*m0)[W], T (*ys)[W], T (
  * reciprocals (rows of W lanes; ~16 KB for n = 4, 20 iterations, float). */
 typedef struct {
     T (*m)[W], (*m0)[W], (*g)[W], (*ys)[W], (*cs)[W];
+    T *extra; /* `extra` more values for the caller (the half-precision entry points' converted blocks) */
     void *mem;
 } FN(scratch_t);
 
-static int FN(scratch_alloc)(FN(scratch_t) *s, int n, int iters) {
+static int FN(scratch_alloc)(FN(scratch_t) *s, int n, int iters, size_t extra) {
     const size_t nn = (size_t)n * n, steps = 2 * (size_t)iters - 1;
     const size_t rows = nn * (3 + (size_t)iters) + (size_t)n * steps;
-    s->mem = mhc_alloc(sizeof(T) * W * rows, 0);
+    const size_t off = (W * rows + 15) & ~(size_t)15; /* extra starts on a cache line */
+    s->mem = mhc_alloc(sizeof(T) * (off + extra), 0);
     if (!s->mem) return 2;
     T (*base)[W] = (T (*)[W])s->mem;
     s->m = base, s->m0 = base + nn, s->g = base + 2 * nn, s->ys = base + 3 * nn, s->cs = s->ys + nn * iters;
+    s->extra = (T *)s->mem + off;
     return 0;
 }
 
@@ -210,7 +213,8 @@ static void FN(skb_grad)(FN(scratch_t) *s, const T *lg, int64_t ld, const T *bia
  * per-thread partial sums (and the results) do not depend on timing. 2 if a scratch allocation failed. */
 typedef void (*FN(block_body))(const void *ctx, FN(scratch_t) *s, int64_t t0, int lanes, int me);
 
-static int FN(for_blocks)(int64_t tokens, int n, int iters, int threads, FN(block_body) body, const void *ctx) {
+static int FN(for_blocks)(int64_t tokens, int n, int iters, int threads, size_t extra, FN(block_body) body,
+                          const void *ctx) {
     const int64_t blocks = (tokens + SB - 1) / SB;
     int err = 0;
 #pragma omp parallel num_threads(threads)
@@ -221,14 +225,15 @@ static int FN(for_blocks)(int64_t tokens, int n, int iters, int threads, FN(bloc
 #else
         const int me = 0;
 #endif
-        if (FN(scratch_alloc)(&s, n, iters)) {
+        const int ok = !FN(scratch_alloc)(&s, n, iters, extra);
+        if (!ok) {
+            s.mem = NULL;
 #pragma omp atomic write
             err = 2;
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < blocks; b++)
-                body(ctx, &s, b * SB, tokens - b * SB < SB ? (int)(tokens - b * SB) : SB, me);
         }
+#pragma omp for schedule(static) /* met by every thread of the team, also one without scratch */
+        for (int64_t b = 0; b < blocks; b++)
+            if (ok) body(ctx, &s, b * SB, tokens - b * SB < SB ? (int)(tokens - b * SB) : SB, me);
         free(s.mem);
     }
     return err;
@@ -272,7 +277,7 @@ int FN(mhc_sinkhorn_bwd)(const T *logits, int64_t ld, const T *grad, T *dlogits,
                          int iters, int threads) {
     if (n < 1 || n > MAXN || iters < 1) return 1;
     const FN(skb_bwd_ctx) c = {logits, grad, dlogits, ld, ldo, n, iters};
-    return FN(for_blocks)(tokens, n, iters, threads, FN(skb_bwd_body), &c);
+    return FN(for_blocks)(tokens, n, iters, threads, 0, FN(skb_bwd_body), &c);
 }
 
 /* ---- coefficient tail on one block of <= SB tokens (pointers at the block's first row) --------- */
@@ -370,7 +375,7 @@ int FN(mhc_tail_bwd)(const T *z, const T *bias, const T *gates, const T *g_pre, 
                      int64_t tokens, int n, int iters, int threads) {
     if (n < 1 || n > MAXN || iters < 1) return 1;
     const FN(tail_bwd_ctx) c = {z, bias, gates, g_pre, g_post, g_res, da, n, iters};
-    return FN(for_blocks)(tokens, n, iters, threads, FN(tail_bwd_body), &c);
+    return FN(for_blocks)(tokens, n, iters, threads, 0, FN(tail_bwd_body), &c);
 }
 
 /* ---- stream read and write-back: x [T, n, C], y / u [T, C], coefficients [T, n] / [T, n, n] ---- */
@@ -663,6 +668,26 @@ static void FN(project_block)(const T *x, int64_t nC, const T *phiP, int KP, con
  * h_pre, h_post, h_res;  u = sum_j h_pre[j] x[j] (if u is not NULL). With phi == NULL, z holds
  * v @ phi on entry (from BLAS) and is divided by r in place. One pass over the tokens in blocks
  * of W: x is read from memory once per block and then from cache. */
+/* One block of `lanes` <= SB tokens of the forward below; every pointer at the block's first token
+ * (x rows of nC, u rows of C, r / z / h_* rows as in the forward). */
+static void FN(coeffs_fwd_block)(const T *x, const T *phiP, int KP, T *z, const T *bias, const T *gates,
+                                 double rms_eps, T *r, T *h_pre, T *h_post, T *h_res, T *u, int lanes, int n,
+                                 int64_t C, int iters) {
+    const int K = 2 * n + n * n;
+    const int64_t nC = n * C;
+    for (int l = 0; l < lanes; l++) {
+        const T *xt = x + l * nC;
+        r[l] = (T)sqrt((double)(FN(dot)(xt, xt, nC) / (T)nC + (T)rms_eps));
+    }
+    if (phiP) FN(project_block)(x, nC, phiP, KP, r, z, K, lanes);
+    else
+        for (int l = 0; l < lanes; l++)
+            for (int k = 0; k < K; k++) z[l * K + k] /= r[l];
+    FN(tail_fwd_block)(z, bias, gates, h_pre, h_post, h_res, lanes, n, iters);
+    if (u)
+        for (int l = 0; l < lanes; l++) CALL_N(FN(pre_tok), n, x + l * nC, h_pre + l * n, u + l * C);
+}
+
 int FN(mhc_coeffs_fwd)(const T *x, const T *phi, T *z, const T *bias, const T *gates, double rms_eps, T *r, T *h_pre,
                        T *h_post, T *h_res, T *u, int64_t tokens, int n, int64_t C, int iters, int threads) {
     if (n < 1 || n > MAXN || iters < 1) return 1;
@@ -675,18 +700,8 @@ int FN(mhc_coeffs_fwd)(const T *x, const T *phi, T *z, const T *bias, const T *g
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t t0 = b * SB;
         const int lanes = tokens - t0 < SB ? (int)(tokens - t0) : SB;
-        for (int l = 0; l < lanes; l++) {
-            const T *xt = x + (t0 + l) * nC;
-            r[t0 + l] = (T)sqrt((double)(FN(dot)(xt, xt, nC) / (T)nC + (T)rms_eps));
-        }
-        if (phiP) FN(project_block)(x + t0 * nC, nC, phiP, KP, r + t0, z + t0 * K, K, lanes);
-        else
-            for (int l = 0; l < lanes; l++)
-                for (int k = 0; k < K; k++) z[(t0 + l) * K + k] /= r[t0 + l];
-        FN(tail_fwd_block)(z + t0 * K, bias, gates, h_pre + t0 * n, h_post + t0 * n, h_res + t0 * nn, lanes, n, iters);
-        if (u)
-            for (int l = 0; l < lanes; l++)
-                CALL_N(FN(pre_tok), n, x + (t0 + l) * nC, h_pre + (t0 + l) * n, u + (t0 + l) * C);
+        FN(coeffs_fwd_block)(x + t0 * nC, phiP, KP, z + t0 * K, bias, gates, rms_eps, r + t0, h_pre + t0 * n,
+                             h_post + t0 * n, h_res + t0 * nn, u ? u + t0 * C : NULL, lanes, n, C, iters);
     }
     free(phiP);
     return 0;
@@ -761,13 +776,16 @@ typedef struct {
     T *gzr, *gx, *part, *dphiP; /* part: per thread 2K sums; dphiP: per thread [nC, KP] (NULL: no dphi) */
     int64_t C;
     int n, iters;
+    const void *aux; /* the half-precision entry points' stream pointers (mhc_cpu_half.h) */
 } FN(coeffs_bwd_ctx);
 
-static void FN(coeffs_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, int lanes, int me) {
-    const FN(coeffs_bwd_ctx) *c = ctx;
-    const T *x = c->x, *gu = c->gu, *g_out = c->g_out, *z = c->z, *r = c->r, *gk = c->gk;
+/* One block of `lanes` tokens from t0: the stream rows x, gu, g_out, gx at the block's first token
+ * (gu, g_out, gx may be NULL); the rest from c (whole-tensor pointers). */
+static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, const T *x, const T *gu,
+                                 const T *g_out, T *gx, int64_t t0, int lanes, int me) {
+    const T *z = c->z, *r = c->r, *gk = c->gk;
     const T *g_pre = c->g_pre, *g_post = c->g_post, *g_res = c->g_res, *phiT = c->phiT, *zero = c->zero;
-    T *gzr = c->gzr, *gx = c->gx;
+    T *gzr = c->gzr;
     const int n = c->n, nn = n * n, K = 2 * n + nn, KP = (K + KB - 1) / KB * KB, iters = c->iters;
     const int64_t C = c->C, nC = n * C;
     T *acc = c->part + (size_t)me * 2 * K, *dp = c->dphiP ? c->dphiP + (size_t)me * nC * KP : NULL;
@@ -778,12 +796,12 @@ static void FN(coeffs_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, i
     for (int l = 0; l < lanes && (gu || g_out); l++) { /* dots with x[t], read once */
         const int64_t t = t0 + l;
         if (gu) {
-            CALL_N(FN(pre_bwd_tok), n, x + t * nC, NULL, gu + t * C, NULL, gp + l * n);
+            CALL_N(FN(pre_bwd_tok), n, x + l * nC, NULL, gu + l * C, NULL, gp + l * n);
             if (g_pre)
                 for (int j = 0; j < n; j++) gp[l * n + j] += g_pre[t * n + j];
         }
         if (g_out) {
-            CALL_N(FN(post_res_dots_tok), n, x + t * nC, NULL, g_out + t * nC, NULL, gr + l * nn);
+            CALL_N(FN(post_res_dots_tok), n, x + l * nC, NULL, g_out + l * nC, NULL, gr + l * nn);
             if (g_res)
                 for (int i = 0; i < nn; i++) gr[l * nn + i] += g_res[t * nn + i];
         }
@@ -816,30 +834,39 @@ static void FN(coeffs_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, i
         }
         if (gzr) memcpy(gzr + t * K, G + l * KP, sizeof(T) * K);
         if (gx)
-            CALL_N(FN(coeffs_gx_tok), n, x + t * nC, gu ? gu + t * C : NULL,
-                   g_out ? g_out + t * nC : NULL, hp + l * n, hr + l * nn, cz / (-(T)nC * rt),
-                   gx + t * nC);
+            CALL_N(FN(coeffs_gx_tok), n, x + l * nC, gu ? gu + l * C : NULL,
+                   g_out ? g_out + l * nC : NULL, hp + l * n, hr + l * nn, cz / (-(T)nC * rt),
+                   gx + l * nC);
     }
     if (!c->phiT) return;
     for (int l0 = 0; l0 < lanes; l0 += 4) { /* 4 tokens at a time; absent ones read zeros */
         const T *xr[4];
         T *gxr[4];
-        for (int t = 0; t < 4; t++) xr[t] = l0 + t < lanes ? x + (t0 + l0 + t) * nC : zero;
+        for (int t = 0; t < 4; t++) xr[t] = l0 + t < lanes ? x + (l0 + t) * nC : zero;
         if (dp) FN(rank4_update)(xr, G + l0 * KP, KP, dp, nC);
         if (!gx) continue;
-        for (int t = 0; t < 4; t++) gxr[t] = gx + (t0 + (l0 + t < lanes ? l0 + t : l0)) * nC;
+        for (int t = 0; t < 4; t++) gxr[t] = gx + (l0 + t < lanes ? l0 + t : l0) * nC;
         if (l0 + 4 <= lanes) FN(gx_matmul)(gxr, G + l0 * KP, KP, phiT, K, nC, 4);
         else /* a partial group: one token at a time */
             for (int t = l0; t < lanes; t++) {
-                T *row = gx + (t0 + t) * nC;
+                T *row = gx + t * nC;
                 FN(gx_matmul)(&row, G + t * KP, KP, phiT, K, nC, 1);
             }
     }
 }
 
-int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, const T *r, const T *bias, const T *gates,
-                       const T *g_pre, const T *g_post, const T *g_res, const T *phi, T *gzr, T *gx, T *dphi, T *dbias,
-                       T *dalpha, int64_t tokens, int n, int64_t C, int iters, int threads) {
+static void FN(coeffs_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, int lanes, int me) {
+    const FN(coeffs_bwd_ctx) *c = ctx;
+    const int64_t C = c->C, nC = c->n * C;
+    FN(coeffs_bwd_block)(c, s, c->x + t0 * nC, c->gu ? c->gu + t0 * C : NULL, c->g_out ? c->g_out + t0 * nC : NULL,
+                         c->gx ? c->gx + t0 * nC : NULL, t0, lanes, me);
+}
+
+/* The backward with `body` run on every block (given `extra` per-thread scratch values and `aux`). */
+static int FN(coeffs_bwd_run)(const T *x, const T *gu, const T *g_out, const T *z, const T *r, const T *bias,
+                              const T *gates, const T *g_pre, const T *g_post, const T *g_res, const T *phi, T *gzr,
+                              T *gx, T *dphi, T *dbias, T *dalpha, int64_t tokens, int n, int64_t C, int iters,
+                              int threads, FN(block_body) body, size_t extra, const void *aux) {
     if (n < 1 || n > MAXN || iters < 1 || threads < 1) return 1;
     const int K = 2 * n + n * n, KP = (K + KB - 1) / KB * KB;
     const int64_t nC = n * C;
@@ -858,8 +885,8 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
     int err = !part || (phi && (!phiT || !dphiP || !zero)) ? 2 : 0;
     if (!err) {
         const FN(coeffs_bwd_ctx) c = {x, gu, g_out, z, r, bias, gates, gk, g_pre, g_post, g_res, phiT, zero,
-                                      gzr, gx, part, dphi ? dphiP : NULL, C, n, iters};
-        err = FN(for_blocks)(tokens, n, iters, threads, FN(coeffs_bwd_body), &c);
+                                      gzr, gx, part, dphi ? dphiP : NULL, C, n, iters, aux};
+        err = FN(for_blocks)(tokens, n, iters, threads, extra, body, &c);
     }
     if (!err) {
         dalpha[0] = dalpha[1] = dalpha[2] = 0;
@@ -882,6 +909,13 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
     }
     free(part), free(phiT), free(dphiP), free(zero);
     return err;
+}
+
+int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, const T *r, const T *bias, const T *gates,
+                       const T *g_pre, const T *g_post, const T *g_res, const T *phi, T *gzr, T *gx, T *dphi, T *dbias,
+                       T *dalpha, int64_t tokens, int n, int64_t C, int iters, int threads) {
+    return FN(coeffs_bwd_run)(x, gu, g_out, z, r, bias, gates, g_pre, g_post, g_res, phi, gzr, gx, dphi, dbias, dalpha,
+                              tokens, n, C, iters, threads, FN(coeffs_bwd_body), 0, NULL);
 }
 
 #undef CALL_N
