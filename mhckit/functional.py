@@ -58,6 +58,15 @@ def _triton():
     return triton_autograd
 
 
+def _compile_cpu(*tensors: Tensor) -> bool:
+    """True while ``torch.compile`` traces the ``torch`` backend on CPU tensors with the compiled CPU
+    kernels built: the op then goes through the ``torch.library`` custom ops of
+    :mod:`mhckit.ops.triton_autograd`, whose CPU implementation calls the C kernels at run time (a
+    ctypes call cannot be traced; traced, the PyTorch ops of the Sinkhorn and its backward become
+    hundreds of graph nodes: minutes of compilation and a slower step)."""
+    return torch.compiler.is_compiling() and all(t.is_cpu for t in tensors) and cpu.built()
+
+
 @finite_checked("logits", outputs="h_res")
 def sinkhorn(logits: Tensor, iters: int = 20, *, backend: str = "auto") -> Tensor:
     """Sinkhorn-Knopp onto the doubly stochastic matrices; see :func:`mhckit.reference.sinkhorn`."""
@@ -66,7 +75,7 @@ def sinkhorn(logits: Tensor, iters: int = 20, *, backend: str = "auto") -> Tenso
         return reference.sinkhorn(logits, iters)
     check_square(logits, "logits")
     check_iters(iters)
-    if resolved == "triton":
+    if resolved == "triton" or _compile_cpu(logits):
         return _triton().sinkhorn(logits, iters)
     return SinkhornFunction.apply(logits.to(compute_dtype(logits)), iters)
 
@@ -106,7 +115,7 @@ def mhc_coeffs(
     if resolved == "reference":
         return reference.mhc_coeffs(x, phi, bias, alpha, iters=iters, rms_eps=rms_eps)
     _check_mhc(x, phi, bias, alpha, iters)
-    if resolved == "triton":
+    if resolved == "triton" or _compile_cpu(x, phi, bias, alpha):
         return _triton().mhc_coeffs(x, phi, bias, alpha, iters=iters, rms_eps=rms_eps)
     dt = compute_dtype(x, phi)
     return CoeffsFunction.apply(x, phi.to(dt), bias.to(dt), alpha.to(dt), iters, rms_eps)
@@ -133,7 +142,7 @@ def mhc_coeffs_pre(
     """``(u, h_pre, h_post, h_res)``: :func:`mhc_coeffs` followed by :func:`mhc_pre`, fused on the
     ``torch`` backend (one stream gradient written in backward instead of two added by autograd)."""
     resolved = resolve_backend(backend, x, phi, bias, alpha)
-    if resolved != "torch":
+    if resolved != "torch" or _compile_cpu(x, phi, bias, alpha):
         h_pre, h_post, h_res = mhc_coeffs(x, phi, bias, alpha, iters=iters, rms_eps=rms_eps, backend=resolved)
         return mhc_pre(x, h_pre, backend=resolved), h_pre, h_post, h_res
     _check_mhc(x, phi, bias, alpha, iters)
@@ -192,7 +201,7 @@ def mhc_pre(x: Tensor, h_pre: Tensor, *, backend: str = "auto") -> Tensor:
         return reference.mhc_pre(x, h_pre)
     n, _ = check_streams(x, "x")
     check_coefficient(h_pre, "h_pre", x.shape[:-2] + (n,))
-    if resolved == "triton":
+    if resolved == "triton" or _compile_cpu(x, h_pre):
         return _triton().mhc_pre(x, h_pre)
     return PreFunction.apply(x, h_pre)
 
@@ -208,7 +217,7 @@ def mhc_post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, *, backend
     check_coefficient(y, "y", lead + (c,))
     check_coefficient(h_post, "h_post", lead + (n,))
     check_coefficient(h_res, "h_res", lead + (n, n))
-    if resolved == "triton":
+    if resolved == "triton" or _compile_cpu(x, y, h_post, h_res):
         return _triton().mhc_post_res(x, y, h_post, h_res)
     return PostResFunction.apply(x, y, h_post, h_res)
 

@@ -42,3 +42,61 @@ def test_fullgraph_compile_matches_eager(variant):
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _spy_kernels(monkeypatch):
+    from mhckit.ops import cpu
+
+    calls = []
+    real = cpu._call
+
+    def spy(name, dtype, *args):
+        calls.append(name)
+        return real(name, dtype, *args)
+
+    monkeypatch.setattr(cpu, "_call", spy)
+    return calls
+
+
+def test_compiled_cpu_model_runs_the_c_kernels_as_custom_ops(monkeypatch):
+    """While tracing CPU tensors the torch backend goes through mhckit's torch.library ops (the
+    Sinkhorn is then one opaque node, not hundreds), and at run time those call the compiled C
+    kernels, forward and backward; switched off at run time (cpu.disabled) the ops' PyTorch mirror
+    runs instead, with the same results."""
+    import re
+
+    import torch._dynamo as dynamo
+    from mhckit.ops import cpu
+
+    if not cpu.status()["active"]:
+        pytest.skip("compiled CPU kernels unavailable")
+    dynamo.reset()
+    explained = dynamo.explain(_model())(TOK[:, :-1], TOK[:, 1:])
+    ops = set(re.findall(r"torch\.ops\.mhckit\.(\w+)", explained.graphs[0].code))
+    assert ops == {"coeffs", "pre", "post_res"}, ops
+
+    dynamo.reset()
+    eager, compiled_model = _model(), _model()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    calls = _spy_kernels(monkeypatch)
+    _, loss_c = compiled(TOK[:, :-1], TOK[:, 1:])
+    loss_c.backward()
+    for kernel in ("mhc_coeffs_fwd", "mhc_coeffs_bwd", "mhc_pre_fwd", "mhc_pre_bwd", "mhc_post_res_fwd",
+                   "mhc_post_res_bwd"):
+        assert kernel in calls, (kernel, sorted(set(calls)))
+    _, loss_e = eager(TOK[:, :-1], TOK[:, 1:])
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    grads = [p.grad.clone() for p in compiled_model.parameters()]
+    for (name, a), b in zip(eager.named_parameters(), grads):
+        torch.testing.assert_close(b, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    calls.clear()
+    compiled_model.zero_grad()
+    with cpu.disabled():
+        _, loss_m = compiled(TOK[:, :-1], TOK[:, 1:])
+        loss_m.backward()
+    assert not calls
+    torch.testing.assert_close(loss_m, loss_c, rtol=1e-5, atol=1e-6)
+    for (name, p), g in zip(compiled_model.named_parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=name)

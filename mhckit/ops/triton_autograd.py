@@ -18,10 +18,16 @@ Ops (namespace ``mhckit``; tokens flattened: ``T`` tokens, ``n`` streams, ``C`` 
 besides the inputs: the forward saves ``x, phi, bias, alpha, z, r`` and nothing of size ``[T, n*C]``.
 
 Where each op runs: CUDA tensors -> the Triton kernels; CPU tensors with ``TRITON_INTERPRET=1`` ->
-the same kernels in Triton's interpreter (tests); other CPU tensors -> a plain torch mirror of the
-kernels' maths (same formulas, same saved tensors), which exists so that the ops (and
-``torch.compile`` over them) can be exercised on any machine. The mirror also accepts float64,
-which is how the hand-written backward formulas are gradchecked.
+the same kernels in Triton's interpreter (tests); other CPU tensors -> mhckit's compiled C kernels
+(:mod:`mhckit.ops.cpu`) where they can run, else a plain torch mirror of the kernels' maths (same
+formulas, same saved tensors), which exists so that the ops (and ``torch.compile`` over them) can be
+exercised on any machine. The mirror also accepts float64, which is how the hand-written backward
+formulas are gradchecked (``mhckit.ops.cpu.disabled()`` selects it over the C kernels).
+
+The ``torch`` backend calls these ops while ``torch.compile`` traces CPU tensors (see
+:func:`mhckit.functional._compile_cpu`): a ctypes call cannot be traced, and traced PyTorch ops turn
+the 20-iteration Sinkhorn and its backward into hundreds of graph nodes; as custom ops the C kernels
+stay single opaque nodes.
 
 Public entry points (``[..., n, C]`` streams, same signatures as :mod:`mhckit.reference`):
 :func:`sinkhorn`, :func:`mhc_coeffs`, :func:`mhc_pre`, :func:`mhc_post_res`.
@@ -36,7 +42,7 @@ from torch import Tensor
 
 from .._validate import compute_dtype
 from ..reference import DEFAULT_RMS_EPS
-from . import _interpret_requested
+from . import _interpret_requested, cpu
 
 __all__ = ["sinkhorn", "mhc_coeffs", "mhc_pre", "mhc_post_res"]
 
@@ -51,6 +57,16 @@ def _use_kernels(*tensors: Tensor) -> bool:
             raise ValueError(f"mhckit Triton kernels: dtype {bad[0]} is not supported; use backend='torch'")
         return True
     return _interpret_requested() and all(t.dtype in _KERNEL_DTYPES for t in tensors)
+
+
+def _c_kernels(x: Tensor, dt: torch.dtype, *others: Tensor) -> bool:
+    """CPU streams ``x`` whose maths the C kernels compute in ``dt`` (the mirror's dtype): with
+    2-byte streams the other stream tensors ``others`` must be of x's dtype (the kernels would round
+    a wider one to it first; the mirror does not)."""
+    return (
+        x.is_cpu and cpu.streams_available(x, n=x.shape[1]) and cpu.coef_dtype(x.dtype) is dt
+        and (x.dtype.itemsize > 2 or all(t.dtype is x.dtype for t in others))
+    )
 
 
 def _device_of(t: Tensor):
@@ -111,6 +127,10 @@ def _coeffs(
 
         with _device_of(x):
             return coeffs_fwd(x, phi, bias, alpha, iters, rms_eps)
+    dt = compute_dtype(x, phi)
+    if _c_kernels(x, dt):
+        h_pre, h_post, h_res, r, z, _ = cpu.coeffs_fwd(x, phi, bias, alpha, rms_eps, iters, False)
+        return h_pre, h_post, h_res, z, r.view(-1)
     n = x.shape[1]
     _, r, z, _, a = _mirror_logits(x, phi, bias, alpha, rms_eps)
     h_res = _sk_forward(a[:, 2 * n :].unflatten(-1, (n, n)), iters)
@@ -135,6 +155,10 @@ def _coeffs_backward(
 
         with _device_of(x):
             return coeffs_bwd(x, phi, bias, alpha, z, r, g_pre, g_post, g_res, iters)
+    if _c_kernels(x, z.dtype):
+        dx, d_phi, d_bias, d_alpha = cpu.coeffs_bwd(x, None, z, r.view(-1, 1), phi, bias, alpha, g_pre, g_post,
+                                                    g_res, iters, True, True)
+        return dx, d_phi.to(phi.dtype), d_bias.to(bias.dtype), d_alpha.to(alpha.dtype)
     # torch mirror of the two backward kernels (see ops/triton/coeffs.py for the maths)
     t, n, c = x.shape
     dt = z.dtype
@@ -195,6 +219,8 @@ def _pre(x: Tensor, h_pre: Tensor) -> Tensor:
         with _device_of(x):
             return pre_fwd(x, h_pre)
     dt = compute_dtype(x, h_pre)
+    if _c_kernels(x, dt):
+        return cpu.pre_fwd(x, h_pre)
     return torch.bmm(h_pre.to(dt).unsqueeze(1), x.to(dt)).squeeze(1).to(x.dtype)
 
 
@@ -211,6 +237,9 @@ def _pre_backward(x: Tensor, h_pre: Tensor, grad: Tensor) -> tuple[Tensor, Tenso
         with _device_of(x):
             return pre_bwd(x, h_pre, grad)
     dt = compute_dtype(x, h_pre, grad)
+    if _c_kernels(x, dt, grad):
+        dx, dh = cpu.pre_bwd(x, h_pre, grad, True, True)
+        return dx, dh.to(h_pre.dtype)
     g = grad.to(dt)
     dx = h_pre.to(dt).unsqueeze(-1) * g.unsqueeze(1)  # [T, n, C]
     dh = torch.bmm(x.to(dt), g.unsqueeze(-1)).squeeze(-1)  # [T, n]
@@ -245,6 +274,8 @@ def _post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
         with _device_of(x):
             return post_res_fwd(x, y, h_post, h_res)
     dt = compute_dtype(x, y, h_post, h_res)
+    if _c_kernels(x, dt, y):
+        return cpu.post_res_fwd(x, y, h_post, h_res)
     out = torch.baddbmm(torch.bmm(h_res.to(dt), x.to(dt)), h_post.to(dt).unsqueeze(-1), y.to(dt).unsqueeze(1))
     return out.to(x.dtype)
 
@@ -264,6 +295,9 @@ def _post_res_backward(
         with _device_of(x):
             return post_res_bwd(x, y, h_post, h_res, grad)
     dt = compute_dtype(x, y, h_post, h_res, grad)
+    if _c_kernels(x, dt, y, grad):
+        dx, dy, dh_post, dh_res = cpu.post_res_bwd(x, y, h_post, h_res, grad, (True, True, True, True))
+        return dx, dy.to(y.dtype), dh_post.to(h_post.dtype), dh_res.to(h_res.dtype)
     g, xs, ys = grad.to(dt), x.to(dt), y.to(dt)
     dx = torch.bmm(h_res.to(dt).transpose(1, 2), g)  # [T, n, C]
     dy = torch.bmm(h_post.to(dt).unsqueeze(1), g).squeeze(1)  # [T, C]
@@ -298,7 +332,10 @@ def _sinkhorn(logits: Tensor, iters: int) -> Tensor:
 
         with _device_of(logits):
             return sinkhorn_fwd(logits, iters)
-    return _sk_forward(logits.to(compute_dtype(logits)), iters)
+    lg = logits.to(compute_dtype(logits))
+    if cpu.available(lg, n=lg.shape[-1]):
+        return cpu.sinkhorn_fwd(lg, iters)
+    return _sk_forward(lg, iters)
 
 
 @_sinkhorn.register_fake
@@ -314,6 +351,9 @@ def _sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
         with _device_of(logits):
             return sinkhorn_bwd(logits, grad, iters).to(logits.dtype)
     dt = compute_dtype(logits)
+    lg = logits.to(dt)
+    if cpu.available(lg, n=lg.shape[-1]):
+        return cpu.sinkhorn_bwd(lg, grad, iters).to(logits.dtype)
     return _sk_backward(logits.to(dt), grad.to(dt), iters).to(logits.dtype)
 
 

@@ -46,7 +46,7 @@ import torch
 __all__ = [
     "available", "enabled", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
     "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "post_bwd", "coeffs_fwd", "coeffs_bwd", "MAX_STREAMS",
-    "streams_available", "coef_dtype",
+    "streams_available", "coef_dtype", "built",
 ]
 
 MAX_STREAMS = 8
@@ -203,6 +203,14 @@ def enabled() -> bool:
     """True when the kernels may run now: not switched off (:func:`disabled`), not inside
     ``torch.compile`` tracing, the library loaded. The tensors are :func:`available`'s to check."""
     return not _OFF[0] and not torch.compiler.is_compiling() and _load() is not None
+
+
+@torch.compiler.assume_constant_result
+def built() -> bool:
+    """Whether the library is (or can be) built and loaded. Under ``torch.compile`` tracing this runs
+    once, eagerly, and its answer is a constant of the graph (so that the ``torch`` backend can choose
+    the custom ops of :mod:`mhckit.ops.triton_autograd`, which call the kernels at run time)."""
+    return _load() is not None
 
 
 def available(*tensors: torch.Tensor, n: int) -> bool:
