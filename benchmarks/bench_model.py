@@ -1,6 +1,6 @@
 """Model-level benchmark: GPT training step, tokens/s and memory, residual vs mHC (+ recomputation).
 
-    python -m benchmarks.bench_model [--preset default|gpt124m] [--steps 20] [--variants ...]
+    python -m benchmarks.bench_model [--preset default|gpt124m] [--steps 20] [--variants ...] [--compile]
 
 Each variant is a full GPT training step (forward, backward, AdamW) on random tokens; the
 variants are stepped interleaved (A B C A B C ...) and the medians of the step times give
@@ -8,6 +8,11 @@ tokens/s and paired ratios against the residual. Memory: on CUDA the peak alloca
 step (``torch.cuda.max_memory_allocated``); on the CPU, which has no allocator statistics, the
 estimate of :func:`mhckit.train.memory.estimate_training_memory` (parameters + gradients + AdamW
 state + the distinct storages autograd saves for backward), the same number `mhckit compare` reports.
+
+``--compile`` runs every variant through ``torch.compile`` (default variants residual, mhc, mhc-traced;
+``first_step_s`` records the compiling first step, which depends on the inductor cache). On the CPU
+mHC's ops are then custom ops that call the C kernels; ``mhc-traced`` instead lets dynamo trace mHC's
+PyTorch ops (what ``torch.compile`` did before the custom ops), for comparison.
 """
 
 from __future__ import annotations
@@ -42,7 +47,27 @@ VARIANTS = {
     "mhc": dict(variant="mhc", recompute=0),
     "mhc+recompute": dict(variant="mhc", recompute=-1),
     "mhc-torch-ops": dict(variant="mhc", recompute=0, cpu_kernels=False),  # CPU: PyTorch ops, no compiled kernels
+    "mhc-traced": dict(variant="mhc", recompute=0, traced=True),  # --compile: dynamo traces the PyTorch ops
 }
+
+
+def _never(*tensors) -> bool:
+    return False
+
+
+@contextlib.contextmanager
+def _traced_ops(on: bool):
+    """mHC's PyTorch ops traced instead of mhckit's custom ops (CPU). Around EVERY step of the variant:
+    dynamo guards on the function it traced through and would recompile without it."""
+    import mhckit.functional as F
+
+    real = F._compile_cpu
+    if on:
+        F._compile_cpu = _never
+    try:
+        yield
+    finally:
+        F._compile_cpu = real
 
 
 def build(preset: dict, spec: dict, device: str, backend: str) -> tuple[GPT, torch.optim.Optimizer]:
@@ -54,11 +79,11 @@ def build(preset: dict, spec: dict, device: str, backend: str) -> tuple[GPT, tor
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
 
 
-def step_fn(model, opt, tokens, device, cpu_kernels: bool = True):
+def step_fn(model, opt, tokens, device, cpu_kernels: bool = True, traced: bool = False):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
 
     def step():
-        with contextlib.nullcontext() if cpu_kernels else cpu.disabled():  # forward and backward
+        with contextlib.nullcontext() if cpu_kernels else cpu.disabled(), _traced_ops(traced):  # fwd and bwd
             with autocast:
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
@@ -70,12 +95,14 @@ def step_fn(model, opt, tokens, device, cpu_kernels: bool = True):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    p.add_argument("--variants", default="residual,mhc,mhc+recompute" + (",mhc-torch-ops" if not torch.cuda.is_available() else ""))
+    p.add_argument("--variants", default=None, help="default: residual,mhc,mhc+recompute (+mhc-torch-ops on CPU); "
+                   "with --compile residual,mhc (+mhc-traced on CPU)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant")
     p.add_argument("--default-heap", action="store_true",
                    help="leave glibc's heap thresholds alone (the trainer keeps freed memory: mhckit/train/alloc.py)")
     args = p.parse_args(argv)
@@ -84,10 +111,22 @@ def main(argv=None) -> int:
     if not dev.startswith("cuda") and not args.default_heap:  # as the trainer sets it, for every variant
         heap = keep_freed_memory()
     print("heap:", heap)
-    names = args.variants.split(",")
+    cpu_dev = not dev.startswith("cuda")
+    default = (["residual", "mhc"] + ["mhc-traced"] * cpu_dev if args.compile else
+               ["residual", "mhc", "mhc+recompute"] + ["mhc-torch-ops"] * cpu_dev)
+    names = args.variants.split(",") if args.variants else default
+    for n in names:
+        if n not in VARIANTS or (VARIANTS[n].get("traced") and not args.compile):
+            raise SystemExit(f"--variants: got {n!r}; expected some of {sorted(VARIANTS)} (mhc-traced with --compile)")
     tokens = torch.randint(0, preset["vocab"], (preset["batch"], preset["seq_len"] + 1), device=dev)
     runs = {n: build(preset, VARIANTS[n], dev, args.backend) for n in names}
-    steps = {n: step_fn(m, o, tokens, dev, VARIANTS[n].get("cpu_kernels", True)) for n, (m, o) in runs.items()}
+    steps = {n: step_fn(torch.compile(m) if args.compile else m, o, tokens, dev, VARIANTS[n].get("cpu_kernels", True),
+                        traced=VARIANTS[n].get("traced", False)) for n, (m, o) in runs.items()}
+    first_step = {}
+    for n in names:  # the first step compiles (with --compile)
+        t0 = time.perf_counter()
+        steps[n]()
+        first_step[n] = time.perf_counter() - t0
     memory = {}
     for n in names:
         model, opt = runs[n]
@@ -120,12 +159,14 @@ def main(argv=None) -> int:
         med = statistics.median(times[n])
         params = {"preset": args.preset, "variant": n, "tokens_per_s": round(ntok / med),
                   "memory_MB": round(memory[n] / 2**20, 1), "memory_ratio": round(memory[n] / memory[base], 3),
-                  "memory_kind": "cuda peak allocated" if dev.startswith("cuda") else "params+grads+adam+saved"}
+                  "memory_kind": "cuda peak allocated" if dev.startswith("cuda") else "params+grads+adam+saved",
+                  "compiled": args.compile, "first_step_s": round(first_step[n], 1)}
         q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else (ratios[0], ratios[-1])
         results.append(Result(n, 1e3 * med, statistics.median(ratios), (q[0], q[-1]), args.steps, params))
         print(f"{n:15s} {1e3 * med:9.1f} ms/step  {ntok / med:10,.0f} tok/s  throughput x{statistics.median(ratios):.3f} "
               f"vs {base}  memory {memory[n] / 2**20:8.1f} MB (x{memory[n] / memory[base]:.2f})")
-    stem = Path(args.out) if args.out else RESULTS / f"model_{args.preset}_{dev.split(':')[0]}"
+    suffix = "_compiled" if args.compile else ""
+    stem = Path(args.out) if args.out else RESULTS / f"model_{args.preset}_{dev.split(':')[0]}{suffix}"
     write_results(results, stem, dict(run_info(), threads=torch.get_num_threads(), heap=heap))
     print(f"wrote {stem}.csv and {stem}.md  (ratio column = throughput relative to {base})")
     return 0

@@ -42,7 +42,7 @@ from .ops.autograd import (
     PreFunction,
     SinkhornFunction,
 )
-from .ops.carry import CoeffsCarryFunction, PostCarryFunction
+from .ops.carry import CoeffsCarryFunction, PostCarryFunction, carry_read, carry_write
 from .reference import DEFAULT_RMS_EPS
 
 __all__ = [
@@ -159,7 +159,8 @@ def _carry_ok(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, backend: str)
     of that dtype, or streams of bfloat16 / float16 (parameters of any float dtype but float64: the
     coefficients are computed in float32, as :func:`mhc_coeffs_pre` does)."""
     return (  # "auto" is "torch" for CPU tensors
-        cpu.streams_available(x, n=x.shape[-2]) and phi.is_cpu and bias.is_cpu and alpha.is_cpu
+        (cpu.streams_available(x, n=x.shape[-2]) or (_compile_cpu(x) and cpu.compile_streams_ok(x.dtype)))
+        and phi.is_cpu and bias.is_cpu and alpha.is_cpu and x.shape[-2] <= cpu.MAX_STREAMS
         and (phi.dtype is x.dtype or compute_dtype(x, phi) is cpu.coef_dtype(x.dtype) is not x.dtype)
         and (backend == "auto" or resolve_backend(backend, x, phi) == "torch")
     )
@@ -177,19 +178,25 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
     ):
         _check_mhc(x, phi, bias, alpha, iters)
     dt = cpu.coef_dtype(x.dtype)
-    return CoeffsCarryFunction.apply(
-        x if x.is_contiguous() else x.contiguous(), _as(phi, dt), _as(bias, dt), _as(alpha, dt), iters, rms_eps
-    )
+    x = x if x.is_contiguous() else x.contiguous()
+    if torch.compiler.is_compiling():  # the same pair as custom ops (see mhckit/ops/carry.py)
+        u, h_pre, h_post, h_res, _, _, carrier = carry_read(x, _as(phi, dt), _as(bias, dt), _as(alpha, dt), iters,
+                                                            float(rms_eps))
+        return u, h_pre, h_post, h_res, carrier
+    return CoeffsCarryFunction.apply(x, _as(phi, dt), _as(bias, dt), _as(alpha, dt), iters, rms_eps)
 
 
 def _as(t: Tensor, dt: torch.dtype) -> Tensor:
     return t if t.dtype is dt else t.to(dt)
 
 
-@finite_checked("x", "y", "h_post", "h_res", outputs="x_new", op="mhc_post_res")
-def _mhc_write_carry(carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    """:func:`mhc_post_res` on the carrier of :func:`_mhc_read_carry` (same h_post / h_res)."""
+@finite_checked("x", "x", "y", "h_post", "h_res", outputs="x_new", op="mhc_post_res")  # the carrier is x
+def _mhc_write_carry(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """:func:`mhc_post_res` of streams ``x`` through the carrier of :func:`_mhc_read_carry` (same
+    h_post / h_res)."""
     check_coefficient(y, "y", carrier.shape[:-2] + carrier.shape[-1:])
+    if torch.compiler.is_compiling():
+        return carry_write(x if x.is_contiguous() else x.contiguous(), carrier, y, h_post, h_res)
     return PostCarryFunction.apply(carrier, y, h_post, h_res)
 
 

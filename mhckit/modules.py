@@ -268,7 +268,7 @@ class HyperConnection(nn.Module):
             if h_res is None:
                 out = F.residual_update(x, y, h_post)
             elif carrier is not None:
-                out = F._mhc_write_carry(carrier, y, h_post, h_res)
+                out = F._mhc_write_carry(x, carrier, y, h_post, h_res)
             else:
                 out = F.mhc_post_res(x, y, h_post, h_res, backend=backend)
             rc = recompute.active()

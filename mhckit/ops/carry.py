@@ -1,6 +1,7 @@
 """One mHC sublayer on the compiled CPU kernels: the write-back's x-side backward joins the
-coefficients'. Private to :class:`mhckit.HyperConnection`, which pairs the two Functions; the
-public ops keep their own Functions (:mod:`mhckit.ops.autograd`).
+coefficients'. Private to :class:`mhckit.HyperConnection`, which pairs the two Functions (eager) or
+the two custom ops at the end of this file (under ``torch.compile``); the public ops keep their own
+Functions (:mod:`mhckit.ops.autograd`).
 
 With ``CoeffsPreFunction + PostResFunction`` the backward makes 8 passes over ``[T, n, C]`` stream
 tensors: write-back: read g, read x, write dx; coefficients: read x, write dx'; autograd: dx + dx'
@@ -32,6 +33,66 @@ from . import cpu
 from .autograd import _coeffs_backward, _coeffs_forward, _contract, _mix
 
 
+def _read(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
+    """``(u, h_pre, h_post, h_res, r [T, 1], z [T, K])`` of the read, on the kernels where they may run."""
+    if cpu.enabled():
+        h_pre, h_post, h_res, r, z, u = cpu.coeffs_fwd(x, phi, bias, alpha, rms_eps, iters, True)
+        return u, h_pre, h_post, h_res, r, z
+    # the kernels are switched off: the PyTorch ops, [T, ...] results
+    h_pre, h_post, h_res, r, z, u = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps, True)
+    lead, n = x.shape[:-2], x.shape[-2]
+    u, h_pre, h_post = u.reshape(lead + u.shape[-1:]), h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,))
+    return u, h_pre, h_post, h_res.reshape(lead + (n, n)), r, z
+
+
+def _read_backward(saved, iters: int, rms_eps: float, g_u, g_pre, g_post, g_res, g_out, need_x: bool,
+                   need_phi: bool):
+    """``(grad_x, grad_phi, grad_bias, grad_alpha)`` of the read, ``g_out`` the write-back's output
+    gradient (or None); ``saved = (x, phi, bias, alpha, r, z)``."""
+    x, phi, bias, alpha, r, z = saved
+    if cpu.enabled():  # x, phi, z were checked in forward; the gradients are cast by the wrapper
+        return cpu.coeffs_bwd(x, g_u, z, r, phi, bias, alpha, g_pre, g_post, g_res, iters, need_x, need_phi,
+                              g_out=g_out)
+    # the kernels were switched off between forward and backward: the same sums in PyTorch ops
+    n, c = x.shape[-2], x.shape[-1]
+    x3 = x.reshape(-1, n, c)
+    g3 = h_res = None
+    if g_out is not None:
+        g3 = g_out.reshape(-1, n, c).to(phi.dtype)
+        dres = _contract(g3, *x3.unbind(-2))  # <g[k], x[j]>
+        g_res = dres if g_res is None else g_res.reshape(-1, n, n).to(dres.dtype) + dres
+        h_res = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps, False)[2]
+    grad_x, grad_phi, grad_bias, grad_alpha = _coeffs_backward(saved, iters, g_u, g_pre, g_post, g_res, need_x,
+                                                               need_phi)
+    if grad_x is not None and g3 is not None:
+        grad_x = _mix(h_res.transpose(-1, -2), g3, grad_x)
+    grad_x = grad_x.reshape(x.shape).to(x.dtype) if grad_x is not None else None
+    return grad_x, grad_phi, grad_bias, grad_alpha
+
+
+def _write(carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """``h_res x + h_post y`` with x = carrier's values."""
+    if y.is_cpu and _y_fits(y, carrier) and cpu.enabled():
+        return cpu.post_res_fwd(carrier, y, h_post, h_res)
+    dt = h_res.dtype
+    out = h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)
+    return _mix(h_res, carrier, out).to(carrier.dtype)
+
+
+def _write_backward(y: Tensor, h_post: Tensor, g: Tensor, need_y: bool, need_post: bool):
+    """``(grad_y in y's dtype, grad_h_post)`` (None where not needed) of the write-back."""
+    if _y_fits(y, g) and cpu.enabled():
+        grad_y, grad_post = cpu.post_bwd(y, h_post, g, need_y, need_post)
+    else:
+        dt = h_post.dtype
+        g2 = g.to(dt)
+        grad_y = _mix(h_post.unsqueeze(-2), g2).squeeze(-2) if need_y else None
+        grad_post = _contract(g2, y).squeeze(-1) if need_post else None
+    if grad_y is not None and grad_y.dtype != y.dtype:
+        grad_y = grad_y.to(y.dtype)
+    return grad_y, grad_post
+
+
 class CoeffsCarryFunction(torch.autograd.Function):
     """:class:`~mhckit.ops.autograd.CoeffsPreFunction` plus the carrier for
     :class:`PostCarryFunction`: returns ``(u, h_pre, h_post, h_res, carrier)``. ``x`` contiguous,
@@ -39,13 +100,7 @@ class CoeffsCarryFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
-        if cpu.enabled():
-            h_pre, h_post, h_res, r, z, u = cpu.coeffs_fwd(x, phi, bias, alpha, rms_eps, iters, True)
-        else:  # called with the kernels switched off: the PyTorch ops, [T, ...] results
-            h_pre, h_post, h_res, r, z, u = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps, True)
-            lead, n = x.shape[:-2], x.shape[-2]
-            u, h_pre, h_post = u.reshape(lead + u.shape[-1:]), h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,))
-            h_res = h_res.reshape(lead + (n, n))
+        u, h_pre, h_post, h_res, r, z = _read(x, phi, bias, alpha, iters, rms_eps)
         ctx.save_for_backward(x, phi, bias, alpha, r, z)
         ctx.iters, ctx.rms_eps = iters, rms_eps
         # outputs nobody differentiates (h_pre, and h_res, whose gradient the write-back leaves to us)
@@ -56,30 +111,10 @@ class CoeffsCarryFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_u: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor, g_out: Tensor):
-        saved = ctx.saved_tensors  # read once: torch.utils.checkpoint allows a single unpack
-        x, phi, bias, alpha, r, z = saved
         need = ctx.needs_input_grad
-        if cpu.enabled():  # x, phi, z were checked in forward; the gradients are cast by the wrapper
-            grad_x, grad_phi, grad_bias, grad_alpha = cpu.coeffs_bwd(
-                x, g_u, z, r, phi, bias, alpha, g_pre, g_post, g_res, ctx.iters, need[0], need[1], g_out=g_out
-            )
-            return grad_x, grad_phi, grad_bias, grad_alpha, None, None
-        # the kernels were switched off between forward and backward: the same sums in PyTorch ops
-        n, c = x.shape[-2], x.shape[-1]
-        x3 = x.reshape(-1, n, c)
-        g3 = h_res = None
-        if g_out is not None:
-            g3 = g_out.reshape(-1, n, c).to(phi.dtype)
-            dres = _contract(g3, *x3.unbind(-2))  # <g[k], x[j]>
-            g_res = dres if g_res is None else g_res.reshape(-1, n, n).to(dres.dtype) + dres
-            h_res = _coeffs_forward(x, phi, bias, alpha, ctx.iters, ctx.rms_eps, False)[2]
-        grad_x, grad_phi, grad_bias, grad_alpha = _coeffs_backward(
-            saved, ctx.iters, g_u, g_pre, g_post, g_res, need[0], need[1]
-        )
-        if grad_x is not None and g3 is not None:
-            grad_x = _mix(h_res.transpose(-1, -2), g3, grad_x)
-        grad_x = grad_x.reshape(x.shape).to(x.dtype) if grad_x is not None else None
-        return grad_x, grad_phi, grad_bias, grad_alpha, None, None
+        grads = _read_backward(ctx.saved_tensors, ctx.iters, ctx.rms_eps, g_u, g_pre, g_post, g_res, g_out, need[0],
+                               need[1])  # saved_tensors read once: torch.utils.checkpoint allows a single unpack
+        return *grads, None, None
 
 
 class PostCarryFunction(torch.autograd.Function):
@@ -92,26 +127,14 @@ class PostCarryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
         ctx.save_for_backward(y, h_post)
-        if y.is_cpu and _y_fits(y, carrier) and cpu.enabled():
-            return cpu.post_res_fwd(carrier, y, h_post, h_res)
-        dt = h_res.dtype
-        out = h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)
-        return _mix(h_res, carrier, out).to(carrier.dtype)
+        return _write(carrier, y, h_post, h_res)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor):
         y, h_post = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if _y_fits(y, g) and cpu.enabled():
-            grad_y, grad_post = cpu.post_bwd(y, h_post, g, need[1], need[2])
-        else:
-            dt = h_post.dtype
-            g2 = g.to(dt)
-            grad_y = _mix(h_post.unsqueeze(-2), g2).squeeze(-2) if need[1] else None
-            grad_post = _contract(g2, y).squeeze(-1) if need[2] else None
-        if grad_y is not None and grad_y.dtype != y.dtype:
-            grad_y = grad_y.to(y.dtype)
+        grad_y, grad_post = _write_backward(y, h_post, g, need[1], need[2])
         return (g if need[0] else None), grad_y, grad_post, None
 
 
@@ -119,3 +142,93 @@ def _y_fits(y: Tensor, streams: Tensor) -> bool:
     """Whether the kernels may take ``y`` in the streams' dtype: its own, or streams of 4+ bytes
     (which the PyTorch ops also cast ``y`` to: the coefficients' dtype is theirs)."""
     return y.dtype is streams.dtype or streams.dtype.itemsize > 2
+
+
+# ---- the same pair as torch.library ops, for torch.compile ----------------------------------------
+# A ctypes call cannot be traced, and an autograd.Function output that aliases its input (the carrier
+# above) cannot be a custom op's. So under torch.compile the read returns a stand-in carrier: a
+# one-element tensor expanded to x's shape (no memory), whose only use is to carry the write-back's
+# output gradient back to the read's backward; the write-back takes x itself for its values and gives
+# x no gradient (the read's backward makes all of it). The ops call the kernels at run time (the
+# PyTorch ops inside mhckit.ops.cpu.disabled()).
+
+
+@torch.library.custom_op("mhckit::carry_read", mutates_args=())
+def carry_read(
+    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(u, h_pre, h_post, h_res, r [T, 1], z [T, K], carrier)``; x contiguous streams ``[..., n, C]``,
+    phi / bias / alpha of the kernels' coefficient dtype (the caller casts)."""
+    return *_read(x, phi, bias, alpha, iters, rms_eps), x.new_zeros(()).expand(x.shape)
+
+
+@carry_read.register_fake
+def _(x, phi, bias, alpha, iters, rms_eps):
+    lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+    t, k, cd = x.numel() // (n * c), phi.shape[1], phi.dtype
+    e = lambda *shape: x.new_empty(shape, dtype=cd)  # noqa: E731
+    return (x.new_empty(lead + (c,)), e(*lead, n), e(*lead, n), e(*lead, n, n), e(t, 1), e(t, k),
+            x.new_empty(()).expand(x.shape))
+
+
+@torch.library.custom_op("mhckit::carry_read_backward", mutates_args=())
+def carry_read_backward(
+    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, r: Tensor, z: Tensor, g_u: Tensor | None,
+    g_pre: Tensor | None, g_post: Tensor | None, g_res: Tensor | None, g_out: Tensor | None, iters: int,
+    rms_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    return _read_backward((x, phi, bias, alpha, r, z), iters, rms_eps, g_u, g_pre, g_post, g_res, g_out, True, True)
+
+
+@carry_read_backward.register_fake
+def _(x, phi, bias, alpha, r, z, g_u, g_pre, g_post, g_res, g_out, iters, rms_eps):
+    return torch.empty_like(x), torch.empty_like(phi), torch.empty_like(bias), torch.empty_like(alpha)
+
+
+def _carry_read_setup(ctx, inputs, output):
+    x, phi, bias, alpha, iters, rms_eps = inputs
+    ctx.save_for_backward(x, phi, bias, alpha, output[4], output[5])
+    ctx.iters, ctx.rms_eps = iters, rms_eps
+
+
+def _carry_read_grad(ctx, g_u, g_pre, g_post, g_res, _g_r, _g_z, g_out):
+    x, phi, bias, alpha, r, z = ctx.saved_tensors
+    grads = carry_read_backward(x, phi, bias, alpha, r, z, g_u, g_pre, g_post, g_res, g_out, ctx.iters, ctx.rms_eps)
+    return *grads, None, None
+
+
+carry_read.register_autograd(_carry_read_grad, setup_context=_carry_read_setup)
+
+
+@torch.library.custom_op("mhckit::carry_write", mutates_args=())
+def carry_write(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """``h_res x + h_post y`` (``carrier``: :func:`carry_read`'s, only for the gradient)."""
+    return _write(x, y, h_post, h_res)
+
+
+@carry_write.register_fake
+def _(x, carrier, y, h_post, h_res):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mhckit::carry_write_backward", mutates_args=())
+def carry_write_backward(y: Tensor, h_post: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    return _write_backward(y, h_post, g, True, True)
+
+
+@carry_write_backward.register_fake
+def _(y, h_post, g):
+    return torch.empty_like(y), torch.empty_like(h_post)
+
+
+def _carry_write_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2], inputs[3])
+
+
+def _carry_write_grad(ctx, g):
+    y, h_post = ctx.saved_tensors
+    grad_y, grad_post = carry_write_backward(y, h_post, g)
+    return None, g, grad_y, grad_post, None  # x: all of its gradient comes from the read's backward
+
+
+carry_write.register_autograd(_carry_write_grad, setup_context=_carry_write_setup)

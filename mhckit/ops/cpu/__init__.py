@@ -46,7 +46,7 @@ import torch
 __all__ = [
     "available", "enabled", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
     "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "post_bwd", "coeffs_fwd", "coeffs_bwd", "MAX_STREAMS",
-    "streams_available", "coef_dtype", "built",
+    "streams_available", "coef_dtype", "built", "compile_streams_ok",
 ]
 
 MAX_STREAMS = 8
@@ -211,6 +211,12 @@ def built() -> bool:
     once, eagerly, and its answer is a constant of the graph (so that the ``torch`` backend can choose
     the custom ops of :mod:`mhckit.ops.triton_autograd`, which call the kernels at run time)."""
     return _load() is not None
+
+
+@torch.compiler.assume_constant_result
+def compile_streams_ok(dtype: torch.dtype) -> bool:
+    """Whether the library takes streams of ``dtype`` (a constant of a ``torch.compile`` graph)."""
+    return _load() is not None and (dtype in (torch.float32, torch.float64) or dtype in _STATE.get("halves", ()))
 
 
 def available(*tensors: torch.Tensor, n: int) -> bool:
