@@ -133,3 +133,30 @@ def test_compiled_functional_ops_on_cpu_run_the_c_kernels(monkeypatch):
     sublayer(*args, w).square().sum().backward()
     for name, a, t in zip(("x", "phi", "bias", "alpha", "w"), compiled_grads, (*args, w)):
         torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_bfloat16_model_on_cpu_runs_the_half_kernels(monkeypatch):
+    """A GPT cast to bf16 and compiled: the carry ops take the 2-byte streams to the half kernels; same
+    loss and gradients as eager (which runs the same kernels through the autograd Functions)."""
+    import torch._dynamo as dynamo
+    from mhckit.ops import cpu
+
+    if torch.bfloat16 not in {getattr(torch, s.removeprefix("torch.")) for s in cpu.status()["half_streams"]}:
+        pytest.skip("no bf16 stream kernels in this build")
+    dynamo.reset()
+    eager, compiled_model = _model().to(torch.bfloat16), _model().to(torch.bfloat16)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    seen = []
+    real = cpu._call
+    monkeypatch.setattr(cpu, "_call", lambda name, dt, *a: (seen.append((name, dt)), real(name, dt, *a))[1])
+    _, loss_c = compiled(TOK[:, :-1], TOK[:, 1:])
+    loss_c.backward()
+    assert {(k, torch.bfloat16) for k in ("mhc_coeffs_fwd", "mhc_coeffs_bwd", "mhc_post_res_fwd",
+                                          "mhc_post_res_bwd")} <= set(seen)
+    _, loss_e = eager(TOK[:, :-1], TOK[:, 1:])
+    loss_e.backward()
+    assert loss_c.item() == loss_e.item()
+    for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
+        assert b.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(b.grad.float(), a.grad.float(), rtol=2e-2, atol=2e-2 * a.grad.abs().max().item(),
+                                   msg=name)
