@@ -1,6 +1,7 @@
 """Model-level benchmark: GPT training step, tokens/s and memory, residual vs mHC (+ recomputation).
 
     python -m benchmarks.bench_model [--preset default|gpt124m] [--steps 20] [--variants ...] [--compile]
+                                     [--dtype float32|bfloat16]
 
 Each variant is a full GPT training step (forward, backward, AdamW) on random tokens; the
 variants are stepped interleaved (A B C A B C ...) and the medians of the step times give
@@ -9,7 +10,8 @@ step (``torch.cuda.max_memory_allocated``); on the CPU, which has no allocator s
 estimate of :func:`mhckit.train.memory.estimate_training_memory` (parameters + gradients + AdamW
 state + the distinct storages autograd saves for backward), the same number `mhckit compare` reports.
 
-``--compile`` runs every variant through ``torch.compile`` (default variants residual, mhc, mhc-traced;
+``--dtype bfloat16`` casts every model (parameters, activations, streams; AdamW on bf16 parameters):
+pure-bf16 training, mHC's coefficients still in fp32. ``--compile`` runs every variant through ``torch.compile`` (default variants residual, mhc, mhc-traced;
 ``first_step_s`` records the compiling first step, which depends on the inductor cache). On the CPU
 mHC's ops are then custom ops that call the C kernels; ``mhc-traced`` instead lets dynamo trace mHC's
 PyTorch ops (what ``torch.compile`` did before the custom ops), for comparison.
@@ -70,12 +72,13 @@ def _traced_ops(on: bool):
         F._compile_cpu = real
 
 
-def build(preset: dict, spec: dict, device: str, backend: str) -> tuple[GPT, torch.optim.Optimizer]:
+def build(preset: dict, spec: dict, device: str, backend: str,
+          dtype: torch.dtype = torch.float32) -> tuple[GPT, torch.optim.Optimizer]:
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=preset["vocab"], seq_len=preset["seq_len"], n_layer=preset["n_layer"],
                     n_head=preset["n_head"], d_model=preset["d_model"], recompute=spec["recompute"],
                     hc=MHCConfig(variant=spec["variant"], backend=backend))
-    model = GPT(cfg).to(device)
+    model = GPT(cfg).to(device, dtype)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
 
 
@@ -103,6 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the whole model")
     p.add_argument("--default-heap", action="store_true",
                    help="leave glibc's heap thresholds alone (the trainer keeps freed memory: mhckit/train/alloc.py)")
     args = p.parse_args(argv)
@@ -119,7 +123,8 @@ def main(argv=None) -> int:
         if n not in VARIANTS or (VARIANTS[n].get("traced") and not args.compile):
             raise SystemExit(f"--variants: got {n!r}; expected some of {sorted(VARIANTS)} (mhc-traced with --compile)")
     tokens = torch.randint(0, preset["vocab"], (preset["batch"], preset["seq_len"] + 1), device=dev)
-    runs = {n: build(preset, VARIANTS[n], dev, args.backend) for n in names}
+    dtype = getattr(torch, args.dtype)
+    runs = {n: build(preset, VARIANTS[n], dev, args.backend, dtype) for n in names}
     steps = {n: step_fn(torch.compile(m) if args.compile else m, o, tokens, dev, VARIANTS[n].get("cpu_kernels", True),
                         traced=VARIANTS[n].get("traced", False)) for n, (m, o) in runs.items()}
     first_step = {}
@@ -160,12 +165,12 @@ def main(argv=None) -> int:
         params = {"preset": args.preset, "variant": n, "tokens_per_s": round(ntok / med),
                   "memory_MB": round(memory[n] / 2**20, 1), "memory_ratio": round(memory[n] / memory[base], 3),
                   "memory_kind": "cuda peak allocated" if dev.startswith("cuda") else "params+grads+adam+saved",
-                  "compiled": args.compile, "first_step_s": round(first_step[n], 1)}
+                  "compiled": args.compile, "first_step_s": round(first_step[n], 1), "dtype": args.dtype}
         q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else (ratios[0], ratios[-1])
         results.append(Result(n, 1e3 * med, statistics.median(ratios), (q[0], q[-1]), args.steps, params))
         print(f"{n:15s} {1e3 * med:9.1f} ms/step  {ntok / med:10,.0f} tok/s  throughput x{statistics.median(ratios):.3f} "
               f"vs {base}  memory {memory[n] / 2**20:8.1f} MB (x{memory[n] / memory[base]:.2f})")
-    suffix = "_compiled" if args.compile else ""
+    suffix = ("_compiled" if args.compile else "") + ("" if dtype == torch.float32 else f"_{args.dtype}")
     stem = Path(args.out) if args.out else RESULTS / f"model_{args.preset}_{dev.split(':')[0]}{suffix}"
     write_results(results, stem, dict(run_info(), threads=torch.get_num_threads(), heap=heap))
     print(f"wrote {stem}.csv and {stem}.md  (ratio column = throughput relative to {base})")
