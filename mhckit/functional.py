@@ -154,10 +154,10 @@ def mhc_coeffs_pre(
 
 
 def _carry_ok(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, backend: str) -> bool:
-    """Whether :func:`_mhc_read_carry` can run: the ``torch`` backend with the compiled CPU kernels,
-    outside ``torch.compile``, everything on the CPU, streams of float32 / float64 with parameters
-    of that dtype, or streams of bfloat16 / float16 (parameters of any float dtype but float64: the
-    coefficients are computed in float32, as :func:`mhc_coeffs_pre` does)."""
+    """Whether :func:`_mhc_read_carry` can run: the ``torch`` backend with the compiled CPU kernels
+    (eager, or under ``torch.compile`` as custom ops), everything on the CPU, streams of float32 /
+    float64 with parameters of that dtype, or streams of bfloat16 / float16 (parameters of any float
+    dtype but float64: the coefficients are computed in float32, as :func:`mhc_coeffs_pre` does)."""
     return (  # "auto" is "torch" for CPU tensors
         (cpu.streams_available(x, n=x.shape[-2]) or (_compile_cpu(x) and cpu.compile_streams_ok(x.dtype)))
         and phi.is_cpu and bias.is_cpu and alpha.is_cpu and x.shape[-2] <= cpu.MAX_STREAMS

@@ -14,8 +14,10 @@ The library is compiled on first use with the system C compiler (``$CC``, else `
 / ``clang``), with OpenMP when the compiler has it, into a cache directory
 (``$MHCKIT_CACHE/kernels``, default ``~/.cache/mhckit/kernels``), keyed by a hash of the source
 and flags, and loaded with :mod:`ctypes`: no Python or torch headers, ~1 s to build. Without a
-compiler, or with ``MHCKIT_CPU_KERNELS=0``, or under ``torch.compile`` (ctypes calls do not
-trace), mhckit uses its PyTorch ops instead (same results to rounding; tests check both).
+compiler, or with ``MHCKIT_CPU_KERNELS=0``, mhckit uses its PyTorch ops instead (same results to
+rounding; tests check both). A ctypes call cannot be traced: under ``torch.compile`` mhckit's ops
+become ``torch.library`` custom ops that call these kernels at run time (``mhckit/ops/carry.py``,
+``mhckit/ops/triton_autograd.py``; :func:`built` and :func:`compile_streams_ok` answer at trace time).
 
 Streams in bfloat16 or float16 (a model cast with ``.to(torch.bfloat16)``, e.g. a Hugging Face model
 loaded in bf16) run on the same kernels: the stream read, the write-back and the coefficient kernels
@@ -182,10 +184,15 @@ _COEF = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloa
          torch.float16: torch.float32}
 
 
+_HALVES = (torch.bfloat16, torch.float16)
+
+
 def coef_dtype(stream_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the kernels' coefficients for streams of ``stream_dtype``: float32 for
     bfloat16 / float16 streams, else the streams' own."""
     return _COEF[stream_dtype]
+
+
 _OFF = [0]  # > 0 inside `disabled()`
 
 
@@ -228,9 +235,6 @@ def available(*tensors: torch.Tensor, n: int) -> bool:
     if dt not in _COEF or dt in _HALVES or any(not t.is_cpu or t.dtype != dt for t in tensors):
         return False
     return enabled()
-
-
-_HALVES = (torch.bfloat16, torch.float16)
 
 
 def streams_available(x: torch.Tensor, *coefficients: torch.Tensor, streams: tuple = (), n: int) -> bool:
