@@ -43,3 +43,19 @@ def make_mhc_inputs(lead, n, c, dtype=torch.float64, seed=0, phi_scale=0.5, requ
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """``[(kernel name, stream dtype), ...]``: every call of the compiled CPU kernels in the test."""
+    from mhckit.ops import cpu
+
+    calls = []
+    real = cpu._call
+
+    def spy(name, dtype, *args):
+        calls.append((name, dtype))
+        return real(name, dtype, *args)
+
+    monkeypatch.setattr(cpu, "_call", spy)
+    return calls

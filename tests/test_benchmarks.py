@@ -28,17 +28,14 @@ def test_step_timers_times_the_kernels_and_puts_everything_back(capsys):
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
-def test_layer_benchmark_in_bfloat16_casts_every_case(tmp_path, monkeypatch):
+def test_layer_benchmark_in_bfloat16_casts_every_case(tmp_path, kernel_calls):
     """``bench_layer --dtype bfloat16``: every case runs on bf16 tensors (mhckit's on the bf16 kernels)
     and the results say so."""
     from benchmarks import bench_layer
 
-    seen = []
-    real = cpu._call
-    monkeypatch.setattr(cpu, "_call", lambda name, dtype, *a: (seen.append(dtype), real(name, dtype, *a))[1])
     stem = tmp_path / "layer"
     assert bench_layer.main(["--B", "1", "--T", "8", "--C", "16", "--branch", "linear", "--rounds", "1",
                              "--no-peers", "--dtype", "bfloat16", "--out", str(stem)]) == 0
-    assert seen and set(seen) == {torch.bfloat16}
+    assert kernel_calls and {dt for _, dt in kernel_calls} == {torch.bfloat16}
     rows = (stem.with_suffix(".csv")).read_text()
     assert "bfloat16" in rows and "mhckit-torch-ops" in rows and "float32" not in rows.split("\n", 1)[1]

@@ -26,9 +26,10 @@ def _close(a, b, dt):
     torch.testing.assert_close(a, b, **tol)
 
 
-def _layer(n, c, dt, seed=0):
+def _layer(n, c, dt, seed=0, backend="auto"):
     torch.manual_seed(seed)
-    hc = HyperConnection(c, torch.nn.Linear(c, c), variant="mhc", n_streams=n, init="identity").to(dt)
+    hc = HyperConnection(c, torch.nn.Linear(c, c), variant="mhc", n_streams=n, init="identity", backend=backend)
+    hc = hc.to(dt)
     with torch.no_grad():  # away from the start, so that every term of the gradient is non-trivial
         hc.coeffs.phi.normal_(0, 0.3)
         hc.coeffs.bias.normal_(0, 0.5)

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from mhckit import functional as F
-from mhckit.modules import HyperConnection
 from mhckit.ops import cpu
+from tests.ops.test_cpu_carry import _grads as _run
+from tests.ops.test_cpu_carry import _layer
 
 HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
@@ -155,53 +156,23 @@ def test_results_do_not_depend_on_the_thread_count(dt):
             assert torch.equal(a, b)
 
 
-def _count_half_calls(monkeypatch):
-    """Count the kernel calls made with 2-byte streams."""
-    calls = []
-    real = cpu._call
-
-    def spy(name, dtype, *args):
-        if dtype in (torch.bfloat16, torch.float16):
-            calls.append(name)
-        return real(name, dtype, *args)
-
-    monkeypatch.setattr(cpu, "_call", spy)
-    return calls
-
-
-def _layer(n, c, dt, seed=0, backend="auto"):
-    torch.manual_seed(seed)
-    hc = HyperConnection(c, torch.nn.Linear(c, c), variant="mhc", n_streams=n, init="identity", backend=backend)
-    hc = hc.to(dt)
-    with torch.no_grad():
-        hc.coeffs.phi.normal_(0, 0.3)
-        hc.coeffs.bias.normal_(0, 0.5)
-        hc.coeffs.alpha.uniform_(0.5, 1.5)
-    return hc
-
-
-def _run(hc, x, g):
-    for p in [x, *hc.parameters()]:
-        p.grad = None
-    out = hc(x)
-    out.backward(g)
-    return [out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in hc.parameters()]
+def _half_calls(kernel_calls):
+    return [name for name, dt in kernel_calls if dt in (torch.bfloat16, torch.float16)]
 
 
 @pytest.mark.parametrize("dt", HALF)
 @pytest.mark.parametrize("n,c", [(4, 64), (3, 13)])
-def test_a_half_layer_runs_on_the_kernels_and_agrees_with_the_torch_ops(dt, n, c, monkeypatch):
+def test_a_half_layer_runs_on_the_kernels_and_agrees_with_the_torch_ops(dt, n, c, kernel_calls):
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(5, 11, n, c, generator=gen).to(dt).requires_grad_()
     g = torch.randn(5, 11, n, c, generator=gen).to(dt)
     hc = _layer(n, c, dt)
-    calls = _count_half_calls(monkeypatch)
     fast = _run(hc, x, g)
-    assert {"mhc_coeffs_fwd", "mhc_coeffs_bwd", "mhc_post_res_fwd", "mhc_post_res_bwd"} <= set(calls)
-    calls.clear()
+    assert {"mhc_coeffs_fwd", "mhc_coeffs_bwd", "mhc_post_res_fwd", "mhc_post_res_bwd"} <= set(_half_calls(kernel_calls))
+    kernel_calls.clear()
     with cpu.disabled():
         slow = _run(hc, x, g)
-    assert not calls
+    assert not kernel_calls
     names = ["out", "x.grad"] + [f"{k}.grad" for k, _ in hc.named_parameters()]
     ulp = torch.finfo(dt).eps
     for name, a, b in zip(names, fast, slow):
@@ -212,7 +183,7 @@ def test_a_half_layer_runs_on_the_kernels_and_agrees_with_the_torch_ops(dt, n, c
 
 
 @pytest.mark.parametrize("dt", HALF)
-def test_half_layer_error_at_most_twice_the_references(dt):
+def test_half_layer_error_at_most_twice_the_references(dt, kernel_calls):
     """DESIGN.md's rule on a whole layer, forward and every gradient: against the float32 layer, the
     error of the half layer on the kernels is at most twice that of the half layer on the reference."""
     n, c = 4, 32
@@ -222,6 +193,7 @@ def test_half_layer_error_at_most_twice_the_references(dt):
     gold = _run(_layer(n, c, torch.float32), x32.clone().requires_grad_(), g32)
     xh, gh = x32.to(dt), g32.to(dt)
     fast = _run(_layer(n, c, dt), xh.clone().requires_grad_(), gh)
+    assert "mhc_coeffs_bwd" in _half_calls(kernel_calls)  # the half layer ran on the kernels
     ref = _run(_layer(n, c, dt, backend="reference"), xh.clone().requires_grad_(), gh)
     for i, (gd, f, r) in enumerate(zip(gold, fast, ref)):
         err_fast = (f.float() - gd).abs().max().item()
@@ -229,16 +201,16 @@ def test_half_layer_error_at_most_twice_the_references(dt):
         assert err_fast <= 2 * err_ref + 1e-6, f"output {i}: kernels {err_fast} vs reference {err_ref}"
 
 
-def test_a_wider_branch_output_is_not_rounded_to_the_streams(monkeypatch):
+def test_a_wider_branch_output_is_not_rounded_to_the_streams(kernel_calls):
     """bf16 streams with a float32 branch output: the write-back must not round y to bf16 before the
     sum (the PyTorch ops do not); it runs on the PyTorch ops, the read still on the kernels."""
     n, c = 4, 16
     hc = _layer(n, c, torch.bfloat16)
     x = torch.randn(64, n, c).to(torch.bfloat16)
     y = 1.0 + 3e-3 * torch.randn(64, c)  # bf16(y) is mostly 1.0: rounding it first changes some outputs
-    calls = _count_half_calls(monkeypatch)
     u, finish = hc.split(x)
     out = finish(y)
+    calls = _half_calls(kernel_calls)
     assert "mhc_coeffs_fwd" in calls and "mhc_post_res_fwd" not in calls
     with cpu.disabled():
         _, finish_ops = hc.split(x)
@@ -248,17 +220,16 @@ def test_a_wider_branch_output_is_not_rounded_to_the_streams(monkeypatch):
     assert not torch.equal(out, rounded_first)
 
 
-def test_functional_ops_take_half_streams_with_float_coefficients(monkeypatch):
+def test_functional_ops_take_half_streams_with_float_coefficients(kernel_calls):
     """The public ops (not only the layer): bf16 x, float32 h."""
     n, c, t = 3, 24, 50
     x = torch.randn(t, n, c).to(torch.bfloat16).requires_grad_()
     y = torch.randn(t, c).to(torch.bfloat16).requires_grad_()
     h_pre, h_post = torch.rand(t, n, requires_grad=True), torch.rand(t, n, requires_grad=True)
     h_res = torch.rand(t, n, n, requires_grad=True)
-    calls = _count_half_calls(monkeypatch)
     out = F.mhc_post_res(x, y, h_post, h_res) + F.mhc_pre(x, h_pre).unsqueeze(-2)
     out.float().square().sum().backward()
-    assert {"mhc_pre_fwd", "mhc_pre_bwd", "mhc_post_res_fwd", "mhc_post_res_bwd"} <= set(calls)
+    assert {"mhc_pre_fwd", "mhc_pre_bwd", "mhc_post_res_fwd", "mhc_post_res_bwd"} <= set(_half_calls(kernel_calls))
     fast = [out.detach(), x.grad, y.grad, h_pre.grad, h_post.grad, h_res.grad]
     for tns in (x, y, h_pre, h_post, h_res):
         tns.grad = None

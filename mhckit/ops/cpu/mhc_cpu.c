@@ -48,6 +48,9 @@
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SUFFIX)
+/* n = 4 with a compile-time n, other n generic: CALL_N(f, n, args...) expands to the right call
+ * (the per-token functions take n and C last; C must be in scope) */
+#define CALL_N(f, n, ...) ((n) == 4 ? f(__VA_ARGS__, 4, C) : f(__VA_ARGS__, (n), C))
 
 /* Heap blocks aligned like ALIGNED. malloc guarantees 16 bytes; the OpenMP worker's per-thread Sinkhorn
  * scratch then had most of its 32-byte vectors across two cache lines, and the 2-thread kept-iterate

@@ -81,7 +81,6 @@ int HF(mhc_coeffs_bwd)(const uint16_t *x, const uint16_t *gu, const uint16_t *g_
 }
 
 /* ---- the stream read and write-back (Eq. 3), one token at a time through float scratch ---- */
-#define CALL_N(f, n, ...) ((n) == 4 ? f(__VA_ARGS__, 4, C) : f(__VA_ARGS__, (n), C))
 
 /* for every token t: BODY, with float scratch `buf` of `width` values per thread (err = 2 without) */
 #define PER_TOKEN(width, ...)                                                                                       \
@@ -158,7 +157,6 @@ int HF(mhc_post_res_bwd)(const uint16_t *x, const uint16_t *y, const float *hp, 
 }
 
 #undef PER_TOKEN
-#undef CALL_N
 #undef HF
 #undef HSUF
 #undef CVT_IN

@@ -584,8 +584,6 @@ static inline __attribute__((always_inline)) void FN(coeffs_gx_tok)(const T *res
         }
 }
 
-/* n = 4 with a compile-time n, other n generic: CALL_N(f, n, args...) expands to the right call */
-#define CALL_N(f, n, ...) ((n) == 4 ? f(__VA_ARGS__, 4, C) : f(__VA_ARGS__, (n), C))
 
 int FN(mhc_pre_fwd)(const T *x, const T *h, T *u, int64_t tokens, int n, int64_t C, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -918,7 +916,6 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
                               tokens, n, C, iters, threads, FN(coeffs_bwd_body), 0, NULL);
 }
 
-#undef CALL_N
 #undef KB
 #undef SHUF
 #undef VLD
