@@ -100,7 +100,8 @@ def main(argv=None) -> int:
                             print(f"{op:8s} {mode:7s} T={t:6d} C={c:5d} n={n} {r.case:10s} {r.median_ms:9.3f} ms "
                                   f"x{r.ratio:.2f}")
                         results += res
-    stem = Path(args.out) if args.out else RESULTS / f"ops_{args.device}"
+    suffix = "" if dtype == torch.float32 else f"_{args.dtype}"  # the fp32 results keep their name
+    stem = Path(args.out) if args.out else RESULTS / f"ops_{args.device}{suffix}"
     write_results(results, stem, dict(run_info(), threads=torch.get_num_threads()))
     print(f"wrote {stem}.csv and {stem}.md")
     return 0
