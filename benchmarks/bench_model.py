@@ -11,8 +11,9 @@ estimate of :func:`mhckit.train.memory.estimate_training_memory` (parameters + g
 state + the distinct storages autograd saves for backward), the same number `mhckit compare` reports.
 
 ``--dtype bfloat16`` casts every model (parameters, activations, streams; AdamW on bf16 parameters):
-pure-bf16 training, mHC's coefficients still in fp32. ``--compile`` runs every variant through ``torch.compile`` (default variants residual, mhc, mhc-traced;
-``first_step_s`` records the compiling first step, which depends on the inductor cache). On the CPU
+pure-bf16 training, mHC's coefficients still in fp32. ``--compile`` runs every variant through
+``torch.compile`` (default variants residual, mhc, mhc-traced; ``first_step_s`` records the compiling
+first step, which depends on the inductor cache). On the CPU
 mHC's ops are then custom ops that call the C kernels; ``mhc-traced`` instead lets dynamo trace mHC's
 PyTorch ops (what ``torch.compile`` did before the custom ops), for comparison.
 """
