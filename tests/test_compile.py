@@ -142,3 +142,30 @@ def test_compiled_bfloat16_model_on_cpu_runs_the_half_kernels(kernel_calls):
         assert b.grad.dtype == torch.bfloat16
         torch.testing.assert_close(b.grad.float(), a.grad.float(), rtol=2e-2, atol=2e-2 * a.grad.abs().max().item(),
                                    msg=name)
+
+
+def test_constant_result_marks_functions_as_torch_does():
+    """mhckit marks its trace-time probes itself (mhckit/_compile.py) to keep torch._dynamo out of
+    ``import mhckit``; the mark must be the one torch's decorator sets (test_no_graph_breaks then
+    checks that dynamo honours it)."""
+    from mhckit._compile import constant_result
+
+    def ours():
+        return 1
+
+    def torchs():
+        return 1
+
+    constant_result(ours)
+    torch.compiler.assume_constant_result(torchs)
+    assert vars(ours) == vars(torchs) != {}
+
+
+def test_import_does_not_load_dynamo():
+    """``import mhckit`` stays fast: torch._dynamo (~1.5 s to import) loads only when compiling."""
+    import subprocess
+    import sys
+
+    code = "import sys, mhckit, mhckit.functional, mhckit.models; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -22,6 +22,8 @@ import sys
 
 import torch
 
+from .._compile import constant_result
+
 BACKENDS = ("torch", "reference")
 OPTIONAL_BACKENDS = ("triton",)
 UNAVAILABLE: dict[str, str] = {}
@@ -34,7 +36,7 @@ _TRITON_DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32")
 _PROBED: dict[str, str | None] = {}
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _triton_import_error() -> str | None:
     """None if ``import triton`` works here, else why not (probed once per process)."""
     if "triton" not in _PROBED:
@@ -50,17 +52,17 @@ def _triton_import_error() -> str | None:
     return _PROBED["triton"]
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _auto_may_pick_triton() -> bool:
     return os.environ.get("MHCKIT_AUTO_TRITON", "1") != "0"
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _cpu_problem() -> str | None:
     """Why CPU tensors cannot run the Triton kernels now (None: the interpreter is on)."""
     if not _interpret_requested():

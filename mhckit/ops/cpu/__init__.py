@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from ..._compile import constant_result
+
 __all__ = [
     "available", "enabled", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
     "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "post_bwd", "coeffs_fwd", "coeffs_bwd", "MAX_STREAMS",
@@ -212,7 +214,7 @@ def enabled() -> bool:
     return not _OFF[0] and not torch.compiler.is_compiling() and _load() is not None
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def built() -> bool:
     """Whether the library is (or can be) built and loaded. Under ``torch.compile`` tracing this runs
     once, eagerly, and its answer is a constant of the graph (so that the ``torch`` backend can choose
@@ -220,7 +222,7 @@ def built() -> bool:
     return _load() is not None
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def compile_streams_ok(dtype: torch.dtype) -> bool:
     """Whether the library takes streams of ``dtype`` (a constant of a ``torch.compile`` graph)."""
     return _load() is not None and (dtype in (torch.float32, torch.float64) or dtype in _STATE.get("halves", ()))
