@@ -325,3 +325,41 @@ def test_cli_rejects_bad_model_and_tokenizer(tiny_model_dir, tmp_path, capsys):
     assert "byte-level ids need a vocabulary of at least 256; the model has 100" in capsys.readouterr().err
     assert retrofit_cli.main(["--help"]) == 0
     assert "--variants" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- bf16 models on the CPU kernels
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bf16_model_runs_on_the_half_kernels(arch, kernel_calls):
+    """A model loaded in bf16 and retrofitted: its hyper-connections run the compiled CPU kernels on the
+    bf16 streams (forward and backward; they used to fall back to the PyTorch ops), the retrofit still
+    preserves the logits at step 0 to bf16 precision, and the loss and gradients agree with the
+    PyTorch ops to bf16 rounding."""
+    from mhckit.ops import cpu
+
+    if "torch.bfloat16" not in cpu.status()["half_streams"]:
+        pytest.skip("no bf16 stream kernels in this build")
+    model = tiny(arch).to(torch.bfloat16)
+    ids = tokens()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float()
+    retro = retrofit(copy.deepcopy(model))
+    with torch.no_grad():
+        assert rel_err(retro(input_ids=ids).logits.float(), ref) < 2e-2
+    retro.train()
+    torch.manual_seed(7)  # the same dropout masks in both passes (GPT-2 has dropout)
+    loss = retro(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    ran = {name for name, dt in kernel_calls if dt == torch.bfloat16}
+    assert {"mhc_coeffs_fwd", "mhc_coeffs_bwd", "mhc_post_res_fwd", "mhc_post_res_bwd"} <= ran, ran
+    grads = {k: p.grad.float().clone() for k, p in retro.named_parameters() if p.grad is not None}
+    retro.zero_grad()
+    with cpu.disabled():
+        torch.manual_seed(7)
+        loss_ops = retro(input_ids=ids, labels=ids, use_cache=False).loss
+        loss_ops.backward()
+    assert abs(loss.item() - loss_ops.item()) < 2e-2 * abs(loss_ops.item())
+    for k, g in grads.items():
+        g_ops = retro.get_parameter(k).grad.float()
+        assert (g - g_ops).abs().max() <= 5e-2 * g_ops.abs().max() + 1e-6, k
