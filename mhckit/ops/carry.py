@@ -72,7 +72,7 @@ def _read_backward(saved, iters: int, rms_eps: float, g_u, g_pre, g_post, g_res,
 
 def _write(carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     """``h_res x + h_post y`` with x = carrier's values."""
-    if y.is_cpu and _y_fits(y, carrier) and cpu.enabled():
+    if y.is_cpu and cpu.takes_as_stream(y, carrier.dtype) and cpu.enabled():
         return cpu.post_res_fwd(carrier, y, h_post, h_res)
     dt = h_res.dtype
     out = h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)
@@ -81,7 +81,7 @@ def _write(carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
 
 def _write_backward(y: Tensor, h_post: Tensor, g: Tensor, need_y: bool, need_post: bool):
     """``(grad_y in y's dtype, grad_h_post)`` (None where not needed) of the write-back."""
-    if _y_fits(y, g) and cpu.enabled():
+    if cpu.takes_as_stream(y, g.dtype) and cpu.enabled():
         grad_y, grad_post = cpu.post_bwd(y, h_post, g, need_y, need_post)
     else:
         dt = h_post.dtype
@@ -136,12 +136,6 @@ class PostCarryFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         grad_y, grad_post = _write_backward(y, h_post, g, need[1], need[2])
         return (g if need[0] else None), grad_y, grad_post, None
-
-
-def _y_fits(y: Tensor, streams: Tensor) -> bool:
-    """Whether the kernels may take ``y`` in the streams' dtype: its own, or streams of 4+ bytes
-    (which the PyTorch ops also cast ``y`` to: the coefficients' dtype is theirs)."""
-    return y.dtype is streams.dtype or streams.dtype.itemsize > 2
 
 
 # ---- the same pair as torch.library ops, for torch.compile ----------------------------------------

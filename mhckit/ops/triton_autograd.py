@@ -60,12 +60,11 @@ def _use_kernels(*tensors: Tensor) -> bool:
 
 
 def _c_kernels(x: Tensor, dt: torch.dtype, *others: Tensor) -> bool:
-    """CPU streams ``x`` whose maths the C kernels compute in ``dt`` (the mirror's dtype): with
-    2-byte streams the other stream tensors ``others`` must be of x's dtype (the kernels would round
-    a wider one to it first; the mirror does not)."""
+    """CPU streams ``x`` whose maths the C kernels compute in ``dt`` (the mirror's dtype), with the
+    other stream operands ``others`` as :func:`mhckit.ops.cpu.takes_as_stream` allows."""
     return (
         x.is_cpu and cpu.streams_available(x, n=x.shape[1]) and cpu.coef_dtype(x.dtype) is dt
-        and (x.dtype.itemsize > 2 or all(t.dtype is x.dtype for t in others))
+        and all(cpu.takes_as_stream(t, x.dtype) for t in others)
     )
 
 

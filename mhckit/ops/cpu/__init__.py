@@ -50,7 +50,7 @@ from ..._compile import constant_result
 __all__ = [
     "available", "enabled", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
     "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "post_bwd", "coeffs_fwd", "coeffs_bwd", "MAX_STREAMS",
-    "streams_available", "coef_dtype", "built", "compile_streams_ok",
+    "streams_available", "coef_dtype", "built", "compile_streams_ok", "takes_as_stream",
 ]
 
 MAX_STREAMS = 8
@@ -237,6 +237,14 @@ def available(*tensors: torch.Tensor, n: int) -> bool:
     if dt not in _COEF or dt in _HALVES or any(not t.is_cpu or t.dtype != dt for t in tensors):
         return False
     return enabled()
+
+
+def takes_as_stream(t: torch.Tensor, stream_dtype: torch.dtype) -> bool:
+    """Whether a further stream operand ``t`` (a branch output, a gradient) may go to the kernels,
+    which cast it to ``stream_dtype``: always for 4- and 8-byte streams (the PyTorch ops cast it to
+    that dtype too, the coefficients' own), only of the same dtype for 2-byte streams (the PyTorch
+    ops would not round a wider one first)."""
+    return t.dtype is stream_dtype or stream_dtype.itemsize > 2
 
 
 def streams_available(x: torch.Tensor, *coefficients: torch.Tensor, streams: tuple = (), n: int) -> bool:
