@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu
 from .autograd import _coeffs_backward, _coeffs_forward, _contract, _mix
+from .triton_autograd import _like
 
 
 def _read(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
@@ -176,7 +177,7 @@ def carry_read_backward(
 
 @carry_read_backward.register_fake
 def _(x, phi, bias, alpha, r, z, g_u, g_pre, g_post, g_res, g_out, iters, rms_eps):
-    return torch.empty_like(x), torch.empty_like(phi), torch.empty_like(bias), torch.empty_like(alpha)
+    return _like(x), _like(phi), _like(bias), _like(alpha)
 
 
 def _carry_read_setup(ctx, inputs, output):
@@ -202,7 +203,7 @@ def carry_write(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Te
 
 @carry_write.register_fake
 def _(x, carrier, y, h_post, h_res):
-    return torch.empty_like(x)
+    return _like(x)
 
 
 @torch.library.custom_op("mhckit::carry_write_backward", mutates_args=())
@@ -212,7 +213,7 @@ def carry_write_backward(y: Tensor, h_post: Tensor, g: Tensor) -> tuple[Tensor, 
 
 @carry_write_backward.register_fake
 def _(y, h_post, g):
-    return torch.empty_like(y), torch.empty_like(h_post)
+    return _like(y), _like(h_post)
 
 
 def _carry_write_setup(ctx, inputs, output):

@@ -49,6 +49,13 @@ __all__ = ["sinkhorn", "mhc_coeffs", "mhc_pre", "mhc_post_res"]
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _like(t: Tensor) -> Tensor:
+    """A fake op output shaped like ``t``: contiguous whatever ``t``'s strides (every implementation
+    of these ops returns contiguous tensors; a non-contiguous input, e.g. HC's transposed ``h_res``,
+    must not make the fake promise its strides)."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def _use_kernels(*tensors: Tensor) -> bool:
     """Triton kernels for CUDA tensors (or CPU ones under the interpreter); else the torch mirror."""
     if tensors[0].device.type == "cuda":
@@ -185,7 +192,7 @@ def _coeffs_backward(
 
 @_coeffs_backward.register_fake
 def _(x, phi, bias, alpha, z, r, g_pre, g_post, g_res, iters):
-    return torch.empty_like(x), torch.empty_like(phi), torch.empty_like(bias), torch.empty_like(alpha)
+    return _like(x), _like(phi), _like(bias), _like(alpha)
 
 
 def _coeffs_setup(ctx, inputs, output):
@@ -247,7 +254,7 @@ def _pre_backward(x: Tensor, h_pre: Tensor, grad: Tensor) -> tuple[Tensor, Tenso
 
 @_pre_backward.register_fake
 def _(x, h_pre, grad):
-    return torch.empty_like(x), torch.empty_like(h_pre)
+    return _like(x), _like(h_pre)
 
 
 def _pre_setup(ctx, inputs, output):
@@ -281,7 +288,7 @@ def _post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
 
 @_post_res.register_fake
 def _(x, y, h_post, h_res):
-    return torch.empty_like(x)
+    return _like(x)
 
 
 @torch.library.custom_op("mhckit::post_res_backward", mutates_args=())
@@ -307,7 +314,7 @@ def _post_res_backward(
 
 @_post_res_backward.register_fake
 def _(x, y, h_post, h_res, grad):
-    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(h_post), torch.empty_like(h_res)
+    return _like(x), _like(y), _like(h_post), _like(h_res)
 
 
 def _post_res_setup(ctx, inputs, output):
@@ -358,7 +365,7 @@ def _sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
 
 @_sinkhorn_backward.register_fake
 def _(logits, grad, iters):
-    return torch.empty_like(logits)
+    return _like(logits)
 
 
 def _sinkhorn_setup(ctx, inputs, output):

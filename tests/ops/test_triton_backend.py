@@ -4,6 +4,8 @@ float64 gradcheck of the backward formulas through the torch mirror) and torch.c
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -129,6 +131,41 @@ def test_custom_ops_pass_opcheck(mirror):
     ]
     for op, args in checks:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c-kernels", "torch-mirror"])
+def test_custom_ops_fakes_match_strided_operands(mirror, c_kernels):
+    """Forward and backward ops given non-contiguous operands (a transposed h_res, as HC's reaches
+    post_res; strided x, y, gradients): the fake promises the strides the op returns. (The fakes once
+    returned empty_like(input): a transposed dh_res, and inductor's stride assertion failed.)"""
+    from mhckit.ops import cpu
+
+    t, n, c, k = 5, 3, 8, 15
+    g = torch.Generator().manual_seed(0)
+
+    def strided(*shape):  # the same values, non-contiguous: the last two dims transposed in memory
+        return torch.randn(*shape[:-2], shape[-1], shape[-2], generator=g).transpose(-1, -2)
+
+    def every_other(*shape):  # non-contiguous rows: every second value of a wider tensor
+        return torch.randn(*shape[:-1], 2 * shape[-1], generator=g)[..., ::2]
+
+    x, grad = strided(t, n, c), strided(t, n, c)
+    y, h_post, h_res = every_other(t, c), every_other(t, n), strided(t, n, n)
+    phi, bias, alpha = torch.randn(n * c, k, generator=g) * 0.1, torch.randn(k, generator=g), torch.rand(3, generator=g)
+    h_pre, _, _, z, r = torch.ops.mhckit.coeffs.default(x.contiguous(), phi, bias, alpha, 3, 1e-6)
+    assert not any(v.is_contiguous() for v in (x, grad, y, h_post, h_res))
+    checks = [
+        (torch.ops.mhckit.post_res.default, (x, y, h_post, h_res)),
+        (torch.ops.mhckit.post_res_backward.default, (x, y, h_post, h_res, grad)),
+        (torch.ops.mhckit.pre.default, (x, h_pre)),
+        (torch.ops.mhckit.pre_backward.default, (x, h_pre, y)),
+        (torch.ops.mhckit.coeffs_backward.default, (x, phi, bias, alpha, z, r, h_pre, h_post, h_res, 3)),
+        (torch.ops.mhckit.sinkhorn.default, (h_res, 3)),
+        (torch.ops.mhckit.sinkhorn_backward.default, (h_res, strided(t, n, n), 3)),
+    ]
+    with contextlib.nullcontext() if c_kernels else cpu.disabled():
+        for op, args in checks:
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 # --------------------------------------------------------------------------------------------------
