@@ -12,8 +12,10 @@ state + the distinct storages autograd saves for backward), the same number `mhc
 
 ``--dtype bfloat16`` casts every model (parameters, activations, streams; AdamW on bf16 parameters):
 pure-bf16 training, mHC's coefficients still in fp32. ``--compile`` runs every variant through
-``torch.compile`` (default variants residual, mhc, mhc-traced; ``first_step_s`` records the compiling
-first step, which depends on the inductor cache). On the CPU
+``torch.compile`` (default variants residual, mhc, mhc+recompute, mhc-traced; ``first_step_s`` records the
+compiling first step, which depends on the inductor cache; the CPU memory estimate is of the compiled
+step, whose graph decides what is saved: recomputation is then :func:`mhckit.recompute.sequential`'s
+checkpoint regions). On the CPU
 mHC's ops are then custom ops that call the C kernels; ``mhc-traced`` instead lets dynamo trace mHC's
 PyTorch ops (what ``torch.compile`` did before the custom ops), for comparison.
 """
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
     p.add_argument("--variants", default=None, help="default: residual,mhc,mhc+recompute (+mhc-torch-ops on CPU); "
-                   "with --compile residual,mhc (+mhc-traced on CPU)")
+                   "with --compile residual,mhc,mhc+recompute (+mhc-traced on CPU)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="auto")
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
         heap = keep_freed_memory()
     print("heap:", heap)
     cpu_dev = not dev.startswith("cuda")
-    default = (["residual", "mhc"] + ["mhc-traced"] * cpu_dev if args.compile else
+    default = (["residual", "mhc", "mhc+recompute"] + ["mhc-traced"] * cpu_dev if args.compile else
                ["residual", "mhc", "mhc+recompute"] + ["mhc-torch-ops"] * cpu_dev)
     names = args.variants.split(",") if args.variants else default
     for n in names:
@@ -126,7 +128,8 @@ def main(argv=None) -> int:
     tokens = torch.randint(0, preset["vocab"], (preset["batch"], preset["seq_len"] + 1), device=dev)
     dtype = getattr(torch, args.dtype)
     runs = {n: build(preset, VARIANTS[n], dev, args.backend, dtype) for n in names}
-    steps = {n: step_fn(torch.compile(m) if args.compile else m, o, tokens, dev, VARIANTS[n].get("cpu_kernels", True),
+    stepped = {n: torch.compile(m) if args.compile else m for n, (m, _) in runs.items()}  # what a step calls
+    steps = {n: step_fn(stepped[n], o, tokens, dev, VARIANTS[n].get("cpu_kernels", True),
                         traced=VARIANTS[n].get("traced", False)) for n, (m, o) in runs.items()}
     first_step = {}
     for n in names:  # the first step compiles (with --compile)
@@ -135,7 +138,6 @@ def main(argv=None) -> int:
         first_step[n] = time.perf_counter() - t0
     memory = {}
     for n in names:
-        model, opt = runs[n]
         if dev.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             memory[n] = torch.cuda.max_memory_allocated()
         else:
-            memory[n] = estimate_training_memory(model, tokens[:, :-1], tokens[:, 1:])["total_bytes"]
+            with _traced_ops(VARIANTS[n].get("traced", False)):
+                memory[n] = estimate_training_memory(stepped[n], tokens[:, :-1], tokens[:, 1:])["total_bytes"]
         for _ in range(args.warmup):
             steps[n]()
     times = {n: [] for n in names}

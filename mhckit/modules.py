@@ -265,6 +265,8 @@ class HyperConnection(nn.Module):
             self._capture.append((h_pre.detach(), h_post.detach(), None if h_res is None else h_res.detach()))
 
         def finish(y: Tensor) -> Tensor:
+            if recompute.in_compiled_region() and carrier is None:
+                return _post_res_op(x, y, h_post, h_res)  # an operator recompute.sequential recomputes
             if h_res is None:
                 out = F.residual_update(x, y, h_post)
             elif carrier is not None:
@@ -289,6 +291,17 @@ class HyperConnection(nn.Module):
         if isinstance(out, tuple):
             return (finish(out[0]), *out[1:])
         return finish(out)
+
+
+def _post_res_op(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor | None) -> Tensor:
+    """The write-back as the ``mhckit::post_res`` operator (``h_res = None``: the identity), for
+    :func:`mhckit.recompute.sequential` under ``torch.compile``."""
+    from .ops import triton_autograd
+
+    if h_res is None:
+        n = x.shape[-2]
+        h_res = torch.eye(n, dtype=h_post.dtype, device=h_post.device).expand(*h_post.shape, n)
+    return triton_autograd.mhc_post_res(x, y, h_post, h_res)
 
 
 def _post_res_replay(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, backend: str) -> Tensor:

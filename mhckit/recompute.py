@@ -18,6 +18,19 @@ Usage (what :class:`mhckit.models.GPT` does with ``recompute``)::
 The mechanism is a pair of ``saved_tensors_hooks``: a stream tensor written by a hyper-connection
 inside a group is packed as a small token and unpacked by replaying the group, bitwise equal to
 the original (the same functions on the same inputs). ``L_r`` defaults to ``sqrt(n L / (n + 2))``.
+
+Under ``torch.compile`` saved-tensor hooks cannot be traced (dynamo breaks the graph there, and
+``fullgraph=True`` fails), and what a compiled graph saves is decided by AOTAutograd's partitioner.
+:func:`sequential` therefore runs its modules in groups of ``every`` as non-reentrant
+``torch.utils.checkpoint`` regions with a selective policy (:func:`selective_context`): mhckit's own
+operators (namespace ``mhckit``: the fused reads and write-backs) are recomputed in backward, every
+other operator's output is kept. That is the paper's scheme literally: "re-executing the mHC kernels
+without the heavy layer function F"; it recomputes the reads (coefficients) as well as the
+write-backs, which costs a coefficient forward per sublayer and keeps neither the streams nor the
+reads' outputs. Inside such a region the hyper-connections' write-backs always go through the
+``mhckit::post_res`` operator (also where they would otherwise be traced PyTorch ops), so that every
+operator writing a stream tensor is one the policy recomputes. In eager mode :func:`sequential` is
+:class:`StreamRecompute` with one group per ``every`` modules.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import torch
 from torch import Tensor
 
 _ACTIVE = threading.local()
+_COMPILED_REGIONS = 0  # > 0 while torch.compile traces the regions of sequential() (a plain global: dynamo tracks it)
 
 
 def default_interval(n_streams: int, n_sublayers: int) -> int:
@@ -136,3 +150,72 @@ class _Outer:
 def _key(t: Tensor) -> int:
     """Storage identity: a saved view of a stream tensor is dropped and rebuilt as the same view."""
     return t.untyped_storage().data_ptr()
+
+
+# ---- torch.compile: selective activation checkpointing ----------------------------------------
+
+
+def _policy(ctx, op, *args, **kwargs):
+    """Recompute mhckit's operators (the fused reads and write-backs of the streams), keep the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if getattr(op, "namespace", None) == "mhckit":
+        return CheckpointPolicy.MUST_RECOMPUTE
+    return CheckpointPolicy.PREFER_SAVE
+
+
+def selective_context():
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: inside the
+    region mhckit's operators are recomputed in backward and every other operator's output is kept
+    (the branches are not re-run). Used by :func:`sequential`; usable on its own where a model's
+    structure does not fit it. The recomputation happens only for hyper-connections whose ops are
+    mhckit operators while tracing; :func:`sequential` sees to the write-backs."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_policy)
+
+
+def in_compiled_region() -> bool:
+    """True while ``torch.compile`` traces a module run by :func:`sequential` with recomputation."""
+    return _COMPILED_REGIONS > 0
+
+
+def _run(modules, x: Tensor) -> Tensor:
+    for m in modules:
+        x = m(x)
+    return x
+
+
+def sequential(modules, x: Tensor, every: int) -> Tensor:
+    """``x -> modules[-1](... modules[0](x))`` keeping the streams only at the input of every
+    ``every``-th module (a module may hold several hyper-connection sublayers, e.g. a Transformer
+    block); ``every = 0`` runs them plainly.
+
+    Eager: :class:`StreamRecompute` (gradients bitwise equal to the plain run). While ``torch.compile``
+    traces: one ``torch.utils.checkpoint`` region per group with :func:`selective_context`, which
+    traces as one graph (``fullgraph=True`` works) and recomputes mhckit's operators in backward.
+    """
+    global _COMPILED_REGIONS
+    modules = list(modules)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"every: got {every!r}; expected an int >= 0 (modules per kept stream tensor; 0 = off)")
+    for i, m in enumerate(modules):
+        if not callable(m):
+            raise ValueError(f"modules[{i}]: got {type(m).__name__}; expected a callable (e.g. an nn.Module)")
+    if every == 0 or not torch.is_grad_enabled():
+        return _run(modules, x)
+    if torch.compiler.is_compiling():
+        from torch.utils.checkpoint import checkpoint
+
+        _COMPILED_REGIONS += 1  # set outside the regions: dynamo does not allow side effects inside them
+        try:
+            for i in range(0, len(modules), every):
+                x = checkpoint(_run, modules[i : i + every], x, use_reentrant=False, context_fn=selective_context)
+        finally:
+            _COMPILED_REGIONS -= 1
+        return x
+    with StreamRecompute(every) as rc:
+        for i, m in enumerate(modules):
+            rc.at_sublayer(i, x)
+            x = m(x)
+    return x

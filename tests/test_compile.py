@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -9,9 +11,10 @@ from mhckit import MHCConfig
 from mhckit.models import GPT, GPTConfig
 
 
-def _model(variant="mhc"):
+def _model(variant="mhc", recompute=0, iters=20):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32, hc=MHCConfig(variant=variant)))
+    model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32, recompute=recompute,
+                          hc=MHCConfig(variant=variant, sinkhorn_iters=iters)))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -30,8 +33,10 @@ def test_no_graph_breaks():
     assert explained.graph_count == 1
 
 
-@pytest.mark.parametrize("variant", ["mhc"])
+@pytest.mark.parametrize("variant", ["mhc", "hc", "mhc-lite", "identity"])
 def test_fullgraph_compile_matches_eager(variant):
+    """(HC's h_res reaches mhckit::post_res transposed; the fake backward once promised the input's
+    strides for dh_res and the compiled backward failed.)"""
     torch._dynamo.reset()
     eager, compiled_model = _model(variant), _model(variant)
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
@@ -169,3 +174,126 @@ def test_import_does_not_load_dynamo():
     code = "import sys, mhckit, mhckit.functional, mhckit.models; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# ---- recomputation under torch.compile (mhckit.recompute.sequential) ------------------------------
+
+
+def test_recompute_traces_as_one_graph():
+    """GPTConfig.recompute under torch.compile: checkpoint regions, not saved-tensor hooks (which
+    dynamo cannot trace: a graph break per sublayer, and fullgraph=True failed)."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    explained = dynamo.explain(_model(recompute=-1))(TOK[:, :-1], TOK[:, 1:])
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+STREAM_BYTES = TOK.shape[0] * (TOK.shape[1] - 1) * 4 * 32 * 4  # one [B, T, n, C] float32 stream tensor
+
+
+def _saved_bytes(compiled):
+    from mhckit.train.memory import saved_activation_bytes
+
+    return saved_activation_bytes(compiled, TOK[:, :-1], TOK[:, 1:])
+
+
+@pytest.mark.parametrize("variant", ["mhc", "hc", "identity"])
+def test_compiled_recompute_matches_eager_and_drops_the_streams(variant):
+    """Compiled with recompute=-1 (L_r = 2 sublayers -> one block per region): loss and gradients of
+    the eager model without recomputation, and the compiled step saves at least the streams written
+    inside the regions (one per block here) fewer bytes than the compiled step without it. (hc: its
+    reads are traced PyTorch ops; identity: no h_res.)"""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    eager, model = _model(variant), _model(variant, recompute=-1)
+    assert model.compiled_recompute_blocks == 1
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    _, loss_c = compiled(TOK[:, :-1], TOK[:, 1:])
+    loss_c.backward()
+    _, loss_e = eager(TOK[:, :-1], TOK[:, 1:])
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    kept = _saved_bytes(torch.compile(eager, fullgraph=True, backend="aot_eager"))
+    assert kept - _saved_bytes(compiled) >= 2 * STREAM_BYTES, (kept, _saved_bytes(compiled))
+
+
+def test_compiled_recompute_reruns_the_kernels_in_backward(kernel_calls):
+    """On the C kernels: the backward runs the reads' and the write-backs' forward kernels again
+    (the reads once per sublayer: the paper's "re-executing the mHC kernels without F")."""
+    import torch._dynamo as dynamo
+    from mhckit.ops import cpu
+
+    if not cpu.status()["active"]:
+        pytest.skip("compiled CPU kernels unavailable")
+    dynamo.reset()
+    model = _model(recompute=-1)
+    _, loss = torch.compile(model, fullgraph=True, backend="aot_eager")(TOK[:, :-1], TOK[:, 1:])
+    forward = collections.Counter(name for name, _ in kernel_calls)
+    kernel_calls.clear()
+    loss.backward()
+    backward = collections.Counter(name for name, _ in kernel_calls)
+    assert forward["mhc_coeffs_fwd"] == forward["mhc_post_res_fwd"] == 4, forward
+    assert backward["mhc_coeffs_fwd"] == 4 and backward["mhc_post_res_fwd"] >= 2, backward
+    assert backward["mhc_coeffs_bwd"] == 4, backward
+
+
+def test_compiled_recompute_without_the_c_kernels(monkeypatch):
+    """Where the reads are traced PyTorch ops (no compiled CPU kernels while tracing), the write-backs
+    inside the regions are still mhckit::post_res operators, so the streams are still dropped."""
+    import torch._dynamo as dynamo
+    from mhckit import functional
+
+    monkeypatch.setattr(functional, "_compile_cpu", lambda *tensors: False)
+    monkeypatch.setattr(functional, "_carry_ok", lambda *args: False)
+    dynamo.reset()
+    model = _model(recompute=-1, iters=2)  # the traced PyTorch Sinkhorn: a few iterations compile faster
+    graph = dynamo.explain(model)(TOK[:, :-1], TOK[:, 1:]).graphs[0]
+    code = "".join(m.code for m in graph.modules() if isinstance(m, torch.fx.GraphModule))  # and the regions'
+    assert "tag_activation_checkpoint" in code
+    assert "mhckit.post_res" in code and "mhckit.carry" not in code and "mhckit.coeffs" not in code
+    dynamo.reset()
+    kept = _saved_bytes(torch.compile(_model(iters=2), fullgraph=True, backend="aot_eager"))
+    dropped = _saved_bytes(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert kept - dropped >= 2 * STREAM_BYTES, (kept, dropped)
+
+
+def test_sequential_eager_is_stream_recompute():
+    """recompute.sequential in eager mode: the gradients of the plain loop, bitwise, with the streams
+    inside each group dropped (fewer saved bytes); bad arguments are refused by name."""
+    from mhckit import HyperConnection, recompute
+    from mhckit.train.memory import saved_activation_bytes
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(HyperConnection(16, torch.nn.Linear(16, 16), layer_index=i, n_streams=4)
+                                 for i in range(6))
+    x = torch.randn(3, 5, 4, 16)
+
+    def run(every):
+        for p in layers.parameters():
+            p.grad = None
+        recompute.sequential(layers, x, every).square().sum().backward()
+        return [p.grad.clone() for p in layers.parameters()]
+
+    plain = run(0)
+    for a, b in zip(run(3), plain):
+        assert torch.equal(a, b)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, every):
+            super().__init__()
+            self.layers, self.every = layers, every
+
+        def forward(self, x, y=None):
+            out = recompute.sequential(self.layers, x, self.every)
+            return out, out.square().mean()
+
+    assert saved_activation_bytes(Wrapped(3), x, None) < saved_activation_bytes(Wrapped(0), x, None)
+    with pytest.raises(ValueError, match=r"every: got -1"):
+        recompute.sequential(layers, x, -1)
+    with pytest.raises(ValueError, match=r"modules\[1\]: got int"):
+        recompute.sequential([layers[0], 3], x, 1)

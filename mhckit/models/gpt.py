@@ -40,7 +40,7 @@ class GPTConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     init_std: float = 0.02  # std of weight init; output projections are scaled by 1/sqrt(2 n_layer)
     reduce: str = "mean"  # stream collapse before the final norm: "mean", "sum" or "head"
-    recompute: int = 0  # keep the streams every L_r sublayers only (mHC 4.3); 0 = off, -1 = sqrt(nL/(n+2))
+    recompute: int = 0  # keep streams every L_r sublayers (mHC 4.3); 0 off, -1 sqrt(nL/(n+2)); compiled: L_r/2 blocks
     hc: MHCConfig = field(default_factory=MHCConfig)  # the hyper-connection (variant, n_streams, ...)
 
     def __post_init__(self) -> None:
@@ -203,6 +203,13 @@ class GPT(nn.Module):
             return 0
         return default_interval(self.n_streams, 2 * self.cfg.n_layer) if r == -1 else r
 
+    @property
+    def compiled_recompute_blocks(self) -> int:
+        """Blocks per kept stream tensor under ``torch.compile``: ``L_r / 2`` rounded, at least 1 (the
+        compiled groups are whole blocks, see :func:`mhckit.recompute.sequential`); 0 when off."""
+        every = self.recompute_interval
+        return max(1, round(every / 2)) if every else 0
+
     def _recompute(self):
         every = self.recompute_interval
         return StreamRecompute(every) if every and torch.is_grad_enabled() else contextlib.nullcontext()
@@ -211,9 +218,13 @@ class GPT(nn.Module):
         if tokens.dim() != 2 or tokens.shape[1] > self.cfg.seq_len:
             raise ValueError(f"tokens.shape: got {tuple(tokens.shape)}; expected [B, T] with T <= seq_len={self.cfg.seq_len}")
         x = expand_streams(self.embed(tokens), self.n_streams)  # [B, T, n, C]
-        with self._recompute():
-            for block in self.blocks:
-                x = block(x)
+        if self.recompute_interval and torch.compiler.is_compiling():
+            # saved-tensor hooks do not trace: checkpoint regions of whole blocks (recompute.sequential)
+            x = recompute.sequential(self.blocks, x, self.compiled_recompute_blocks)
+        else:
+            with self._recompute():
+                for block in self.blocks:
+                    x = block(x)
         logits = self.head(self.norm(self.reduce(x)))  # [B, T, V]
         if targets is None:
             return logits
