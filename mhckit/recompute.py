@@ -22,7 +22,7 @@ the original (the same functions on the same inputs). ``L_r`` defaults to ``sqrt
 Under ``torch.compile`` saved-tensor hooks cannot be traced (dynamo breaks the graph there, and
 ``fullgraph=True`` fails), and what a compiled graph saves is decided by AOTAutograd's partitioner.
 :func:`sequential` therefore runs its modules in groups of ``every`` as non-reentrant
-``torch.utils.checkpoint`` regions with a selective policy (:func:`selective_context`): mhckit's own
+``torch.utils.checkpoint`` regions with a selective policy (:func:`_selective_context`): mhckit's own
 operators (namespace ``mhckit``: the fused reads and write-backs) are recomputed in backward, every
 other operator's output is kept. That is the paper's scheme literally: "re-executing the mHC kernels
 without the heavy layer function F"; it recomputes the reads (coefficients) as well as the
@@ -164,12 +164,11 @@ def _policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_SAVE
 
 
-def selective_context():
-    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: inside the
-    region mhckit's operators are recomputed in backward and every other operator's output is kept
-    (the branches are not re-run). Used by :func:`sequential`; usable on its own where a model's
-    structure does not fit it. The recomputation happens only for hyper-connections whose ops are
-    mhckit operators while tracing; :func:`sequential` sees to the write-backs."""
+def _selective_context():
+    """``context_fn`` of :func:`sequential`'s ``torch.utils.checkpoint`` regions under ``torch.compile``:
+    mhckit's operators are recomputed in backward, every other operator's output is kept (the
+    branches are not re-run). Not for eager mode, where the kernels run inside autograd Functions the
+    policy cannot see (eager recomputation is :class:`StreamRecompute`)."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     return create_selective_checkpoint_contexts(_policy)
@@ -192,7 +191,7 @@ def sequential(modules, x: Tensor, every: int) -> Tensor:
     block); ``every = 0`` runs them plainly.
 
     Eager: :class:`StreamRecompute` (gradients bitwise equal to the plain run). While ``torch.compile``
-    traces: one ``torch.utils.checkpoint`` region per group with :func:`selective_context`, which
+    traces: one ``torch.utils.checkpoint`` region per group with :func:`_selective_context`, which
     traces as one graph (``fullgraph=True`` works) and recomputes mhckit's operators in backward.
     """
     global _COMPILED_REGIONS
@@ -210,7 +209,7 @@ def sequential(modules, x: Tensor, every: int) -> Tensor:
         _COMPILED_REGIONS += 1  # set outside the regions: dynamo does not allow side effects inside them
         try:
             for i in range(0, len(modules), every):
-                x = checkpoint(_run, modules[i : i + every], x, use_reentrant=False, context_fn=selective_context)
+                x = checkpoint(_run, modules[i : i + every], x, use_reentrant=False, context_fn=_selective_context)
         finally:
             _COMPILED_REGIONS -= 1
         return x
