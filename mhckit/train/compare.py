@@ -161,7 +161,9 @@ def run_state(run_dir: Path, cfg: TrainConfig) -> str:
 
 
 def measure_memory(run_dir: Path, cfg: TrainConfig, data, device: torch.device) -> dict[str, Any]:
-    """Estimated training memory of the run's final model on a fresh training batch (RNG untouched)."""
+    """Estimated training memory of the run's final model on a fresh training batch (RNG untouched);
+    of the compiled model's step where the run compiles (its graph decides what is saved, e.g. the
+    checkpoint regions of compiled recomputation)."""
     from ..models.gpt import GPT
     from .memory import estimate_training_memory
     from .trainer import autocast_context
@@ -173,7 +175,8 @@ def measure_memory(run_dir: Path, cfg: TrainConfig, data, device: torch.device) 
             ckpt.load_weights(found.path, model)
         gen = torch.Generator().manual_seed(10_000 + cfg.seed)
         x, y = data.get_batch("train", cfg.batch_size, cfg.model.seq_len, gen, device=device)
-        return estimate_training_memory(model, x, y, autocast_context(cfg, device))
+        return estimate_training_memory(torch.compile(model) if cfg.compile else model, x, y,
+                                        autocast_context(cfg, device))
 
 
 def load_average() -> float | None:

@@ -632,8 +632,8 @@ def write_report(compare_dir: Path) -> dict[str, Any]:
     if memory_label(stats).endswith("*"):
         md.append("\\* estimated training memory (params+grads+Adam+saved activations): CPU has no allocator "
                   "statistic, so this counts parameter, gradient and AdamW-state bytes plus the exact bytes of the "
-                  "tensors autograd saves for backward in one training forward (`mhckit/train/memory.py`); it is not "
-                  "a measured process peak.")
+                  "tensors autograd saves for backward in one training forward (`mhckit/train/memory.py`; with "
+                  "`compile=true`, of the compiled step); it is not a measured process peak.")
         md.append("")
     md.append("Tokens/s is the median one-step throughput after the first "
               f"{SKIP_STEPS} steps, pooled over seeds; on a shared CPU it is noisy. Gains: Amax of the composite of "

@@ -313,3 +313,23 @@ def test_variant_diverged_on_every_seed_is_reported_not_averaged(tmp_path):
     assert set(curves) == {"residual", "hc, diverged"} and [len(c) for c in curves["hc, diverged"]] == [2, 1]
     figs = report.make_figures(stats, tmp_path)  # partial curves of different lengths: drawn, no error
     assert set(figs) == {"val_loss", "grad_norm"} and all(_is_png(p) for p in figs.values())
+
+
+def test_measured_memory_is_the_compiled_steps_where_the_run_compiles(tmp_path, topics_cache):
+    """compare's CPU memory estimate follows the run: a compiled run with recomputation saves what its
+    compiled graph saves (checkpoint regions of whole blocks), not what the eager hooks would."""
+    import torch
+
+    from mhckit.models import GPTConfig
+    from mhckit.train import data as D
+    from mhckit.train.config import TrainConfig
+
+    torch._dynamo.reset()
+    data = D.load_token_data(TOPICS, cache_dir=topics_cache)
+    model = GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=16, recompute=-1)
+    cfg = dict(out_dir=str(tmp_path), data=str(TOPICS), batch_size=4, device="cpu", precision="float32", model=model)
+    device = torch.device("cpu")
+    eager = compare.measure_memory(tmp_path / "none", TrainConfig(**cfg), data, device)
+    compiled = compare.measure_memory(tmp_path / "none", TrainConfig(compile=True, **cfg), data, device)
+    assert compiled["param_bytes"] == eager["param_bytes"]
+    assert compiled["activation_bytes"] != eager["activation_bytes"], (compiled, eager)
