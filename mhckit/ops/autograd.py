@@ -156,11 +156,17 @@ class PreFunction(torch.autograd.Function):
         return grad_x, grad_h
 
 
+def _post_res_kernels(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> bool:
+    """The write-back's kernels take y of x's dtype, and of any dtype next to 4- / 8-byte streams
+    (cast as the PyTorch ops cast it; :func:`mhckit.ops.cpu.takes_as_stream`), as the carry pair does."""
+    return y.is_cpu and cpu.takes_as_stream(y, x.dtype) and cpu.streams_available(x, h_post, h_res, n=x.shape[-2])
+
+
 class PostResFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
         ctx.save_for_backward(x, y, h_post, h_res)
-        if cpu.streams_available(x, h_post, h_res, streams=(y,), n=x.shape[-2]):
+        if _post_res_kernels(x, y, h_post, h_res):
             return cpu.post_res_fwd(x, y, h_post, h_res)
         dt = h_res.dtype
         out = h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)  # [..., n, C]
@@ -170,8 +176,9 @@ class PostResFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: Tensor):
         x, y, h_post, h_res = ctx.saved_tensors
-        if cpu.streams_available(x, h_post, h_res, streams=(y,), n=x.shape[-2]):
-            return cpu.post_res_bwd(x, y, h_post, h_res, g, ctx.needs_input_grad)
+        if _post_res_kernels(x, y, h_post, h_res):
+            grad_x, grad_y, grad_post, grad_res = cpu.post_res_bwd(x, y, h_post, h_res, g, ctx.needs_input_grad)
+            return grad_x, None if grad_y is None else grad_y.to(y.dtype), grad_post, grad_res
         dt = h_res.dtype
         g = g.to(dt)
         need = ctx.needs_input_grad

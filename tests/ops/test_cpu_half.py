@@ -243,3 +243,36 @@ def test_functional_ops_take_half_streams_with_float_coefficients(kernel_calls):
         assert a.dtype == b.dtype, name
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-2 * b.float().abs().max().item(),
                                    msg=name)
+
+
+@pytest.mark.parametrize("y_dtype", [torch.bfloat16, torch.float16])
+def test_public_write_back_takes_a_narrower_branch_output_to_the_kernels(kernel_calls, y_dtype):
+    """F.mhc_post_res with float32 streams and a bf16 / fp16 y (a half-precision branch next to fp32
+    streams): the kernels run, as for the layer's carry pair (they used to require y of x's dtype and
+    fell back to the PyTorch ops); same values as the PyTorch ops, y's gradient in y's dtype. A wider y
+    next to bf16 streams still goes to the PyTorch ops."""
+    n, c, t = 4, 24, 40
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(t, n, c, generator=g).requires_grad_()
+    y = torch.randn(t, c, generator=g).to(y_dtype).requires_grad_()
+    h_post, h_res = torch.rand(t, n, generator=g).requires_grad_(), torch.rand(t, n, n, generator=g).requires_grad_()
+
+    def run():
+        for tns in (x, y, h_post, h_res):
+            tns.grad = None
+        out = F.mhc_post_res(x, y, h_post, h_res)
+        out.square().sum().backward()
+        return [out.detach(), x.grad, y.grad, h_post.grad, h_res.grad]
+
+    fast = run()
+    assert {("mhc_post_res_fwd", torch.float32), ("mhc_post_res_bwd", torch.float32)} <= set(kernel_calls)
+    with cpu.disabled():
+        slow = run()
+    for name, a, b in zip(("out", "x", "y", "h_post", "h_res"), fast, slow):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert fast[2].dtype == y_dtype
+
+    kernel_calls.clear()
+    F.mhc_post_res(x.detach().to(torch.bfloat16), torch.randn(t, c, generator=g), h_post, h_res)
+    assert not [k for k in kernel_calls if k[0] == "mhc_post_res_fwd"]

@@ -247,16 +247,16 @@ def takes_as_stream(t: torch.Tensor, stream_dtype: torch.dtype) -> bool:
     return t.dtype is stream_dtype or stream_dtype.itemsize > 2
 
 
-def streams_available(x: torch.Tensor, *coefficients: torch.Tensor, streams: tuple = (), n: int) -> bool:
+def streams_available(x: torch.Tensor, *coefficients: torch.Tensor, n: int) -> bool:
     """True when the stream kernels (read, write-back, coefficients) can run on streams ``x``
-    (float32 / float64, or bfloat16 / float16 where the library has them), further stream tensors
-    ``streams`` of x's dtype and ``coefficients`` of :func:`coef_dtype` of it, all on the CPU, outside
-    ``torch.compile`` tracing."""
+    (float32 / float64, or bfloat16 / float16 where the library has them) and ``coefficients`` of
+    :func:`coef_dtype` of it, all on the CPU, outside ``torch.compile`` tracing (further stream
+    operands: :func:`takes_as_stream`)."""
     if not 1 <= n <= MAX_STREAMS:
         return False
     dt = x.dtype
     cd = _COEF.get(dt)
-    if cd is None or not x.is_cpu or any(not t.is_cpu or t.dtype != dt for t in streams):
+    if cd is None or not x.is_cpu:
         return False
     if any(not t.is_cpu or t.dtype != cd for t in coefficients) or not enabled():
         return False
