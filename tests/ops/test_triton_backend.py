@@ -186,6 +186,32 @@ def test_compiles_fullgraph_and_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_compiled_gpt_with_recompute_on_the_triton_ops():
+    """GPTConfig.recompute under torch.compile with the Triton backend (on the GPU when there is one):
+    one graph of checkpoint regions whose mhckit:: operators (Triton reads and write-backs) are
+    recomputed; loss and gradients equal the eager model without recomputation."""
+    from mhckit import MHCConfig
+    from mhckit.models import GPT, GPTConfig
+
+    def model(recompute):
+        torch.manual_seed(0)
+        cfg = GPTConfig(vocab_size=32, seq_len=8, n_layer=2, n_head=2, d_model=16, recompute=recompute,
+                        hc=MHCConfig(variant="mhc", backend="triton", sinkhorn_iters=5))
+        return GPT(cfg).to(DEVICE)
+
+    tok = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    torch._dynamo.reset()
+    eager, m = model(0), model(-1)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    _, loss_c = compiled(tok[:, :-1], tok[:, 1:])
+    loss_c.backward()
+    _, loss_e = eager(tok[:, :-1], tok[:, 1:])
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(eager.named_parameters(), m.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_empty_and_multi_dim_leading_shapes():
     leaves = _leaves(lead=(0, 3), n=2, c=8)
     out = _layer(F, *leaves, backend="triton")
