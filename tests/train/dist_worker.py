@@ -13,6 +13,9 @@ process:
    ``OUT_DIR/summary4.json``.
 3. the same run resumed under the same parallelism with ``steps=6``: loads the model, optimiser and
    sampler state that step 2 saved; ``OUT_DIR/summary6.json``.
+
+With a fourth argument ``compiled-recompute`` only the 4-step run, its model compiled
+(``compile=True``) with stream recomputation (``recompute=-1``): ``OUT_DIR/summary4.json``.
 """
 
 from __future__ import annotations
@@ -32,13 +35,15 @@ from mhckit.train.trainer import Trainer
 BATCH = 4  # the global batch: 2 rows per rank with 2 processes
 
 
-def tiny_config(parallel: str, data: str, out_dir: str, name: str, steps: int = 4, **kw) -> TrainConfig:
+def tiny_config(parallel: str, data: str, out_dir: str, name: str, steps: int = 4, recompute: int = 0,
+                **kw) -> TrainConfig:
     """The model every distributed test uses: 2 blocks, 4 mHC streams, width 32, context 32."""
     return TrainConfig(
         name=name, out_dir=out_dir, data=data, seed=0, steps=steps, batch_size=BATCH, lr=1e-2, warmup_steps=1,
         eval_every=steps, eval_batches=2, diag_every=steps, log_every=1, ckpt_every=0, keep_ckpts=2,
         device="cpu", precision="float32", parallel=parallel, threads=1, progress=False,
-        model=GPTConfig(n_layer=2, n_head=2, d_model=32, seq_len=32, hc=MHCConfig(variant="mhc", n_streams=4)),
+        model=GPTConfig(n_layer=2, n_head=2, d_model=32, seq_len=32, recompute=recompute,
+                        hc=MHCConfig(variant="mhc", n_streams=4)),
         **kw,
     )
 
@@ -73,8 +78,17 @@ def first_step_grads(trainer: Trainer) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parallel, data, out_dir = argv
+    parallel, data, out_dir, *mode = argv
     out = Path(out_dir)
+    if mode == ["compiled-recompute"]:
+        trainer = Trainer(tiny_config(parallel, data, out_dir, name="run", compile=True, recompute=-1))
+        try:
+            summary = trainer.run()
+            if trainer.is_main:
+                (out / "summary4.json").write_text(json.dumps(dict(summary, world_size=trainer.dist.world_size)))
+        finally:
+            trainer.close()
+        return 0
     trainer = Trainer(tiny_config(parallel, data, out_dir, name="grads"))
     try:
         result = first_step_grads(trainer)

@@ -86,18 +86,35 @@ def launched(request, tmp_path_factory, topics_cache) -> dict:
     """One 2-process torchrun launch of dist_worker.py under ``parallel``."""
     parallel = request.param
     out = tmp_path_factory.mktemp(parallel)
-    env = dict(os.environ, **{F.CACHE_ENV: str(topics_cache), "OMP_NUM_THREADS": "1",
-                              "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE), os.environ.get("PYTHONPATH")]))})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(WORKER), parallel, TOPICS, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, f"torchrun {parallel} failed:\n{proc.stdout}\n{proc.stderr}"
+    proc = _torchrun(parallel, out, topics_cache)
     return {
         "parallel": parallel, "out": out, "stdout": proc.stdout, "run": out / "run",
         "grads": torch.load(out / "grads.pt", weights_only=True),
         "summary4": json.loads((out / "summary4.json").read_text()),
         "summary6": json.loads((out / "summary6.json").read_text()),
     }
+
+
+def _torchrun(parallel: str, out: Path, topics_cache, *mode: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **{F.CACHE_ENV: str(topics_cache), "OMP_NUM_THREADS": "1",
+                              "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE), os.environ.get("PYTHONPATH")]))})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(WORKER), parallel, TOPICS, str(out), *mode]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, f"torchrun {parallel} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_compiled_recompute_under_torchrun_matches_one_process(parallel, single, tmp_path, topics_cache):
+    """torch.compile + stream recomputation (checkpoint regions, mhckit/recompute.py) under DDP and
+    FSDP2: 4 steps end where the eager one-process run without recomputation ended."""
+    _torchrun(parallel, tmp_path, topics_cache, "compiled-recompute")
+    summary = json.loads((tmp_path / "summary4.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    torch.testing.assert_close(summary["val_loss"], single["summary4"]["val_loss"], rtol=1e-5, atol=0)
+    assert_weights_close(weights(tmp_path / "run", 4), weights(single["run"], 4), **TRAINED_TOL)
 
 
 @pytest.fixture
