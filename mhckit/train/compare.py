@@ -162,8 +162,9 @@ def run_state(run_dir: Path, cfg: TrainConfig) -> str:
 
 def measure_memory(run_dir: Path, cfg: TrainConfig, data, device: torch.device) -> dict[str, Any]:
     """Estimated training memory of the run's final model on a fresh training batch (RNG untouched);
-    of the compiled model's step where the run compiles (its graph decides what is saved, e.g. the
-    checkpoint regions of compiled recomputation)."""
+    on the CPU, of the compiled model's step where the run compiles (its graph decides what is saved,
+    e.g. the checkpoint regions of compiled recomputation). On CUDA the report uses the allocator's
+    peak, so the estimate stays the eager model's (no second compilation)."""
     from ..models.gpt import GPT
     from .memory import estimate_training_memory
     from .trainer import autocast_context
@@ -175,7 +176,8 @@ def measure_memory(run_dir: Path, cfg: TrainConfig, data, device: torch.device) 
             ckpt.load_weights(found.path, model)
         gen = torch.Generator().manual_seed(10_000 + cfg.seed)
         x, y = data.get_batch("train", cfg.batch_size, cfg.model.seq_len, gen, device=device)
-        return estimate_training_memory(torch.compile(model) if cfg.compile else model, x, y,
+        compiled = cfg.compile and device.type == "cpu"
+        return estimate_training_memory(torch.compile(model) if compiled else model, x, y,
                                         autocast_context(cfg, device))
 
 
