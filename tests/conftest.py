@@ -25,6 +25,22 @@ def assert_close(actual, expected, dtype=None, msg=""):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}")
 
 
+def compiled_step_matches_eager(model, eager, tokens, atol=1e-6):
+    """One training forward + backward of ``torch.compile(model, fullgraph=True)`` (aot_eager) and of
+    ``eager`` (same initial weights) on ``tokens [B, T + 1]``: the same loss and parameter gradients.
+    Returns the compiled module."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    _, loss_c = compiled(tokens[:, :-1], tokens[:, 1:])
+    loss_c.backward()
+    _, loss_e = eager(tokens[:, :-1], tokens[:, 1:])
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=atol, msg=name)
+    return compiled
+
+
 def make_mhc_inputs(lead, n, c, dtype=torch.float64, seed=0, phi_scale=0.5, requires_grad=False):
     """Random streams and mHC parameters with non-zero phi, bias and alpha."""
     g = torch.Generator().manual_seed(seed)

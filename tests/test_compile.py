@@ -9,6 +9,7 @@ import torch
 
 from mhckit import MHCConfig
 from mhckit.models import GPT, GPTConfig
+from tests.conftest import compiled_step_matches_eager
 
 
 def _model(variant="mhc", recompute=0, iters=20):
@@ -37,16 +38,7 @@ def test_no_graph_breaks():
 def test_fullgraph_compile_matches_eager(variant):
     """(HC's h_res reaches mhckit::post_res transposed; the fake backward once promised the input's
     strides for dh_res and the compiled backward failed.)"""
-    torch._dynamo.reset()
-    eager, compiled_model = _model(variant), _model(variant)
-    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
-    _, loss_e = eager(TOK[:, :-1], TOK[:, 1:])
-    _, loss_c = compiled(TOK[:, :-1], TOK[:, 1:])
-    loss_e.backward()
-    loss_c.backward()
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
-    for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    compiled_step_matches_eager(_model(variant), _model(variant), TOK)
 
 
 def test_compiled_cpu_model_runs_the_c_kernels_as_custom_ops(kernel_calls):
@@ -205,19 +197,9 @@ def test_compiled_recompute_matches_eager_and_drops_the_streams(variant):
     the eager model without recomputation, and the compiled step saves at least the streams written
     inside the regions (one per block here) fewer bytes than the compiled step without it. (hc: its
     reads are traced PyTorch ops; identity: no h_res.)"""
-    import torch._dynamo as dynamo
-
-    dynamo.reset()
     eager, model = _model(variant), _model(variant, recompute=-1)
     assert model.compiled_recompute_blocks == 1
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    _, loss_c = compiled(TOK[:, :-1], TOK[:, 1:])
-    loss_c.backward()
-    _, loss_e = eager(TOK[:, :-1], TOK[:, 1:])
-    loss_e.backward()
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
-    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    compiled = compiled_step_matches_eager(model, eager, TOK)
     kept = _saved_bytes(torch.compile(eager, fullgraph=True, backend="aot_eager"))
     assert kept - _saved_bytes(compiled) >= 2 * STREAM_BYTES, (kept, _saved_bytes(compiled))
 

@@ -15,7 +15,7 @@ import mhckit.ops as ops  # noqa: E402
 from mhckit import functional as F  # noqa: E402
 from mhckit import reference as R  # noqa: E402
 from mhckit.ops import triton_autograd as TA  # noqa: E402
-from tests.conftest import TOL, make_mhc_inputs  # noqa: E402
+from tests.conftest import TOL, compiled_step_matches_eager, make_mhc_inputs  # noqa: E402
 from tests.ops.conftest import DEVICE  # noqa: E402
 
 
@@ -200,16 +200,7 @@ def test_compiled_gpt_with_recompute_on_the_triton_ops():
         return GPT(cfg).to(DEVICE)
 
     tok = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    torch._dynamo.reset()
-    eager, m = model(0), model(-1)
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    _, loss_c = compiled(tok[:, :-1], tok[:, 1:])
-    loss_c.backward()
-    _, loss_e = eager(tok[:, :-1], tok[:, 1:])
-    loss_e.backward()
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
-    for (name, a), b in zip(eager.named_parameters(), m.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+    compiled_step_matches_eager(model(-1), model(0), tok, atol=1e-5)
 
 
 def test_empty_and_multi_dim_leading_shapes():
