@@ -363,3 +363,28 @@ def test_bf16_model_runs_on_the_half_kernels(arch, kernel_calls):
     for k, g in grads.items():
         g_ops = retro.get_parameter(k).grad.float()
         assert (g - g_ops).abs().max() <= 5e-2 * g_ops.abs().max() + 1e-6, k
+
+
+@pytest.mark.parametrize("variant", ["mhc", "hc"])
+def test_retrofitted_llama_compiles_fullgraph_like_eager(variant):
+    """torch.compile(fullgraph=True) of a retrofitted Llama: one graph, the eager loss and gradients
+    (hc: its transposed h_res once broke the compiled backward through a wrong fake)."""
+    import torch._dynamo as dynamo
+
+    model = retrofit(tiny("llama"), variant=variant).train()
+    with torch.no_grad():  # off the function-preserving start, so that every gradient is non-trivial
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    eager, ids = copy.deepcopy(model), tokens()
+    dynamo.reset()
+    explained = dynamo.explain(model)(input_ids=ids, labels=ids, use_cache=False)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+    loss_c.backward()
+    loss_e = eager(input_ids=ids, labels=ids, use_cache=False).loss
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
