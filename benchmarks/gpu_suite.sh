@@ -4,20 +4,30 @@
 #       (MHCKIT_TRITON_AUTOTUNE=0) to keep compilation short; skipped if pytest is missing
 #       (benchmarks/gpu_check.py has its own small parity section);
 #   (b) benchmarks/gpu_check.py: parity at small shapes + timings and peak memory vs the torch
-#       backend and a plain residual; CSV + markdown + JSON into OUT_DIR.
+#       backend, a plain residual and LigerMHC; CSV + markdown + JSON into OUT_DIR;
+#   (c) benchmarks/bench_model.py: GPT-124M training steps, residual vs mHC (with and without
+#       recomputation), eager: model_<preset>_<device>.{csv,md} in OUT_DIR;
+#   (d) the same, compiled (torch.compile; residual and mHC): model_<preset>_<device>_compiled.*.
 # Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]      (default benchmarks/results/)
-# Needs python with torch (CUDA) and triton; nothing is installed or downloaded. Budget: under
-# 6 minutes on one H200 including Triton compilation and autotuning (tests <= TEST_TIMEOUT s,
-# benchmarks <= BENCH_TIMEOUT s). Every step is recorded; a failing step does not stop the next.
-# Environment: PYTHON (default python3), MHCKIT_COMMIT (commit tag when there is no .git),
-# TEST_TIMEOUT (default 170), BENCH_TIMEOUT (default 170), PYTEST_WORKERS (default 8).
+# Needs python with torch (CUDA) and triton; nothing is installed or downloaded. Each step has a
+# time cap, the caps sum to 8 minutes (TEST_TIMEOUT 90 + BENCH_TIMEOUT 150 + MODEL_TIMEOUT 100 +
+# MODEL_COMPILE_TIMEOUT 140 s); every step is recorded; a failing step does not stop the next.
+# Environment: PYTHON (default python3), MHCKIT_COMMIT (commit tag when there is no .git), the four
+# timeouts above, PYTEST_WORKERS (default 8), MODEL_PRESET (default gpt124m), MODEL_DEVICE
+# (default cuda), MODEL_STEPS (default 8), MODEL_COMPILE=0 skips (d). A plumbing check without a GPU:
+#   MHCKIT_GPU_CHECK_CPU=1 MODEL_DEVICE=cpu MODEL_PRESET=default MODEL_STEPS=2 bash benchmarks/gpu_suite.sh /tmp/s
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:-benchmarks/results}"
 PY="${PYTHON:-python3}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-170}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-170}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-90}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"
+MODEL_TIMEOUT="${MODEL_TIMEOUT:-100}"
+MODEL_COMPILE_TIMEOUT="${MODEL_COMPILE_TIMEOUT:-140}"
+MODEL_PRESET="${MODEL_PRESET:-gpt124m}"
+MODEL_DEVICE="${MODEL_DEVICE:-cuda}"
+MODEL_STEPS="${MODEL_STEPS:-8}"
 WORKERS="${PYTEST_WORKERS:-8}"
 mkdir -p "$OUT"
 SUMMARY="$OUT/gpu_suite_summary.txt"
@@ -78,6 +88,28 @@ case "$rc" in
   *) bench_status="CRASHED (rc=$rc): $(tail -n 3 "$OUT/gpu_check.log" | tr '\n' ' ')" ;;
 esac
 echo "gpu_check: $bench_status" | tee -a "$SUMMARY"
+
+# ---------------------------------------------------------------- (c), (d) GPT training steps
+# run_model LABEL TIMEOUT STEM [bench_model options...]: one bench_model run, its status in the summary
+run_model() {
+  local label="$1" limit="$2" stem="$3"
+  shift 3
+  local rc=0 status
+  timeout -k 10 "$limit" "$PY" -m benchmarks.bench_model --preset "$MODEL_PRESET" --device "$MODEL_DEVICE" \
+    --steps "$MODEL_STEPS" --warmup 2 --out "$stem" "$@" >"$stem.log" 2>&1 || rc=$?
+  grep -E "ms/step|wrote" "$stem.log" || true
+  case "$rc" in
+    0) status="OK" ;;
+    124|137) status="TIMEOUT after ${limit}s (no results: bench_model writes them at the end)" ;;
+    *) status="FAILED (rc=$rc): $(tail -n 3 "$stem.log" | tr '\n' ' ')" ;;
+  esac
+  echo "$label: $status" | tee -a "$SUMMARY"
+}
+run_model "model (eager)" "$MODEL_TIMEOUT" "$OUT/model_${MODEL_PRESET}_${MODEL_DEVICE}"
+if [ "${MODEL_COMPILE:-1}" != "0" ]; then
+  run_model "model (compiled)" "$MODEL_COMPILE_TIMEOUT" "$OUT/model_${MODEL_PRESET}_${MODEL_DEVICE}_compiled" \
+    --compile --variants residual,mhc
+fi
 
 echo "== gpu_suite done in $(( $(date +%s) - START )) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$SUMMARY"
 exit 0
