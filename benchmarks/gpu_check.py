@@ -12,7 +12,8 @@ recorded in the results and the script goes on):
 2. timings (CUDA events, variants interleaved A B A B, medians and p20/p80) and peak memory
    (torch.cuda.max_memory_allocated over the call, minus what was allocated before it) of:
    coefficients fwd / fwd+bwd, pre fwd / fwd+bwd, post_res fwd / fwd+bwd, and a full mHC layer
-   (coeffs + pre + Linear(C, C) branch + post_res) fwd+bwd, for backend "triton" vs "torch",
+   (coeffs + pre + Linear(C, C) branch + post_res) fwd+bwd, for backend "triton" vs "torch" (and
+   "triton-pair": the fused read / write-back pair that HyperConnection runs, mhckit/ops/carry.py),
    against a plain residual ``h + Linear(h)`` (and Liger-Kernel's LigerMHC when importable), at
    paper-like shapes: T = 16384 tokens, n = 4, C in {2560, 4096}, bf16 and fp32 streams.
 
@@ -352,13 +353,19 @@ def section_shape(res: Results, dev, dtype, c: int) -> None:
 
             return f
 
+        def mhc_pair():  # what HyperConnection runs on the Triton backend (mhckit/ops/carry.py)
+            u, h_pre_, h_post_, h_res_, carrier = F._mhc_read_carry(x, phi, bias, alpha, iters=20, rms_eps=1e-6,
+                                                                    triton=True)
+            out = F._mhc_write_carry(x, carrier, lin(u), h_post_, h_res_, True)
+            torch.autograd.grad(out, params, g_out)
+
         g_h = torch.randn_like(h)
 
         def residual():
             out = h + lin(h)
             torch.autograd.grad(out, [h, lin.weight, lin.bias], g_h)
 
-        fns = {"triton": mhc("triton"), "torch": mhc("torch"), "residual": residual}
+        fns = {"triton": mhc("triton"), "triton-pair": mhc_pair, "torch": mhc("torch"), "residual": residual}
         notes = {}
         try:
             from liger_kernel.transformers.mhc import LigerMHC
@@ -387,7 +394,8 @@ def section_shape(res: Results, dev, dtype, c: int) -> None:
             res.add(
                 **base, op="layer fwd+bwd", variant=b, ms_median=med, ms_p20=p20, ms_p80=p80,
                 vs_torch=timing["torch"][0] / med, peak_extra_mib=peak_extra_mib(f), status="ok",
-                note="plain residual h + Linear(h), h [T, C]" if b == "residual" else "",
+                note={"residual": "plain residual h + Linear(h), h [T, C]",
+                      "triton-pair": "HyperConnection's fused read / write-back pair (one stream gradient)"}.get(b, ""),
             )  # fmt: skip
         for b, why in notes.items():
             res.add(**base, op="layer fwd+bwd", variant=b, status="not run", note=why)

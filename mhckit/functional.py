@@ -150,26 +150,36 @@ def mhc_coeffs_pre(
     return CoeffsPreFunction.apply(x, phi.to(dt), bias.to(dt), alpha.to(dt), iters, rms_eps)
 
 
-# ---- one sublayer on the compiled CPU kernels (private to HyperConnection; see CoeffsCarryFunction) ----
+# ---- one sublayer as a fused pair, on the CPU or Triton kernels (private to HyperConnection; ops/carry.py) ----
 
 
-def _carry_ok(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, backend: str) -> bool:
-    """Whether :func:`_mhc_read_carry` can run: the ``torch`` backend with the compiled CPU kernels
-    (eager, or under ``torch.compile`` as custom ops), everything on the CPU, streams of float32 /
-    float64 with parameters of that dtype, or streams of bfloat16 / float16 (parameters of any float
-    dtype but float64: the coefficients are computed in float32, as :func:`mhc_coeffs_pre` does)."""
-    return (  # "auto" is "torch" for CPU tensors
-        (cpu.streams_available(x, n=x.shape[-2]) or (_compile_cpu(x) and cpu.compile_streams_ok(x.dtype)))
-        and phi.is_cpu and bias.is_cpu and alpha.is_cpu and x.shape[-2] <= cpu.MAX_STREAMS
-        and (phi.dtype is x.dtype or compute_dtype(x, phi) is cpu.coef_dtype(x.dtype) is not x.dtype)
-        and (backend == "auto" or resolve_backend(backend, x, phi) == "torch")
-    )
+def _carry_mode(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, backend: str) -> str | None:
+    """Where :func:`_mhc_read_carry` can run: ``"cpu"`` on the compiled CPU kernels (the ``torch``
+    backend, eager or under ``torch.compile`` as custom ops; everything on the CPU, streams of float32 /
+    float64 with parameters of that dtype, or streams of bfloat16 / float16 with parameters of any
+    float dtype but float64: the coefficients are computed in float32, as :func:`mhc_coeffs_pre` does),
+    ``"triton"`` on the Triton kernels (where the ``triton`` backend runs: CUDA tensors, or CPU ones
+    under the interpreter), else None (the separate ops)."""
+    if x.is_cpu and backend != "triton":  # "auto" is "torch" for CPU tensors
+        ok = (
+            (cpu.streams_available(x, n=x.shape[-2]) or (_compile_cpu(x) and cpu.compile_streams_ok(x.dtype)))
+            and phi.is_cpu and bias.is_cpu and alpha.is_cpu and x.shape[-2] <= cpu.MAX_STREAMS
+            and (phi.dtype is x.dtype or compute_dtype(x, phi) is cpu.coef_dtype(x.dtype) is not x.dtype)
+            and (backend == "auto" or resolve_backend(backend, x, phi) == "torch")
+        )
+        return "cpu" if ok else None
+    if (x.is_cuda or backend == "triton") and backend in ("auto", "triton"):
+        if resolve_backend(backend, x, phi, bias, alpha) == "triton":
+            return "triton"
+    return None
 
 
 @finite_checked("x", "phi", "bias", "alpha", outputs=("u", "h_pre", "h_post", "h_res", "carrier"), op="mhc_coeffs_pre")
-def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iters: int, rms_eps: float):
+def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iters: int, rms_eps: float,
+                    triton: bool = False):
     """:func:`mhc_coeffs_pre` plus the carrier that :func:`_mhc_write_carry` takes in place of ``x``:
-    ``(u, h_pre, h_post, h_res, carrier)``. Only where :func:`_carry_ok` (x: streams [..., n, C])."""
+    ``(u, h_pre, h_post, h_res, carrier)``. Only where :func:`_carry_mode` says (``triton``: it said
+    ``"triton"``; x: streams [..., n, C])."""
     n, c = x.shape[-2], x.shape[-1]
     k = 2 * n + n * n
     if not (  # the usual case in one comparison; else the full checks, which name what is wrong
@@ -177,13 +187,13 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
         and bias.is_floating_point() and alpha.is_floating_point() and type(iters) is int and iters >= 1
     ):
         _check_mhc(x, phi, bias, alpha, iters)
-    dt = cpu.coef_dtype(x.dtype)
+    dt = torch.float32 if triton else cpu.coef_dtype(x.dtype)
     x = x if x.is_contiguous() else x.contiguous()
     if torch.compiler.is_compiling():  # the same pair as custom ops (see mhckit/ops/carry.py)
         u, h_pre, h_post, h_res, _, _, carrier = carry_read(x, _as(phi, dt), _as(bias, dt), _as(alpha, dt), iters,
-                                                            float(rms_eps))
+                                                            float(rms_eps), triton)
         return u, h_pre, h_post, h_res, carrier
-    return CoeffsCarryFunction.apply(x, _as(phi, dt), _as(bias, dt), _as(alpha, dt), iters, rms_eps)
+    return CoeffsCarryFunction.apply(x, _as(phi, dt), _as(bias, dt), _as(alpha, dt), iters, rms_eps, triton)
 
 
 def _as(t: Tensor, dt: torch.dtype) -> Tensor:
@@ -191,13 +201,14 @@ def _as(t: Tensor, dt: torch.dtype) -> Tensor:
 
 
 @finite_checked("x", "x", "y", "h_post", "h_res", outputs="x_new", op="mhc_post_res")  # the carrier is x
-def _mhc_write_carry(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+def _mhc_write_carry(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor,
+                     triton: bool = False) -> Tensor:
     """:func:`mhc_post_res` of streams ``x`` through the carrier of :func:`_mhc_read_carry` (same
-    h_post / h_res)."""
+    h_post / h_res, same ``triton``)."""
     check_coefficient(y, "y", carrier.shape[:-2] + carrier.shape[-1:])
     if torch.compiler.is_compiling():
-        return carry_write(x if x.is_contiguous() else x.contiguous(), carrier, y, h_post, h_res)
-    return PostCarryFunction.apply(carrier, y, h_post, h_res)
+        return carry_write(x if x.is_contiguous() else x.contiguous(), carrier, y, h_post, h_res, triton)
+    return PostCarryFunction.apply(carrier, y, h_post, h_res, triton)
 
 
 @finite_checked("x", "h_pre", outputs="u")

@@ -98,15 +98,18 @@ class DynamicCoefficients(nn.Module):
         return F.mhc_pre(x, h_pre, backend=cfg.backend), h_pre, h_post, h_res
 
     def read_carry(self, x: Tensor):
-        """``(u, h_pre, h_post, h_res, carrier)`` when mHC runs on the compiled CPU kernels (the
-        write-back then takes ``carrier`` and its stream gradient joins the coefficient backward;
-        see :class:`mhckit.ops.carry.CoeffsCarryFunction`), else None."""
+        """``(u, h_pre, h_post, h_res, carrier, triton)`` when mHC runs on the compiled CPU kernels or
+        the Triton kernels (the write-back then takes ``carrier`` and ``triton``, and its stream
+        gradient joins the coefficient backward; see :mod:`mhckit.ops.carry`), else None."""
         cfg = self.cfg
-        if not isinstance(self.constraint, SinkhornConstraint) or not F._carry_ok(
-            x, self.phi, self.bias, self.alpha, cfg.backend
-        ):
+        if not isinstance(self.constraint, SinkhornConstraint):
             return None
-        return F._mhc_read_carry(x, self.phi, self.bias, self.alpha, iters=cfg.sinkhorn_iters, rms_eps=cfg.rms_eps)
+        mode = F._carry_mode(x, self.phi, self.bias, self.alpha, cfg.backend)
+        if mode is None:
+            return None
+        triton = mode == "triton"
+        return (*F._mhc_read_carry(x, self.phi, self.bias, self.alpha, iters=cfg.sinkhorn_iters, rms_eps=cfg.rms_eps,
+                                   triton=triton), triton)
 
     def forward(self, x: Tensor) -> Coefficients:
         cfg = self.cfg
@@ -251,11 +254,11 @@ class HyperConnection(nn.Module):
         if self.coeffs is None:  # plain residual: u is the single stream
             return x.squeeze(-2), lambda y: x + y.unsqueeze(-2)
         backend = self.cfg.backend
-        carrier = None
+        carrier, triton = None, False
         if isinstance(self.coeffs, DynamicCoefficients):
             carried = self.coeffs.read_carry(x)
             if carried is not None:
-                u, h_pre, h_post, h_res, carrier = carried
+                u, h_pre, h_post, h_res, carrier, triton = carried
             else:
                 u, h_pre, h_post, h_res = self.coeffs.read(x)
         else:
@@ -270,7 +273,7 @@ class HyperConnection(nn.Module):
             if h_res is None:
                 out = F.residual_update(x, y, h_post)
             elif carrier is not None:
-                out = F._mhc_write_carry(x, carrier, y, h_post, h_res)
+                out = F._mhc_write_carry(x, carrier, y, h_post, h_res, triton)
             else:
                 out = F.mhc_post_res(x, y, h_post, h_res, backend=backend)
             rc = recompute.active()

@@ -14,11 +14,21 @@ along an extra output of :class:`CoeffsCarryFunction`, the ``carrier`` (an alias
 x. Autograd sums it over several write-backs of one read, which is right: what the coefficient
 backward does with it is linear in g given x.
 
+The same pair runs on the Triton kernels (CUDA tensors, or the interpreter in tests; ``triton=True``),
+where a sublayer's backward used to write three stream gradients and have autograd add them (13
+passes over ``[T, n, C]`` tensors: write-back 3, read 2, coefficients 2, two sums 6). There the
+write-back's backward keeps its one kernel (reads x and g, writes its dx, dy, dh_post, dh_res) and
+sends its dx, a true gradient of x, along the carrier; the read's backward gets ``<g_u, x[j]>`` from
+the read kernel's backward without its dx (one read of x) and the coefficient dx kernel adds the
+carried dx and ``h_pre[j] g_u`` to its own before its one write: 7 passes. (The C kernels' split,
+the write-back's x-side inside the coefficient pass, would need the dots before the token kernel
+and the dx after it: two passes over x on the GPU either way.)
+
 Little Python per call. At the default ``mhckit compare`` width (C = 64, 1024 tokens a step) the
 Python around the kernels cost more per sublayer than the write-back kernels themselves: mostly
 ``reshape`` / ``to`` / ``view`` calls of ~1 µs each in a loop and several times that inside a
 training step. So the kernels' outputs are allocated in their final shapes, the caller's checks
-(:func:`mhckit.functional._carry_ok` and the shape checks) are not repeated, and a backward only
+(:func:`mhckit.functional._carry_mode` and the shape checks) are not repeated, and a backward only
 asks whether the kernels are still switched on (:func:`mhckit.ops.cpu.enabled`); if they were
 switched off between forward and backward it does the same sums with PyTorch ops.
 """
@@ -31,11 +41,23 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu
 from .autograd import _coeffs_backward, _coeffs_forward, _contract, _mix
-from .triton_autograd import _like
+from .triton_autograd import _device_of, _like
 
 
-def _read(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
-    """``(u, h_pre, h_post, h_res, r [T, 1], z [T, K])`` of the read, on the kernels where they may run."""
+def _read(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float, triton: bool = False):
+    """``(u, h_pre, h_post, h_res, r [T, 1], z [T, K])`` of the read, on the kernels where they may run
+    (``triton``: the Triton kernels; the coefficients, their parameters and ``r``, ``z`` in float32)."""
+    if triton:
+        from .triton.coeffs import coeffs_fwd
+        from .triton.pre import pre_fwd
+
+        lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+        x3 = x.reshape(-1, n, c)
+        with _device_of(x):
+            h_pre, h_post, h_res, z, r = coeffs_fwd(x3, phi, bias, alpha, iters, rms_eps)
+            u = pre_fwd(x3, h_pre)
+        return (u.reshape(lead + (c,)), h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,)),
+                h_res.reshape(lead + (n, n)), r.view(-1, 1), z)
     if cpu.enabled():
         h_pre, h_post, h_res, r, z, u = cpu.coeffs_fwd(x, phi, bias, alpha, rms_eps, iters, True)
         return u, h_pre, h_post, h_res, r, z
@@ -47,10 +69,15 @@ def _read(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_e
 
 
 def _read_backward(saved, iters: int, rms_eps: float, g_u, g_pre, g_post, g_res, g_out, need_x: bool,
-                   need_phi: bool):
-    """``(grad_x, grad_phi, grad_bias, grad_alpha)`` of the read, ``g_out`` the write-back's output
-    gradient (or None); ``saved = (x, phi, bias, alpha, r, z)``."""
-    x, phi, bias, alpha, r, z = saved
+                   need_phi: bool, triton: bool = False):
+    """``(grad_x, grad_phi, grad_bias, grad_alpha)`` of the read, ``g_out`` what the write-backs sent
+    along the carrier (or None): their output gradient, or with ``triton`` their dx;
+    ``saved = (x, phi, bias, alpha, r, z)``, with ``triton`` also ``h_pre``."""
+    x, phi, bias, alpha, r, z = saved[:6]
+    if triton:
+        h_pre = saved[6]
+        return _triton_read_backward(x, phi, bias, alpha, r, z, h_pre, iters, g_u, g_pre, g_post, g_res, g_out,
+                                     need_x, need_phi)
     if cpu.enabled():  # x, phi, z were checked in forward; the gradients are cast by the wrapper
         return cpu.coeffs_bwd(x, g_u, z, r, phi, bias, alpha, g_pre, g_post, g_res, iters, need_x, need_phi,
                               g_out=g_out)
@@ -63,7 +90,7 @@ def _read_backward(saved, iters: int, rms_eps: float, g_u, g_pre, g_post, g_res,
         dres = _contract(g3, *x3.unbind(-2))  # <g[k], x[j]>
         g_res = dres if g_res is None else g_res.reshape(-1, n, n).to(dres.dtype) + dres
         h_res = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps, False)[2]
-    grad_x, grad_phi, grad_bias, grad_alpha = _coeffs_backward(saved, iters, g_u, g_pre, g_post, g_res, need_x,
+    grad_x, grad_phi, grad_bias, grad_alpha = _coeffs_backward(saved[:6], iters, g_u, g_pre, g_post, g_res, need_x,
                                                                need_phi)
     if grad_x is not None and g3 is not None:
         grad_x = _mix(h_res.transpose(-1, -2), g3, grad_x)
@@ -71,8 +98,55 @@ def _read_backward(saved, iters: int, rms_eps: float, g_u, g_pre, g_post, g_res,
     return grad_x, grad_phi, grad_bias, grad_alpha
 
 
-def _write(carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+def _triton_read_backward(x, phi, bias, alpha, r, z, h_pre, iters, g_u, g_pre, g_post, g_res, dx_in, need_x,
+                          need_phi):
+    """The read's backward on the Triton kernels: the read's ``<g_u, x[j]>`` (one pass, no dx),
+    then the coefficient backward whose dx kernel adds ``dx_in`` and ``h_pre[j] g_u`` to its own."""
+    from .triton.coeffs import coeffs_bwd
+    from .triton.pre import pre_bwd
+
+    n, c = x.shape[-2], x.shape[-1]
+    x3 = x.reshape(-1, n, c)
+    t = x3.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    hp = h_pre.reshape(t, n)
+    with _device_of(x):
+        if g_u is not None:
+            g_u = g_u.reshape(t, c)
+            dh = pre_bwd(x3, hp, g_u, need_dx=False)[1]
+            g_pre = dh if g_pre is None else g_pre.reshape(t, n) + dh
+        g_pre = torch.zeros(t, n, **f32) if g_pre is None else g_pre.reshape(t, n)
+        g_post = torch.zeros(t, n, **f32) if g_post is None else g_post.reshape(t, n)
+        g_res = torch.zeros(t, n, n, **f32) if g_res is None else g_res.reshape(t, n, n)
+        dx, d_phi, d_bias, d_alpha = coeffs_bwd(x3, phi, bias, alpha, z, r.view(-1), g_pre, g_post, g_res, iters,
+                                                dx_in=dx_in, g_u=g_u, h_pre=hp if g_u is not None else None)
+    return (dx.reshape(x.shape) if need_x else None), (d_phi if need_phi else None), d_bias, d_alpha
+
+
+def _triton_write(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    from .triton.post_res import post_res_fwd
+
+    n, c = x.shape[-2], x.shape[-1]
+    with _device_of(x):
+        out = post_res_fwd(x.reshape(-1, n, c), y.reshape(-1, c), h_post.reshape(-1, n), h_res.reshape(-1, n, n))
+    return out.reshape(x.shape)
+
+
+def _triton_write_backward(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, g: Tensor):
+    """``(dx, dy, dh_post, dh_res)`` of the write-back on the Triton kernels (one kernel)."""
+    from .triton.post_res import post_res_bwd
+
+    n, c = x.shape[-2], x.shape[-1]
+    with _device_of(x):
+        dx, dy, dp, dr = post_res_bwd(x.reshape(-1, n, c), y.reshape(-1, c), h_post.reshape(-1, n),
+                                      h_res.reshape(-1, n, n), g.reshape(-1, n, c))
+    return dx.reshape(x.shape), dy.reshape(y.shape), dp.reshape(h_post.shape), dr.reshape(h_res.shape)
+
+
+def _write(carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, triton: bool = False) -> Tensor:
     """``h_res x + h_post y`` with x = carrier's values."""
+    if triton:
+        return _triton_write(carrier, y, h_post, h_res)
     if y.is_cpu and cpu.takes_as_stream(y, carrier.dtype) and cpu.enabled():
         return cpu.post_res_fwd(carrier, y, h_post, h_res)
     dt = h_res.dtype
@@ -97,15 +171,17 @@ def _write_backward(y: Tensor, h_post: Tensor, g: Tensor, need_y: bool, need_pos
 class CoeffsCarryFunction(torch.autograd.Function):
     """:class:`~mhckit.ops.autograd.CoeffsPreFunction` plus the carrier for
     :class:`PostCarryFunction`: returns ``(u, h_pre, h_post, h_res, carrier)``. ``x`` contiguous,
-    ``x``, ``phi``, ``bias``, ``alpha`` on the CPU in one float dtype (the caller checks)."""
+    ``x``, ``phi``, ``bias``, ``alpha`` on the CPU in one float dtype, or with ``triton`` where the Triton
+    kernels run, parameters in float32 (the caller checks)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float):
-        u, h_pre, h_post, h_res, r, z = _read(x, phi, bias, alpha, iters, rms_eps)
-        ctx.save_for_backward(x, phi, bias, alpha, r, z)
-        ctx.iters, ctx.rms_eps = iters, rms_eps
-        # outputs nobody differentiates (h_pre, and h_res, whose gradient the write-back leaves to us)
-        # come back as None: no zero tensors made, filled and read by the backward
+    def forward(ctx, x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float,
+                triton: bool = False):
+        u, h_pre, h_post, h_res, r, z = _read(x, phi, bias, alpha, iters, rms_eps, triton)
+        ctx.save_for_backward(x, phi, bias, alpha, r, z, *((h_pre,) if triton else ()))
+        ctx.iters, ctx.rms_eps, ctx.triton = iters, rms_eps, triton
+        # outputs nobody differentiates (h_pre, and on the C kernels h_res, whose gradient the write-back
+        # leaves to us) come back as None: no zero tensors made, filled and read by the backward
         ctx.set_materialize_grads(False)
         return u, h_pre, h_post, h_res, x.view_as(x)
 
@@ -114,8 +190,8 @@ class CoeffsCarryFunction(torch.autograd.Function):
     def backward(ctx, g_u: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor, g_out: Tensor):
         need = ctx.needs_input_grad
         grads = _read_backward(ctx.saved_tensors, ctx.iters, ctx.rms_eps, g_u, g_pre, g_post, g_res, g_out, need[0],
-                               need[1])  # saved_tensors read once: torch.utils.checkpoint allows a single unpack
-        return *grads, None, None
+                               need[1], ctx.triton)  # saved_tensors read once: torch.utils.checkpoint allows one unpack
+        return *grads, None, None, None
 
 
 class PostCarryFunction(torch.autograd.Function):
@@ -126,17 +202,21 @@ class PostCarryFunction(torch.autograd.Function):
     to the kernels, so that a wider ``y`` is not rounded before the sum)."""
 
     @staticmethod
-    def forward(ctx, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-        ctx.save_for_backward(y, h_post)
-        return _write(carrier, y, h_post, h_res)
+    def forward(ctx, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, triton: bool = False) -> Tensor:
+        ctx.triton = triton
+        ctx.save_for_backward(*((carrier, y, h_post, h_res) if triton else (y, h_post)))
+        return _write(carrier, y, h_post, h_res, triton)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor):
-        y, h_post = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if ctx.triton:  # dx (sent along the carrier) and dh_res come from the write-back's own kernel
+            grad_x, grad_y, grad_post, grad_res = _triton_write_backward(*ctx.saved_tensors, g)
+            return grad_x, grad_y, grad_post, grad_res, None
+        y, h_post = ctx.saved_tensors
         grad_y, grad_post = _write_backward(y, h_post, g, need[1], need[2])
-        return (g if need[0] else None), grad_y, grad_post, None
+        return (g if need[0] else None), grad_y, grad_post, None, None
 
 
 # ---- the same pair as torch.library ops, for torch.compile ----------------------------------------
@@ -150,15 +230,15 @@ class PostCarryFunction(torch.autograd.Function):
 
 @torch.library.custom_op("mhckit::carry_read", mutates_args=())
 def carry_read(
-    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float
+    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float, triton: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(u, h_pre, h_post, h_res, r [T, 1], z [T, K], carrier)``; x contiguous streams ``[..., n, C]``,
     phi / bias / alpha of the kernels' coefficient dtype (the caller casts)."""
-    return *_read(x, phi, bias, alpha, iters, rms_eps), x.new_zeros(()).expand(x.shape)
+    return *_read(x, phi, bias, alpha, iters, rms_eps, triton), x.new_zeros(()).expand(x.shape)
 
 
 @carry_read.register_fake
-def _(x, phi, bias, alpha, iters, rms_eps):
+def _(x, phi, bias, alpha, iters, rms_eps, triton):
     lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
     t, k, cd = x.numel() // (n * c), phi.shape[1], phi.dtype
     e = lambda *shape: x.new_empty(shape, dtype=cd)  # noqa: E731
@@ -168,41 +248,45 @@ def _(x, phi, bias, alpha, iters, rms_eps):
 
 @torch.library.custom_op("mhckit::carry_read_backward", mutates_args=())
 def carry_read_backward(
-    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, r: Tensor, z: Tensor, g_u: Tensor | None,
+    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, r: Tensor, z: Tensor, h_pre: Tensor | None, g_u: Tensor | None,
     g_pre: Tensor | None, g_post: Tensor | None, g_res: Tensor | None, g_out: Tensor | None, iters: int,
-    rms_eps: float,
+    rms_eps: float, triton: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    return _read_backward((x, phi, bias, alpha, r, z), iters, rms_eps, g_u, g_pre, g_post, g_res, g_out, True, True)
+    return _read_backward((x, phi, bias, alpha, r, z, h_pre), iters, rms_eps, g_u, g_pre, g_post, g_res, g_out, True,
+                          True, triton)
 
 
 @carry_read_backward.register_fake
-def _(x, phi, bias, alpha, r, z, g_u, g_pre, g_post, g_res, g_out, iters, rms_eps):
+def _(x, phi, bias, alpha, r, z, h_pre, g_u, g_pre, g_post, g_res, g_out, iters, rms_eps, triton):
     return _like(x), _like(phi), _like(bias), _like(alpha)
 
 
 def _carry_read_setup(ctx, inputs, output):
-    x, phi, bias, alpha, iters, rms_eps = inputs
-    ctx.save_for_backward(x, phi, bias, alpha, output[4], output[5])
-    ctx.iters, ctx.rms_eps = iters, rms_eps
+    x, phi, bias, alpha, iters, rms_eps, triton = inputs
+    ctx.save_for_backward(x, phi, bias, alpha, output[4], output[5], *((output[1],) if triton else ()))
+    ctx.iters, ctx.rms_eps, ctx.triton = iters, rms_eps, triton
 
 
 def _carry_read_grad(ctx, g_u, g_pre, g_post, g_res, _g_r, _g_z, g_out):
-    x, phi, bias, alpha, r, z = ctx.saved_tensors
-    grads = carry_read_backward(x, phi, bias, alpha, r, z, g_u, g_pre, g_post, g_res, g_out, ctx.iters, ctx.rms_eps)
-    return *grads, None, None
+    saved = ctx.saved_tensors
+    x, phi, bias, alpha, r, z = saved[:6]
+    h_pre = saved[6] if ctx.triton else None
+    grads = carry_read_backward(x, phi, bias, alpha, r, z, h_pre, g_u, g_pre, g_post, g_res, g_out, ctx.iters,
+                                ctx.rms_eps, ctx.triton)
+    return *grads, None, None, None
 
 
 carry_read.register_autograd(_carry_read_grad, setup_context=_carry_read_setup)
 
 
 @torch.library.custom_op("mhckit::carry_write", mutates_args=())
-def carry_write(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+def carry_write(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, triton: bool) -> Tensor:
     """``h_res x + h_post y`` (``carrier``: :func:`carry_read`'s, only for the gradient)."""
-    return _write(x, y, h_post, h_res)
+    return _write(x, y, h_post, h_res, triton)
 
 
 @carry_write.register_fake
-def _(x, carrier, y, h_post, h_res):
+def _(x, carrier, y, h_post, h_res, triton):
     return _like(x)
 
 
@@ -216,14 +300,33 @@ def _(y, h_post, g):
     return _like(y), _like(h_post)
 
 
+@torch.library.custom_op("mhckit::carry_write_backward_triton", mutates_args=())
+def carry_write_backward_triton(
+    x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, g: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _triton_write_backward(x, y, h_post, h_res, g)
+
+
+@carry_write_backward_triton.register_fake
+def _(x, y, h_post, h_res, g):
+    return _like(x), _like(y), _like(h_post), _like(h_res)
+
+
 def _carry_write_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[2], inputs[3])
+    x, _, y, h_post, h_res, triton = inputs
+    ctx.triton = triton
+    ctx.save_for_backward(*((x, y, h_post, h_res) if triton else (y, h_post)))
 
 
 def _carry_write_grad(ctx, g):
+    # x: all of its gradient reaches the read's backward along the carrier: g itself (C kernels, which
+    # make the write-back's dx and dh_res there) or the write-back's dx (Triton, with dh_res here)
+    if ctx.triton:
+        grad_x, grad_y, grad_post, grad_res = carry_write_backward_triton(*ctx.saved_tensors, g)
+        return None, grad_x, grad_y, grad_post, grad_res, None
     y, h_post = ctx.saved_tensors
     grad_y, grad_post = carry_write_backward(y, h_post, g)
-    return None, g, grad_y, grad_post, None  # x: all of its gradient comes from the read's backward
+    return None, g, grad_y, grad_post, None, None
 
 
 carry_write.register_autograd(_carry_write_grad, setup_context=_carry_write_setup)

@@ -54,3 +54,19 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.double() - expected.double()).abs().max().item()
+
+
+def triton_gpt(n_layer: int = 2, recompute: int = 0):
+    """A tiny GPT with mHC on the Triton backend (seed 0, 5 Sinkhorn iterations) on DEVICE."""
+    from mhckit import MHCConfig
+    from mhckit.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=32, seq_len=8, n_layer=n_layer, n_head=2, d_model=16, recompute=recompute,
+                    hc=MHCConfig(variant="mhc", backend="triton", sinkhorn_iters=5))
+    return GPT(cfg).to(DEVICE)
+
+
+def triton_gpt_tokens() -> torch.Tensor:
+    """``[2, 9]`` tokens for :func:`triton_gpt` (inputs and targets)."""
+    return torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)

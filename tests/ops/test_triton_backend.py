@@ -16,7 +16,7 @@ from mhckit import functional as F  # noqa: E402
 from mhckit import reference as R  # noqa: E402
 from mhckit.ops import triton_autograd as TA  # noqa: E402
 from tests.conftest import TOL, compiled_step_matches_eager, make_mhc_inputs  # noqa: E402
-from tests.ops.conftest import DEVICE  # noqa: E402
+from tests.ops.conftest import DEVICE, triton_gpt, triton_gpt_tokens  # noqa: E402
 
 
 def _layer(mod, x, phi, bias, alpha, w, **kw):
@@ -190,17 +190,7 @@ def test_compiled_gpt_with_recompute_on_the_triton_ops():
     """GPTConfig.recompute under torch.compile with the Triton backend (on the GPU when there is one):
     one graph of checkpoint regions whose mhckit:: operators (Triton reads and write-backs) are
     recomputed; loss and gradients equal the eager model without recomputation."""
-    from mhckit import MHCConfig
-    from mhckit.models import GPT, GPTConfig
-
-    def model(recompute):
-        torch.manual_seed(0)
-        cfg = GPTConfig(vocab_size=32, seq_len=8, n_layer=2, n_head=2, d_model=16, recompute=recompute,
-                        hc=MHCConfig(variant="mhc", backend="triton", sinkhorn_iters=5))
-        return GPT(cfg).to(DEVICE)
-
-    tok = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    compiled_step_matches_eager(model(-1), model(0), tok, atol=1e-5)
+    compiled_step_matches_eager(triton_gpt(recompute=-1), triton_gpt(), triton_gpt_tokens(), atol=1e-5)
 
 
 def test_empty_and_multi_dim_leading_shapes():

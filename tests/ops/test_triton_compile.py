@@ -77,8 +77,11 @@ for xdt in ("bf16", "fp32"):
     flags = dict(KP=KP, PREC="tf32x3", BF16=xdt == "bf16")
     build(CO._fwd_dot_kernel, dict(x_ptr="*" + xdt, ph_ptr=ph, acc_ptr="*fp32", ss_ptr="*fp32", T="i32", D="i32",
           chunk16="i32"), flags, "fwd_dot " + xdt)
-    build(CO._bwd_dx_dphi_kernel, dict(x_ptr="*" + xdt, ph_ptr=ph, dzr_ptr="*fp32", coef_ptr="*fp32",
-          dx_ptr="*" + xdt, gphi_ptr="*fp32", T="i32", D="i32", K="i32", chunk="i32"), flags, "bwd_dx_dphi " + xdt)
+    for carry in (False, True):  # with the sublayer's other x-gradients added (mhckit/ops/carry.py) or not
+        build(CO._bwd_dx_dphi_kernel, dict(x_ptr="*" + xdt, ph_ptr=ph, dzr_ptr="*fp32", coef_ptr="*fp32",
+              dx_ptr="*" + xdt, gphi_ptr="*fp32", dxin_ptr="*" + xdt, gu_ptr="*" + xdt, hpre_ptr="*fp32", T="i32",
+              D="i32", K="i32", chunk="i32", C="i32"), dict(flags, N=N, DXIN=carry, GU=carry),
+              f"bwd_dx_dphi {xdt} carry={carry}")
     build(CO._prep_phi_kernel, dict(phi_ptr="*fp32", out_ptr=ph, D="i32", K="i32"),
           dict(KP=KP, BN=64, SPLIT=xdt == "bf16"), "prep_phi " + xdt)
 build(CO._fwd_epilogue_kernel, dict(acc_ptr="*fp32", ss_ptr="*fp32", bias_ptr="*fp32", alpha_ptr="*fp32",
@@ -93,8 +96,9 @@ build(SK._sinkhorn_bwd_kernel, dict(l_ptr="*fp32", g_ptr="*fp32", gl_ptr="*fp32"
       dict(N=N, NP=NP), "sinkhorn_bwd")
 s = "*bf16"
 build(PR._pre_fwd_kernel, dict(x_ptr=s, h_ptr="*fp32", u_ptr=s, T="i32", C="i32"), dict(N=N), "pre_fwd")
-build(PR._pre_bwd_kernel, dict(x_ptr=s, h_ptr="*fp32", gu_ptr=s, gx_ptr=s, gh_ptr="*fp32", T="i32", C="i32",
-      chunk16="i32"), dict(N=N, NP=NP), "pre_bwd")
+for need_dx in (True, False):
+    build(PR._pre_bwd_kernel, dict(x_ptr=s, h_ptr="*fp32", gu_ptr=s, gx_ptr=s, gh_ptr="*fp32", T="i32", C="i32",
+          chunk16="i32"), dict(N=N, NP=NP, NEED_DX=need_dx), f"pre_bwd need_dx={need_dx}")
 build(PS._post_res_fwd_kernel, dict(x_ptr=s, y_ptr=s, hpost_ptr="*fp32", hres_ptr="*fp32", out_ptr=s, T="i32",
       C="i32"), dict(N=N, NP=NP), "post_res_fwd")
 build(PS._post_res_bwd_kernel, dict(x_ptr=s, y_ptr=s, hpost_ptr="*fp32", hres_ptr="*fp32", g_ptr=s, gx_ptr=s,
@@ -117,4 +121,4 @@ def test_all_kernels_compile_for_sm90():
     assert proc.returncode == 0, out[-4000:]
     fails = [line for line in out.splitlines() if line.startswith("FAIL")]
     assert not fails, "\n".join(fails)
-    assert sum(line.startswith("OK ") for line in out.splitlines()) == 14, out[-4000:]
+    assert sum(line.startswith("OK ") for line in out.splitlines()) == 17, out[-4000:]

@@ -37,6 +37,8 @@ Backward 2  _bwd_dx_dphi_kernel   one read of x, one write of dx
     Programs own a BN slice of D and a token range (split over S programs when D is short);
     for each BT block of tokens:
         dx[:, slice]  = dzr @ phi[slice]^T - v[:, slice] * coef     (tl.dot, fp32; stored in x's dtype)
+                        [+ dx_in[:, slice] + h_pre[j] du[c]]        (DXIN / GU: the sublayer's other
+                                                                     x-gradients, see coeffs_bwd)
         gphi[slice]  += v[:, slice]^T @ dzr                           (tl.dot, fp32 accumulator)
     The per-program gphi partials [S, D, K] are summed by torch (no atomics). Products: "tf32x3"
     for fp32 / fp16 streams; for bf16 streams bf16 MMAs on split operands:
@@ -316,8 +318,9 @@ def _bwd_token_kernel(
 )
 @triton.jit(do_not_specialize=["T", "chunk"])
 def _bwd_dx_dphi_kernel(
-    x_ptr, ph_ptr, dzr_ptr, coef_ptr, dx_ptr, gphi_ptr, T, D, K, chunk,
+    x_ptr, ph_ptr, dzr_ptr, coef_ptr, dx_ptr, gphi_ptr, dxin_ptr, gu_ptr, hpre_ptr, T, D, K, chunk, C,
     KP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, BF16: tl.constexpr,
+    N: tl.constexpr, DXIN: tl.constexpr, GU: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     kk = pid_n * BN + tl.arange(0, BN)
@@ -353,6 +356,12 @@ def _bwd_dx_dphi_kernel(
             dxm = tl.dot(dzr, pt1, input_precision=PREC)  # [BT, BN]
             gphi = tl.dot(tl.trans(v_raw.to(tl.float32)), dzr, gphi, input_precision=PREC)  # [BN, KP]
         dx = dxm - v_raw.to(tl.float32) * coef[:, None]
+        if DXIN:  # another x-gradient of the sublayer (its write-back's), added before the one rounding
+            dx += tl.load(dxin_ptr + rows64[:, None] * D + kk[None, :], mask=m, other=0.0).to(tl.float32)
+        if GU:  # the read u = sum_j h_pre[j] x[j]: dx[j, c] += h_pre[j] du[c]
+            hp = tl.load(hpre_ptr + rows64[:, None] * N + (kk // C)[None, :], mask=m, other=0.0)
+            gu = tl.load(gu_ptr + rows64[:, None] * C + (kk % C)[None, :], mask=m, other=0.0)
+            dx += hp.to(tl.float32) * gu.to(tl.float32)
         tl.store(dx_ptr + rows64[:, None] * D + kk[None, :], cast_out(dx, dx_ptr.dtype.element_ty), mask=m)
     out = gphi_ptr + pid_s.to(tl.int64) * D * K + kk[:, None] * K + cols[None, :]
     tl.store(out, gphi, mask=kmask[:, None] & cmask[None, :])
@@ -415,10 +424,16 @@ def coeffs_bwd(
     g_res: torch.Tensor,
     iters: int,
     splits: int | None = None,
+    dx_in: torch.Tensor | None = None,
+    g_u: torch.Tensor | None = None,
+    h_pre: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx [T, n, C] in x's dtype, dphi, dbias, dalpha in their dtypes)``.
 
-    ``splits`` forces how many programs share the token axis of the ``dphi`` reduction.
+    ``splits`` forces how many programs share the token axis of the ``dphi`` reduction. A
+    sublayer's other x-gradients join dx in the same write (one rounding, no autograd sum):
+    ``dx_in [T, n, C]`` (its write-back's) is added, and with ``g_u [T, C]`` and ``h_pre [T, n]``
+    the read's ``h_pre[j] g_u`` (``g_pre`` must then already hold the read's ``<g_u, x[j]>``).
     """
     t, n, c = x.shape
     d, k = n * c, 2 * n + n * n
@@ -446,8 +461,14 @@ def coeffs_bwd(
     grid2 = lambda meta: (triton.cdiv(d, meta["BN"]), splits)  # noqa: E731
     bf16 = x.dtype == torch.bfloat16
     ph = _prep_phi(phi, kp, split=bf16)
+    if dx_in is not None:
+        dx_in = dx_in.reshape(t, n, c).contiguous()
+    if g_u is not None:
+        g_u, h_pre = g_u.reshape(t, c).contiguous(), h_pre.reshape(t, n).contiguous()
     _bwd_dx_dphi_kernel[grid2](
-        x, ph, dzr, coef, dx, gphi, t, d, k, chunk, KP=kp, PREC=DOT_PRECISION, BF16=bf16
+        x, ph, dzr, coef, dx, gphi, x if dx_in is None else dx_in, x if g_u is None else g_u,
+        x if h_pre is None else h_pre, t, d, k, chunk, c, KP=kp, PREC=DOT_PRECISION, BF16=bf16, N=n,
+        DXIN=dx_in is not None, GU=g_u is not None,
     )  # fmt: skip
     if splits > 1:
         gphi = gphi.sum(0)

@@ -12,6 +12,7 @@ Forward  _pre_fwd_kernel                                                 u = sum
 Backward _pre_bwd_kernel                                   given du [T, C]
     dx[j] = h_pre[j] * du                                  (written in x's dtype)
     dh_pre[j] = sum_C du * x[j]                            (fp32 reduction over C)
+    (NEED_DX=False: dh_pre only, for the sublayer backward whose dx kernel adds h_pre du itself)
     Programs own BT tokens and a slice of C (S slices when tokens are few); each loops over its
     slice in BC chunks, writing dx and accumulating dh_pre in fp32 registers, then stores a
     per-slice partial [S, T, n] that torch sums (no atomics).
@@ -68,6 +69,7 @@ def _pre_fwd_kernel(x_ptr, h_ptr, u_ptr, T, C, N: tl.constexpr, BT: tl.constexpr
 def _pre_bwd_kernel(
     x_ptr, h_ptr, gu_ptr, gx_ptr, gh_ptr, T, C, chunk16,
     N: tl.constexpr, NP: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    NEED_DX: tl.constexpr,
 ):  # fmt: skip
     pid_t, pid_s = tl.program_id(0), tl.program_id(1)
     rows = pid_t * BT + tl.arange(0, BT)
@@ -88,8 +90,9 @@ def _pre_bwd_kernel(
         m3 = m2[:, :, None] & cm[None, None, :]
         offs = xrow[:, :, None] + cc[None, None, :]  # [BT, NP, BC]
         x3 = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)
-        gx = h[:, :, None] * gu[:, None, :]
-        tl.store(gx_ptr + offs, cast_out(gx, gx_ptr.dtype.element_ty), mask=m3)
+        if NEED_DX:
+            gx = h[:, :, None] * gu[:, None, :]
+            tl.store(gx_ptr + offs, cast_out(gx, gx_ptr.dtype.element_ty), mask=m3)
         gh += tl.sum(x3 * gu[:, None, :], axis=2)
     tl.store(gh_ptr + (pid_s * T + rows64)[:, None] * N + j[None, :], gh, mask=m2)
 
@@ -107,12 +110,13 @@ def pre_fwd(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
 
 
 def pre_bwd(
-    x: torch.Tensor, h_pre: torch.Tensor, grad_u: torch.Tensor, splits: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dx [T, n, C] in x's dtype, dh_pre [T, n] in h_pre's dtype)``; ``splits`` forces the C split."""
+    x: torch.Tensor, h_pre: torch.Tensor, grad_u: torch.Tensor, splits: int | None = None, need_dx: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(dx [T, n, C] in x's dtype, dh_pre [T, n] in h_pre's dtype)``; ``splits`` forces the C split.
+    With ``need_dx=False`` only ``dh_pre`` (dx None: one read of x and du, no write of [T, n, C])."""
     t, n, c = x.shape
     x, h_pre, grad_u = x.contiguous(), h_pre.contiguous(), grad_u.contiguous()
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if need_dx else None
     if t == 0:
         return dx, torch.zeros_like(h_pre)
     if splits is None:
@@ -121,5 +125,6 @@ def pre_bwd(
     # per-slice partials [S, T, n] (no leading axis when S == 1: returned as is, not a view)
     gh = torch.empty((splits, t, n) if splits > 1 else (t, n), dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(t, meta["BT"]), splits)  # noqa: E731
-    _pre_bwd_kernel[grid](x, h_pre, grad_u, dx, gh, t, c, chunk // 16, N=n, NP=next_pow2(n))
+    _pre_bwd_kernel[grid](x, h_pre, grad_u, x if dx is None else dx, gh, t, c, chunk // 16, N=n, NP=next_pow2(n),
+                          NEED_DX=need_dx)
     return dx, (gh if splits == 1 else gh.sum(0)).to(h_pre.dtype)
