@@ -74,7 +74,8 @@ def _commit() -> str:
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
         )
         if out.returncode == 0 and out.stdout.strip():
-            dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)
+            dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                    ":(exclude)benchmarks/results"], capture_output=True, text=True)  # as runinfo
             return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except Exception:
         pass

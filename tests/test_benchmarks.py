@@ -39,3 +39,28 @@ def test_layer_benchmark_in_bfloat16_casts_every_case(tmp_path, kernel_calls):
     assert kernel_calls and {dt for _, dt in kernel_calls} == {torch.bfloat16}
     rows = (stem.with_suffix(".csv")).read_text()
     assert "bfloat16" in rows and "mhckit-torch-ops" in rows and "float32" not in rows.split("\n", 1)[1]
+
+
+def test_commit_tag_ignores_rewritten_results(tmp_path):
+    """Results carry the commit, '+dirty' when tracked code changed, but not for files under
+    benchmarks/results/ (a second benchmark run in one checkout finds the first one's files rewritten)."""
+    import subprocess
+
+    from mhckit.train.runinfo import _commit_of
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "r.md").write_text("old\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    clean = _commit_of(tmp_path)
+    assert len(clean) == 12 and not clean.endswith("+dirty")
+    (tmp_path / "benchmarks" / "results" / "r.md").write_text("new\n")
+    assert _commit_of(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert _commit_of(tmp_path) == clean + "+dirty"

@@ -13,13 +13,19 @@ import torch
 
 @lru_cache(maxsize=1)
 def git_commit() -> str:
-    """The checkout's commit (``+dirty`` if it has changes), ``$MHCKIT_COMMIT``, or ``unknown``."""
-    root = Path(__file__).resolve().parents[2]
+    """The checkout's commit (``+dirty`` if tracked files changed), ``$MHCKIT_COMMIT``, or ``unknown``.
+    Changes under ``benchmarks/results/`` do not count: a benchmark run after another one in the same
+    checkout finds that one's results rewritten, and the code it measures is the commit's."""
+    return _commit_of(Path(__file__).resolve().parents[2])
+
+
+def _commit_of(root: Path) -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=root, capture_output=True, text=True,
+                               timeout=5).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("MHCKIT_COMMIT", "unknown")
