@@ -7,24 +7,27 @@
 #       backend, a plain residual and LigerMHC; CSV + markdown + JSON into OUT_DIR;
 #   (c) benchmarks/bench_model.py: GPT-124M training steps, residual vs mHC (with and without
 #       recomputation), eager: model_<preset>_<device>.{csv,md} in OUT_DIR;
-#   (d) the same, compiled (torch.compile; residual and mHC): model_<preset>_<device>_compiled.*.
+#   (d) benchmarks/profile_model.py: where a residual and an mHC step spend their time (PyTorch
+#       profiler, top kernels / ops): profile_<preset>_<device>.txt;
+#   (e) the model benchmark compiled (torch.compile; residual and mHC): model_<preset>_<device>_compiled.*.
 # Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]      (default benchmarks/results/)
 # Needs python with torch (CUDA) and triton; nothing is installed or downloaded. Each step has a
-# time cap, the caps sum to 8 minutes (TEST_TIMEOUT 90 + BENCH_TIMEOUT 150 + MODEL_TIMEOUT 100 +
-# MODEL_COMPILE_TIMEOUT 140 s); every step is recorded; a failing step does not stop the next.
-# Environment: PYTHON (default python3), MHCKIT_COMMIT (commit tag when there is no .git), the four
-# timeouts above, PYTEST_WORKERS (default 8), MODEL_PRESET (default gpt124m), MODEL_DEVICE
-# (default cuda), MODEL_STEPS (default 8), MODEL_COMPILE=0 skips (d). A plumbing check without a GPU:
+# time cap, the caps sum to 8 minutes (TEST_TIMEOUT 80 + BENCH_TIMEOUT 140 + MODEL_TIMEOUT 90 +
+# PROFILE_TIMEOUT 40 + MODEL_COMPILE_TIMEOUT 130 s); every step is recorded; a failing step does not
+# stop the next. Environment: PYTHON (default python3), MHCKIT_COMMIT (commit tag when there is no
+# .git), the five timeouts above, PYTEST_WORKERS (default 8), MODEL_PRESET (default gpt124m),
+# MODEL_DEVICE (default cuda), MODEL_STEPS (default 8), MODEL_COMPILE=0 skips (e). Without a GPU:
 #   MHCKIT_GPU_CHECK_CPU=1 MODEL_DEVICE=cpu MODEL_PRESET=default MODEL_STEPS=2 bash benchmarks/gpu_suite.sh /tmp/s
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:-benchmarks/results}"
 PY="${PYTHON:-python3}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-90}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"
-MODEL_TIMEOUT="${MODEL_TIMEOUT:-100}"
-MODEL_COMPILE_TIMEOUT="${MODEL_COMPILE_TIMEOUT:-140}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-80}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-140}"
+MODEL_TIMEOUT="${MODEL_TIMEOUT:-90}"
+PROFILE_TIMEOUT="${PROFILE_TIMEOUT:-40}"
+MODEL_COMPILE_TIMEOUT="${MODEL_COMPILE_TIMEOUT:-130}"
 MODEL_PRESET="${MODEL_PRESET:-gpt124m}"
 MODEL_DEVICE="${MODEL_DEVICE:-cuda}"
 MODEL_STEPS="${MODEL_STEPS:-8}"
@@ -89,7 +92,7 @@ case "$rc" in
 esac
 echo "gpu_check: $bench_status" | tee -a "$SUMMARY"
 
-# ---------------------------------------------------------------- (c), (d) GPT training steps
+# ---------------------------------------------------------------- (c), (d), (e) GPT training steps
 # run_model LABEL TIMEOUT STEM [bench_model options...]: one bench_model run, its status in the summary
 run_model() {
   local label="$1" limit="$2" stem="$3"
@@ -106,6 +109,15 @@ run_model() {
   echo "$label: $status" | tee -a "$SUMMARY"
 }
 run_model "model (eager)" "$MODEL_TIMEOUT" "$OUT/model_${MODEL_PRESET}_${MODEL_DEVICE}"
+prof="$OUT/profile_${MODEL_PRESET}_${MODEL_DEVICE}.txt"
+rc=0
+timeout -k 10 "$PROFILE_TIMEOUT" "$PY" -m benchmarks.profile_model --preset "$MODEL_PRESET" --device "$MODEL_DEVICE" \
+  --variants residual,mhc >"$prof" 2>&1 || rc=$?
+case "$rc" in
+  0) echo "profile: OK ($prof)" | tee -a "$SUMMARY" ;;
+  124|137) echo "profile: TIMEOUT after ${PROFILE_TIMEOUT}s (partial: $prof)" | tee -a "$SUMMARY" ;;
+  *) echo "profile: FAILED (rc=$rc): $(tail -n 3 "$prof" | tr '\n' ' ')" | tee -a "$SUMMARY" ;;
+esac
 if [ "${MODEL_COMPILE:-1}" != "0" ]; then
   run_model "model (compiled)" "$MODEL_COMPILE_TIMEOUT" "$OUT/model_${MODEL_PRESET}_${MODEL_DEVICE}_compiled" \
     --compile --variants residual,mhc
