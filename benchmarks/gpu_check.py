@@ -13,7 +13,9 @@ recorded in the results and the script goes on):
    (torch.cuda.max_memory_allocated over the call, minus what was allocated before it) of:
    coefficients fwd / fwd+bwd, pre fwd / fwd+bwd, post_res fwd / fwd+bwd, and a full mHC layer
    (coeffs + pre + Linear(C, C) branch + post_res) fwd+bwd, for backend "triton" vs "torch" (and
-   "triton-pair": the fused read / write-back pair that HyperConnection runs, mhckit/ops/carry.py),
+   "triton-pair": the fused read / write-back pair that HyperConnection runs, mhckit/ops/carry.py, and
+   "reference-compiled": torch.compile of the layer on mhckit.reference's ops, a peer the speed issue
+   names; MHCKIT_BENCH_COMPILED_REF=0 leaves it out),
    against a plain residual ``h + Linear(h)`` (and Liger-Kernel's LigerMHC when importable), at
    paper-like shapes: T = 16384 tokens, n = 4, C in {2560, 4096}, bf16 and fp32 streams.
 
@@ -57,6 +59,8 @@ WIDTHS = [int(c) for c in os.environ.get("MHCKIT_BENCH_WIDTHS", "40" if CPU_SMOK
 DTYPES = [getattr(torch, d) for d in os.environ.get("MHCKIT_BENCH_DTYPES", "bfloat16,float32").split(",")]
 REPS = int(os.environ.get("MHCKIT_BENCH_REPS", "3" if CPU_SMOKE else "15"))
 N_STREAMS = 4
+# the torch.compile'd reference layer as a peer (compiles once per dtype: dynamic shapes)
+COMPILED_REF = os.environ.get("MHCKIT_BENCH_COMPILED_REF", "0" if CPU_SMOKE else "1") == "1"
 FIELDS = [
     "section", "op", "variant", "dtype", "tokens", "n", "C", "ms_median", "ms_p20", "ms_p80",
     "vs_torch", "peak_extra_mib", "status", "note",
@@ -268,6 +272,24 @@ def section_parity(res: Results, dev) -> None:
 # ==================================================================================================
 # Section 2: timings and memory
 # ==================================================================================================
+_REF_LAYER: list = []
+
+
+def _compiled_reference_layer():
+    """``torch.compile`` of the reference layer (coeffs, pre, Linear branch, post_res on
+    ``mhckit.reference``'s ops), made once so that every shape reuses it (``dynamic=True``)."""
+    if not _REF_LAYER:
+        from mhckit import functional as F
+
+        def layer(x, phi, bias, alpha, w, b):
+            h_pre, h_post, h_res = F.mhc_coeffs(x, phi, bias, alpha, iters=20, backend="reference")
+            u = F.mhc_pre(x, h_pre, backend="reference")
+            return F.mhc_post_res(x, torch.nn.functional.linear(u, w, b), h_post, h_res, backend="reference")
+
+        _REF_LAYER.append(torch.compile(layer, dynamic=True))
+    return _REF_LAYER[0]
+
+
 def section_shape(res: Results, dev, dtype, c: int) -> None:
     from mhckit import functional as F
 
@@ -367,7 +389,9 @@ def section_shape(res: Results, dev, dtype, c: int) -> None:
             torch.autograd.grad(out, [h, lin.weight, lin.bias], g_h)
 
         fns = {"triton": mhc("triton"), "triton-pair": mhc_pair, "torch": mhc("torch"), "residual": residual}
-        notes = {}
+        notes = {}  # variants not run: why
+        row_notes = {"residual": "plain residual h + Linear(h), h [T, C]",
+                     "triton-pair": "HyperConnection's fused read / write-back pair (one stream gradient)"}
         try:
             from liger_kernel.transformers.mhc import LigerMHC
 
@@ -387,6 +411,24 @@ def section_shape(res: Results, dev, dtype, c: int) -> None:
             notes["liger"] = "not installed"
         except Exception as e:
             notes["liger"] = f"ERROR {type(e).__name__}: {e}"
+        if COMPILED_REF:
+            try:
+                ref_layer = _compiled_reference_layer()
+
+                def ref_compiled():
+                    out = ref_layer(x, phi, bias, alpha, lin.weight, lin.bias)
+                    torch.autograd.grad(out, params, g_out)
+
+                t0 = time.time()
+                ref_compiled()  # compiles (once per dtype)
+                fns["reference-compiled"] = ref_compiled
+                row_notes["reference-compiled"] = (f"torch.compile(dynamic=True) of mhckit.reference's layer "
+                                                   f"(first call {time.time() - t0:.0f} s)")
+            except Exception as e:
+                notes["reference-compiled"] = f"ERROR {type(e).__name__}: {e}"
+                traceback.print_exc()
+        else:
+            notes["reference-compiled"] = "off (MHCKIT_BENCH_COMPILED_REF=0; off by default in the CPU smoke run)"
         for f in fns.values():
             f()  # compile / autotune outside the timed loop
         timing = bench(fns)
@@ -395,8 +437,7 @@ def section_shape(res: Results, dev, dtype, c: int) -> None:
             res.add(
                 **base, op="layer fwd+bwd", variant=b, ms_median=med, ms_p20=p20, ms_p80=p80,
                 vs_torch=timing["torch"][0] / med, peak_extra_mib=peak_extra_mib(f), status="ok",
-                note={"residual": "plain residual h + Linear(h), h [T, C]",
-                      "triton-pair": "HyperConnection's fused read / write-back pair (one stream gradient)"}.get(b, ""),
+                note=row_notes.get(b, ""),
             )  # fmt: skip
         for b, why in notes.items():
             res.add(**base, op="layer fwd+bwd", variant=b, status="not run", note=why)

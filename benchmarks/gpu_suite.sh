@@ -4,7 +4,9 @@
 #       (MHCKIT_TRITON_AUTOTUNE=0) to keep compilation short; skipped if pytest is missing
 #       (benchmarks/gpu_check.py has its own small parity section);
 #   (b) benchmarks/gpu_check.py: parity at small shapes + timings and peak memory vs the torch
-#       backend, a plain residual and LigerMHC; CSV + markdown + JSON into OUT_DIR;
+#       backend, a plain residual, LigerMHC and the torch.compile'd reference; bf16 streams (the
+#       speed issue's shapes; MHCKIT_BENCH_DTYPES=bfloat16,float32 adds fp32, which did not fit in
+#       the budget); CSV + markdown + JSON into OUT_DIR;
 #   (c) benchmarks/bench_model.py: GPT-124M training steps, residual vs mHC (with and without
 #       recomputation), eager: model_<preset>_<device>.{csv,md} in OUT_DIR;
 #   (d) benchmarks/profile_model.py: where a residual and an mHC step spend their time (PyTorch
@@ -42,6 +44,7 @@ else
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
+export MHCKIT_BENCH_DTYPES="${MHCKIT_BENCH_DTYPES:-bfloat16}"
 unset TRITON_INTERPRET || true
 
 {
