@@ -64,3 +64,28 @@ def test_commit_tag_ignores_rewritten_results(tmp_path):
     assert _commit_of(tmp_path) == clean
     (tmp_path / "code.py").write_text("x = 2\n")
     assert _commit_of(tmp_path) == clean + "+dirty"
+
+
+@pytest.mark.slow
+def test_gpu_suite_plumbing_on_the_cpu(tmp_path):
+    """benchmarks/gpu_suite.sh end to end without a GPU (Triton interpreter, the default preset on the
+    CPU): every step runs and writes its files, so a lent GPU's few minutes are not lost to a broken
+    script."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHON=sys.executable, MHCKIT_GPU_CHECK_CPU="1", MODEL_DEVICE="cpu",
+               MODEL_PRESET="default", MODEL_STEPS="2", TEST_TIMEOUT="5", BENCH_TIMEOUT="400",
+               MODEL_TIMEOUT="300", PROFILE_TIMEOUT="300", MODEL_COMPILE="0", MHCKIT_BENCH_DTYPES="float32")
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_suite.sh"), str(tmp_path)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "gpu_suite_summary.txt").read_text()
+    for line in ("gpu_check: OK", "model (eager): OK", "profile: OK"):
+        assert line in summary, summary
+    for name in ("gpu_check.csv", "gpu_check.md", "model_default_cpu.md", "profile_default_cpu.txt"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "triton-pair" in (tmp_path / "gpu_check.md").read_text()
