@@ -17,7 +17,9 @@ compiling first step, which depends on the inductor cache; the CPU memory estima
 step, whose graph decides what is saved: recomputation is then :func:`mhckit.recompute.sequential`'s
 checkpoint regions). On the CPU
 mHC's ops are then custom ops that call the C kernels; ``mhc-traced`` instead lets dynamo trace mHC's
-PyTorch ops (what ``torch.compile`` did before the custom ops), for comparison.
+PyTorch ops (what ``torch.compile`` did before the custom ops), for comparison. ``mhc-separate`` (default on
+CUDA) runs mHC's sublayers as separate ops instead of HyperConnection's fused read / write-back pair
+(:func:`mhckit.ops.carry.separate_ops`): what the pair saves, measured in the same run.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from benchmarks.harness import Result, write_results
 from mhckit import MHCConfig
 from mhckit.models import GPT, GPTConfig
-from mhckit.ops import cpu
+from mhckit.ops import carry, cpu
 from mhckit.train.alloc import keep_freed_memory
 from mhckit.train.memory import estimate_training_memory
 from mhckit.train.runinfo import run_info
@@ -53,6 +55,8 @@ VARIANTS = {
     "mhc+recompute": dict(variant="mhc", recompute=-1),
     "mhc-torch-ops": dict(variant="mhc", recompute=0, cpu_kernels=False),  # CPU: PyTorch ops, no compiled kernels
     "mhc-traced": dict(variant="mhc", recompute=0, traced=True),  # --compile: dynamo traces the PyTorch ops
+    # mHC as separate ops (read, write-back, autograd adding their stream gradients) instead of the fused pair
+    "mhc-separate": dict(variant="mhc", recompute=0, separate=True),
 }
 
 
@@ -85,11 +89,12 @@ def build(preset: dict, spec: dict, device: str, backend: str,
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
 
 
-def step_fn(model, opt, tokens, device, cpu_kernels: bool = True, traced: bool = False):
+def step_fn(model, opt, tokens, device, cpu_kernels: bool = True, traced: bool = False, separate: bool = False):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
 
     def step():
-        with contextlib.nullcontext() if cpu_kernels else cpu.disabled(), _traced_ops(traced):  # fwd and bwd
+        with (contextlib.nullcontext() if cpu_kernels else cpu.disabled(), _traced_ops(traced),
+              carry.separate_ops() if separate else contextlib.nullcontext()):  # fwd and bwd
             with autocast:
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
@@ -101,8 +106,8 @@ def step_fn(model, opt, tokens, device, cpu_kernels: bool = True, traced: bool =
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    p.add_argument("--variants", default=None, help="default: residual,mhc,mhc+recompute (+mhc-torch-ops on CPU); "
-                   "with --compile residual,mhc,mhc+recompute (+mhc-traced on CPU)")
+    p.add_argument("--variants", default=None, help="default: residual,mhc,mhc+recompute (+mhc-torch-ops on CPU, "
+                   "mhc-separate on CUDA); with --compile residual,mhc,mhc+recompute (+mhc-traced on CPU)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="auto")
@@ -120,7 +125,7 @@ def main(argv=None) -> int:
     print("heap:", heap)
     cpu_dev = not dev.startswith("cuda")
     default = (["residual", "mhc", "mhc+recompute"] + ["mhc-traced"] * cpu_dev if args.compile else
-               ["residual", "mhc", "mhc+recompute"] + ["mhc-torch-ops"] * cpu_dev)
+               ["residual", "mhc", "mhc+recompute"] + (["mhc-torch-ops"] if cpu_dev else ["mhc-separate"]))
     names = args.variants.split(",") if args.variants else default
     for n in names:
         if n not in VARIANTS or (VARIANTS[n].get("traced") and not args.compile):
@@ -130,7 +135,8 @@ def main(argv=None) -> int:
     runs = {n: build(preset, VARIANTS[n], dev, args.backend, dtype) for n in names}
     stepped = {n: torch.compile(m) if args.compile else m for n, (m, _) in runs.items()}  # what a step calls
     steps = {n: step_fn(stepped[n], o, tokens, dev, VARIANTS[n].get("cpu_kernels", True),
-                        traced=VARIANTS[n].get("traced", False)) for n, (m, o) in runs.items()}
+                        traced=VARIANTS[n].get("traced", False), separate=VARIANTS[n].get("separate", False))
+             for n, (m, o) in runs.items()}
     first_step = {}
     for n in names:  # the first step compiles (with --compile)
         t0 = time.perf_counter()

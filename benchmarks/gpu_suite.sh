@@ -8,7 +8,8 @@
 #       speed issue's shapes; MHCKIT_BENCH_DTYPES=bfloat16,float32 adds fp32, which did not fit in
 #       the budget); CSV + markdown + JSON into OUT_DIR;
 #   (c) benchmarks/bench_model.py: GPT-124M training steps, residual vs mHC (with and without
-#       recomputation), eager: model_<preset>_<device>.{csv,md} in OUT_DIR;
+#       recomputation, and on separate ops instead of the fused pair), eager:
+#       model_<preset>_<device>.{csv,md} in OUT_DIR;
 #   (d) benchmarks/profile_model.py: where a residual and an mHC step spend their time (PyTorch
 #       profiler, top kernels / ops): profile_<preset>_<device>.txt;
 #   (e) the model benchmark compiled (torch.compile; residual and mHC): model_<preset>_<device>_compiled.*.

@@ -42,7 +42,7 @@ from .ops.autograd import (
     PreFunction,
     SinkhornFunction,
 )
-from .ops.carry import CoeffsCarryFunction, PostCarryFunction, carry_read, carry_write
+from .ops.carry import CoeffsCarryFunction, PostCarryFunction, carry_read, carry_write, pair_enabled
 from .reference import DEFAULT_RMS_EPS
 
 __all__ = [
@@ -159,7 +159,10 @@ def _carry_mode(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, backend: st
     float64 with parameters of that dtype, or streams of bfloat16 / float16 with parameters of any
     float dtype but float64: the coefficients are computed in float32, as :func:`mhc_coeffs_pre` does),
     ``"triton"`` on the Triton kernels (where the ``triton`` backend runs: CUDA tensors, or CPU ones
-    under the interpreter), else None (the separate ops)."""
+    under the interpreter), else None (the separate ops; also inside
+    :func:`mhckit.ops.carry.separate_ops`)."""
+    if not pair_enabled():
+        return None
     if x.is_cpu and backend != "triton":  # "auto" is "torch" for CPU tensors
         ok = (
             (cpu.streams_available(x, n=x.shape[-2]) or (_compile_cpu(x) and cpu.compile_streams_ok(x.dtype)))

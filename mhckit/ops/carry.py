@@ -35,6 +35,9 @@ switched off between forward and backward it does the same sums with PyTorch ops
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -42,6 +45,27 @@ from torch.autograd.function import once_differentiable
 from . import cpu
 from .autograd import _coeffs_backward, _coeffs_forward, _contract, _mix
 from .triton_autograd import _device_of, _like
+
+# > 0: HyperConnection runs the separate ops instead of the pair (separate_ops(); MHCKIT_FUSED_PAIR=0)
+_OFF = [int(os.environ.get("MHCKIT_FUSED_PAIR", "1") == "0")]
+
+
+@contextlib.contextmanager
+def separate_ops():
+    """Inside this block :class:`mhckit.HyperConnection` runs mHC as separate ops (the read, then the
+    write-back, autograd adding their stream gradients) instead of the fused pair of this module: same
+    maths, for comparisons and benchmarks. ``MHCKIT_FUSED_PAIR=0`` in the environment does the same for
+    a whole process (an escape hatch should the pair misbehave somewhere the tests do not reach)."""
+    _OFF[0] += 1
+    try:
+        yield
+    finally:
+        _OFF[0] -= 1
+
+
+def pair_enabled() -> bool:
+    """False inside :func:`separate_ops` or with ``MHCKIT_FUSED_PAIR=0``."""
+    return not _OFF[0]
 
 
 def _read(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float, triton: bool = False):

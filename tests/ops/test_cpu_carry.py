@@ -4,6 +4,7 @@ write-back's stream gradient joins the coefficient backward. Checked against the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import shutil
@@ -13,9 +14,9 @@ import torch
 
 from mhckit import functional as F
 from mhckit import reference
-from mhckit.modules import DynamicCoefficients, HyperConnection
+from mhckit.modules import HyperConnection
 from mhckit.ops import cpu
-from mhckit.ops.carry import CoeffsCarryFunction, PostCarryFunction
+from mhckit.ops.carry import CoeffsCarryFunction, PostCarryFunction, separate_ops
 
 HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
@@ -35,13 +36,6 @@ def _layer(n, c, dt, seed=0, backend="auto"):
         hc.coeffs.bias.normal_(0, 0.5)
         hc.coeffs.alpha.uniform_(0.5, 1.5)
     return hc
-
-
-def _no_carry(hc):
-    """The same layer forced onto the unfused pair."""
-    for m in hc.modules():
-        if isinstance(m, DynamicCoefficients):
-            m.read_carry = lambda x: None
 
 
 def _case(n, c, lead, dt, seed=0):
@@ -70,8 +64,9 @@ def test_carry_matches_the_unfused_pair(dt, n, c, lead):
     hc, x, g = _case(n, c, lead, dt)
     assert hc.coeffs.read_carry(x) is not None  # the carry path is the one taken here
     fast = _grads(hc, x, g)
-    _no_carry(hc)
-    slow = _grads(hc, x, g)
+    with separate_ops():  # the same layer on the unfused pair
+        assert hc.coeffs.read_carry(x) is None
+        slow = _grads(hc, x, g)
     for a, b in zip(fast, slow):
         _close(a, b, dt)
 
@@ -119,8 +114,8 @@ def test_carry_with_frozen_inputs(frozen):
         return [t.grad for t in [x, *hc.parameters()]]
 
     fast = run()
-    _no_carry(hc)
-    slow = run()
+    with separate_ops():
+        slow = run()
     for a, b in zip(fast, slow):
         assert (a is None) == (b is None)
         if a is not None:
@@ -212,14 +207,13 @@ def test_strided_streams_and_a_strided_or_half_branch_output():
         for carry in (True, False):
             x = base.permute(2, 1, 0).detach().requires_grad_()  # [t, n, c], not contiguous
             assert not x.is_contiguous()
-            if not carry:
-                _no_carry(hc)
-            else:
+            if carry:
                 assert hc.coeffs.read_carry(x) is not None
             for p in hc.parameters():
                 p.grad = None
-            out = hc(x)
-            out.backward(g)
+            with contextlib.nullcontext() if carry else separate_ops():
+                out = hc(x)
+                out.backward(g)
             res.append([out.detach(), x.grad] + [p.grad.clone() for p in hc.parameters()])
         for a, b in zip(*res):
             _close(a, b, dt)
@@ -250,3 +244,24 @@ def test_read_with_only_some_outputs_differentiated(used):
             assert a is None or not a.any()
         else:
             _close(a, b, dt)
+
+
+def test_separate_ops_switch_and_its_environment_variable():
+    """separate_ops() (nestable) and MHCKIT_FUSED_PAIR=0 put HyperConnection on the separate ops; after
+    the block the pair is back."""
+    import os
+    import subprocess
+    import sys
+
+    hc, x, _ = _case(4, 8, (3,), torch.float32)
+    with separate_ops():
+        with separate_ops():
+            assert hc.coeffs.read_carry(x) is None
+        assert hc.coeffs.read_carry(x) is None
+    assert hc.coeffs.read_carry(x) is not None
+    code = ("import torch, mhckit; hc = mhckit.HyperConnection(8, None, n_streams=4, variant='mhc'); "
+            "print(hc.coeffs.read_carry(torch.randn(3, 4, 8)) is None)")
+    for value, want in (("0", "True"), ("1", "False")):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MHCKIT_FUSED_PAIR=value),
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == want, (value, out)
