@@ -125,16 +125,19 @@ def test_coefficients_match_pytorch_ops_and_reference(dt, n, c, fused_read):
 
 
 @pytest.mark.parametrize("blas", [False, True])
-@pytest.mark.parametrize("tokens", [1, 7, 15, 33])
-def test_projection_in_the_kernel_and_in_blas(monkeypatch, blas, tokens):
-    """The kernels run the matmuls with phi themselves up to PROJECT_MAX_WIDTH and leave them to BLAS
-    above it; both agree with the PyTorch ops, for token counts that fill 4-token groups and W-token
+@pytest.mark.parametrize("n,tokens", [(4, 1), (4, 7), (4, 15), (4, 33), (8, 7), (8, 33)])
+def test_projection_in_the_kernel_and_in_blas(monkeypatch, blas, n, tokens):
+    """The kernels run the matmuls with phi themselves up to PROJECT_MAX_WIDTH / PROJECT_MAX_COLUMNS
+    and leave them to BLAS beyond; both routes (each forced here, also n = 8 in the kernel, where 2-byte
+    streams run it) agree with the PyTorch ops, for token counts that fill 4-token groups and W-token
     blocks partly."""
     if blas:
         monkeypatch.setattr(cpu, "PROJECT_MAX_WIDTH", 0)
-    x, phi, bias, alpha = _coeff_inputs(4, 11, torch.float32, lead=(tokens,), seed=7)
-    w = [torch.randn(*o, generator=torch.Generator().manual_seed(2)) for o in ((tokens, 11), (tokens, 4), (tokens, 4),
-                                                                              (tokens, 4, 4))]
+    else:
+        monkeypatch.setattr(cpu, "PROJECT_MAX_COLUMNS", 10**6)
+    x, phi, bias, alpha = _coeff_inputs(n, 11, torch.float32, lead=(tokens,), seed=7)
+    w = [torch.randn(*o, generator=torch.Generator().manual_seed(2)) for o in ((tokens, 11), (tokens, n), (tokens, n),
+                                                                              (tokens, n, n))]
 
     def run():
         for t in (x, phi, bias, alpha):
@@ -146,6 +149,34 @@ def test_projection_in_the_kernel_and_in_blas(monkeypatch, blas, tokens):
     fast, slow = _both(run)
     for a, b in zip(fast, slow):
         _close(a, b, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "n,c,dtype,here",
+    [(4, 64, torch.float32, True), (4, 1024, torch.float32, True), (4, 1025, torch.float32, False),
+     (5, 64, torch.float32, False), (8, 64, torch.float64, False), (8, 64, torch.bfloat16, True),
+     (8, 2048, torch.float16, True)],
+)
+def test_projection_route(monkeypatch, n, c, dtype, here):
+    """Which side runs the matmuls with phi: the kernel for n <= 4 up to n*C = 4096 (and for 2-byte
+    streams always), BLAS beyond (fp32 / fp64; measured faster there, see PROJECT_MAX_COLUMNS)."""
+    seen = []
+    real = cpu._call
+
+    def spy(name, dt, *args):
+        if name in ("mhc_coeffs_fwd", "mhc_coeffs_bwd"):
+            seen.append((name, args[1] is not None if name == "mhc_coeffs_fwd" else args[10] is not None))
+        return real(name, dt, *args)
+
+    monkeypatch.setattr(cpu, "_call", spy)
+    x = torch.randn(3, n, c, dtype=dtype, requires_grad=True)
+    k = n * n + 2 * n
+    phi = (torch.randn(n * c, k) * 0.02).to(cpu.coef_dtype(dtype)).requires_grad_()
+    bias, alpha = torch.zeros(k, dtype=phi.dtype, requires_grad=True), torch.full((3,), 0.1, dtype=phi.dtype)
+    outs = CoeffsPreFunction.apply(x, phi, bias, alpha, 20, 1e-6)
+    sum(o.float().sum() for o in outs).backward()
+    assert seen == [("mhc_coeffs_fwd", here), ("mhc_coeffs_bwd", here)]
+    assert x.grad is not None and phi.grad is not None and torch.isfinite(phi.grad).all()
 
 
 @pytest.mark.parametrize("blas", [False, True])

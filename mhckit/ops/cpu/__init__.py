@@ -420,10 +420,20 @@ def post_bwd(y: torch.Tensor, h_post: torch.Tensor, g: torch.Tensor, need_y: boo
 # ---- mHC coefficients: RMS, projection, tail and the branch read in one call each way -------------
 
 
-# Up to this width n*C the kernels run the projection matmuls themselves (a 4-token x 24-column
-# register block; faster than BLAS for these skinny shapes at small widths, and x is then read once);
-# wider, BLAS does them. Module-level so that tests can move it.
+# Up to this width n*C and this many columns K = n^2 + 2n (n <= 4) the kernels run the projection
+# matmuls with phi themselves (a 4-token x 24-column register block, AVX2; x is then read once);
+# wider, or with more columns, BLAS does them for fp32 / fp64 streams. Measured on the 2-core CI-like
+# CPU (1024 tokens, coefficient forward + backward, median of 30 paired runs; BLAS there uses
+# AVX-512): for n <= 4 the two are within ~10 % of each other either way, for n = 5 / 6 / 8 BLAS is
+# 1.07-1.11x / 1.12-1.30x / 1.38-2.27x faster (C = 64-512). 2-byte streams always stay in the kernel
+# (x converted once, gx rounded once). Module-level so that tests can move them.
 PROJECT_MAX_WIDTH = 4096
+PROJECT_MAX_COLUMNS = 24
+
+
+def _project_here(n: int, c: int, k: int, dt: torch.dtype) -> bool:
+    """Whether the coefficient kernels run the matmuls with phi (else BLAS, around the kernel call)."""
+    return (n * c <= PROJECT_MAX_WIDTH and k <= PROJECT_MAX_COLUMNS) or dt in _HALVES
 
 
 def coeffs_fwd(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor, rms_eps: float,
@@ -434,7 +444,7 @@ def coeffs_fwd(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, gates: to
     cd = _COEF[dt]  # the coefficients' dtype; u is of the streams'
     x, bias, gates, phi = _c(x, dt), _c(bias, cd), _c(gates, cd), _c(phi, cd)  # kept referenced until the call returns
     t = _tokens(x)
-    if n * c <= PROJECT_MAX_WIDTH or dt in _HALVES:  # 2-byte streams: always here (x read once, in float)
+    if _project_here(n, c, phi.shape[1], dt):  # 2-byte streams: always here (x read once, in float)
         z, phi_arg = torch.empty(t, phi.shape[1], dtype=cd), _ptr(phi)
     else:
         z, phi_arg = x.view(t, n * c) @ phi, None
@@ -459,7 +469,7 @@ def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, phi: torch
     gu, g_pre, g_post, g_res, g_out = _c(gu, dt), _c(g_pre, cd), _c(g_post, cd), _c(g_res, cd), _c(g_out, dt)
     t = _tokens(x)
     # the matmuls with phi in the kernel, else in BLAS below; 2-byte streams always here (gx rounded once)
-    here = n * c <= PROJECT_MAX_WIDTH or dt in _HALVES
+    here = _project_here(n, c, k, dt)
     gzr = None if here else torch.empty(t, k, dtype=cd)
     gx = torch.empty(x.shape, dtype=dt) if need_x else None
     dphi = torch.empty(n * c, k, dtype=cd) if here and need_phi else None
