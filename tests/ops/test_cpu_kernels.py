@@ -154,12 +154,16 @@ def test_projection_in_the_kernel_and_in_blas(monkeypatch, blas, n, tokens):
 @pytest.mark.parametrize(
     "n,c,dtype,here",
     [(4, 64, torch.float32, True), (4, 1024, torch.float32, True), (4, 1025, torch.float32, False),
-     (5, 64, torch.float32, False), (8, 64, torch.float64, False), (8, 64, torch.bfloat16, True),
-     (8, 2048, torch.float16, True)],
+     (5, 64, torch.float32, "avx512"), (6, 64, torch.float32, "avx512"), (6, 64, torch.float64, False),
+     (7, 64, torch.float32, False),
+     (8, 64, torch.float64, False), (8, 64, torch.bfloat16, True), (8, 2048, torch.float16, True)],
 )
 def test_projection_route(monkeypatch, n, c, dtype, here):
-    """Which side runs the matmuls with phi: the kernel for n <= 4 up to n*C = 4096 (and for 2-byte
-    streams always), BLAS beyond (fp32 / fp64; measured faster there, see PROJECT_MAX_COLUMNS)."""
+    """Which side runs the matmuls with phi: the kernel up to n*C = 4096 for n <= 4 (fp32 streams: n <= 6
+    with the AVX-512 blocks) and for 2-byte streams always, BLAS beyond (fp32 / fp64; measured faster there,
+    see PROJECT_MAX_COLUMNS)."""
+    if here == "avx512":
+        here = cpu.status()["avx512_matmuls"]
     seen = []
     real = cpu._call
 
@@ -365,3 +369,75 @@ def test_results_do_not_depend_on_the_thread_count(dt):
         for a, b in zip(sums, runs[0][1]):  # 1007-term sums split differently: rounding scales with the largest
             tol = 1e-4 if dt == torch.float32 else 1e-12
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+_ISA_RUN = """
+import sys, torch
+from mhckit.ops import cpu
+cpu.PROJECT_MAX_COLUMNS = 10**6  # the kernels' own matmuls at every n (2-byte streams run them at every n)
+st = cpu.status()
+assert st["active"] and st["isa"] == sys.argv[1], st
+gen = torch.Generator().manual_seed(5)
+out = {"avx512_matmuls": st["avx512_matmuls"]}
+for dt in (torch.float32, torch.bfloat16):
+    for n, c, t in ((1, 11, 7), (2, 11, 33), (3, 64, 17), (4, 11, 1), (4, 64, 37), (4, 100, 20), (6, 8, 9), (8, 11, 19)):
+        k = 2 * n + n * n
+        x = torch.randn(t, n, c, generator=gen).to(dt)
+        phi, bias = 0.3 * torch.randn(n * c, k, generator=gen), torch.randn(k, generator=gen)
+        gates = torch.rand(3, generator=gen) + 0.5
+        gu, g_out = torch.randn(t, c, generator=gen).to(dt), torch.randn(t, n, c, generator=gen).to(dt)
+        g_post = torch.randn(t, n, generator=gen)
+        h_pre, h_post, h_res, r, z, u = cpu.coeffs_fwd(x, phi, bias, gates, 1e-6, 20, True)
+        grads = cpu.coeffs_bwd(x, gu, z, r, phi, bias, gates, None, g_post, None, 20, True, True, g_out=g_out)
+        out[(str(dt), n, c, t)] = (h_pre, h_post, h_res, r, z, u, *grads)
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_avx512_and_avx2_builds_agree(tmp_path):
+    """Where the CPU has AVX-512 the float32 matmuls with phi (projection, dphi, the dx term) run in
+    16-lane register blocks, and the rest of the suite tests that build; the portable 8-lane blocks
+    (AVX2 CPUs) are checked here: a build narrowed to AVX2 (``MHCKIT_CPU_ISA=avx2``) gives the same
+    coefficients and gradients as the AVX-512 build to float32 rounding (the blocks sum each output in
+    the same order; the compiler fuses some scalar tails differently per ISA, e.g. the RMS dot product),
+    fp32 and bf16 streams (those within one bf16 unit), n = 1 .. 8, widths that leave vector tails,
+    1 .. 37 tokens."""
+    if cpu.status()["isa"] != "avx512":
+        pytest.skip("this CPU (as PyTorch sees it) has no AVX-512: one build only")
+    results = {}
+    for isa in ("avx512", "avx2"):
+        path = tmp_path / f"{isa}.pt"
+        res = subprocess.run([sys.executable, "-c", _ISA_RUN, isa, str(path)], capture_output=True, text=True,
+                             env=dict(os.environ, MHCKIT_CPU_ISA=isa), timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        results[isa] = torch.load(path)
+    a, b = results["avx512"], results["avx2"]
+    assert a.pop("avx512_matmuls") and not b.pop("avx512_matmuls")
+    assert a.keys() == b.keys() and len(a) == 16
+    for key in a:
+        for p, q in zip(a[key], b[key]):
+            assert (p is None) == (q is None), key
+            if p is None:
+                continue
+            scale = q.float().abs().max().item()
+            if p.dtype == torch.bfloat16:
+                torch.testing.assert_close(p, q, rtol=2**-7, atol=2**-8 * scale, msg=str(key))
+            else:
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6 * scale, msg=str(key))
+
+
+def test_isa_switch(monkeypatch):
+    """MHCKIT_CPU_ISA narrows the build (never beyond what PyTorch dispatches to); a bad value is named."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.delenv("MHCKIT_CPU_ISA", raising=False)
+    assert cpu._isa() == "avx2" and "-mavx512f" not in cpu._isa_flags()
+    monkeypatch.setenv("MHCKIT_CPU_ISA", "avx512")
+    assert cpu._isa() == "avx2"
+    monkeypatch.setenv("MHCKIT_CPU_ISA", "generic")
+    assert cpu._isa() == "generic" and cpu._isa_flags() == []
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setenv("MHCKIT_CPU_ISA", "AVX512")
+    assert cpu._isa() == "avx512" and "-mavx512f" in cpu._isa_flags()
+    monkeypatch.setenv("MHCKIT_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match=r"MHCKIT_CPU_ISA: got 'sse9'; expected one of avx512, avx2, generic"):
+        cpu._isa()

@@ -19,6 +19,12 @@ rounding; tests check both). A ctypes call cannot be traced: under ``torch.compi
 become ``torch.library`` custom ops that call these kernels at run time (``mhckit/ops/carry.py``,
 ``mhckit/ops/triton_autograd.py``; :func:`built` and :func:`compile_streams_ok` answer at trace time).
 
+The build targets what PyTorch itself dispatches to on this CPU: AVX2 + FMA, and where PyTorch uses
+AVX-512 also AVX-512 register blocks (16-lane vectors, 32 registers) for the float32 matmuls with phi
+(projection forward, ``dphi`` and the ``dx`` term backward; 1.15-1.2x the coefficient kernels' speed
+at 1024 tokens, one thread). ``MHCKIT_CPU_ISA=avx2`` (or ``generic``) narrows the build, e.g. to
+check the portable blocks on an AVX-512 machine (a test does).
+
 Streams in bfloat16 or float16 (a model cast with ``.to(torch.bfloat16)``, e.g. a Hugging Face model
 loaded in bf16) run on the same kernels: the stream read, the write-back and the coefficient kernels
 take 2-byte streams, convert each block of tokens to float32 in per-thread scratch, compute in
@@ -78,14 +84,31 @@ def _compiler() -> str | None:
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu99", "-fno-fast-math", "-Wno-psabi"]
 
 
-def _isa_flags() -> list[str]:
-    """AVX2 + FMA (+ F16C, float16 conversions) where PyTorch itself dispatches to AVX2 or AVX-512
-    (part of the cache key)."""
+ISAS = ("avx512", "avx2", "generic")
+
+
+def _isa() -> str:
+    """The instruction set the kernels are built for: ``$MHCKIT_CPU_ISA`` if set (one of :data:`ISAS`;
+    it can only narrow what the CPU has), else what PyTorch itself dispatches to here."""
     try:
-        cap = torch.backends.cpu.get_cpu_capability()
+        cap = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "generic")
     except Exception:  # older torch
-        return []
-    return ["-mavx2", "-mfma", "-mf16c"] if cap in ("AVX2", "AVX512") else []
+        cap = "generic"
+    want = os.environ.get("MHCKIT_CPU_ISA", "").strip().lower()
+    if not want:
+        return cap
+    if want not in ISAS:
+        raise ValueError(f"MHCKIT_CPU_ISA: got {want!r}; expected one of {', '.join(ISAS)} (or unset)")
+    return ISAS[max(ISAS.index(want), ISAS.index(cap))]  # never more than the CPU has
+
+
+def _isa_flags() -> list[str]:
+    """AVX2 + FMA (+ F16C, float16 conversions) where PyTorch itself dispatches to AVX2 or AVX-512,
+    plus AVX-512 F / VL for the float32 matmul blocks where it dispatches to AVX-512 (part of the
+    cache key)."""
+    isa = _isa()
+    return {"avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl"],
+            "avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}[isa]
 
 
 def _build(cc: str, out: Path) -> str | None:
@@ -122,6 +145,7 @@ def _load() -> ctypes.CDLL | None:
         elif (cc := _compiler()) is None:
             why = "no C compiler found (set CC, or install gcc / clang)"
         else:
+            _STATE["isa"] = _isa()
             key = hashlib.sha256(
                 b"".join(f.read_bytes() for f in _SOURCES) + " ".join([cc, *_FLAGS, *_isa_flags(), sys.platform]).encode()
             ).hexdigest()[:16]
@@ -152,6 +176,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     formats = lib.mhc_half_formats()
     halves = [suf for bit, suf in ((1, "bf16"), (2, "f16")) if formats & bit]
     _STATE["halves"] = {dt for dt, suf in ((torch.bfloat16, "bf16"), (torch.float16, "f16")) if suf in halves}
+    _STATE["zmm"] = bool(lib.mhc_avx512_matmuls())
     for suf in ("f32", "f64"):
         getattr(lib, f"mhc_sinkhorn_fwd_{suf}").argtypes = [p, i64, p, i64, i32, i32, i32]
         getattr(lib, f"mhc_sinkhorn_bwd_{suf}").argtypes = [p, i64, p, p, i64, i64, i32, i32, i32]
@@ -170,7 +195,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 def status() -> dict[str, object]:
     """``{"active": bool, "why": reason when inactive, "path": the library, "openmp": bool,
-    "half_streams": the 2-byte stream dtypes the library takes}``."""
+    "half_streams": the 2-byte stream dtypes the library takes, "isa": what it was built for,
+    "avx512_matmuls": bool}``."""
     lib = _load()
     return {
         "active": lib is not None,
@@ -178,6 +204,8 @@ def status() -> dict[str, object]:
         "path": _STATE.get("path"),
         "openmp": bool(lib.mhc_openmp()) if lib is not None else False,
         "half_streams": sorted(str(d) for d in _STATE.get("halves", ())) if lib is not None else [],
+        "isa": _STATE.get("isa"),
+        "avx512_matmuls": bool(_STATE.get("zmm")) if lib is not None else False,
     }
 
 
@@ -420,20 +448,26 @@ def post_bwd(y: torch.Tensor, h_post: torch.Tensor, g: torch.Tensor, need_y: boo
 # ---- mHC coefficients: RMS, projection, tail and the branch read in one call each way -------------
 
 
-# Up to this width n*C and this many columns K = n^2 + 2n (n <= 4) the kernels run the projection
-# matmuls with phi themselves (a 4-token x 24-column register block, AVX2; x is then read once);
-# wider, or with more columns, BLAS does them for fp32 / fp64 streams. Measured on the 2-core CI-like
-# CPU (1024 tokens, coefficient forward + backward, median of 30 paired runs; BLAS there uses
-# AVX-512): for n <= 4 the two are within ~10 % of each other either way, for n = 5 / 6 / 8 BLAS is
-# 1.07-1.11x / 1.12-1.30x / 1.38-2.27x faster (C = 64-512). 2-byte streams always stay in the kernel
-# (x converted once, gx rounded once). Module-level so that tests can move them.
+# Up to this width n*C and this many columns K = n^2 + 2n the kernels run the projection matmuls
+# with phi themselves (x is then read once); wider, or with more columns, BLAS does them for fp32 /
+# fp64 streams. PROJECT_MAX_COLUMNS None: 48 (n <= 6) for fp32 streams where the matmuls run in the
+# AVX-512 blocks, else 24 (n <= 4). Measured on the 2-core CI-like CPU (1024 tokens, coefficient forward +
+# backward, median of 30 paired calls; BLAS there uses AVX-512): with the portable AVX2 blocks the
+# kernel and BLAS were within ~10 % of each other for n <= 4, and BLAS was 1.07-1.11x / 1.12-1.30x /
+# 1.38-2.27x faster at n = 5 / 6 / 8 (C = 64-512); with the AVX-512 blocks the kernel is 1.07-1.15x
+# faster at n = 4, 1.03-1.23x at n = 5, even at n = 6, and BLAS 1.15-1.21x faster at n = 8. 2-byte
+# streams always stay in the kernel (x converted once, gx rounded once). Module-level so that tests
+# can move them.
 PROJECT_MAX_WIDTH = 4096
-PROJECT_MAX_COLUMNS = 24
+PROJECT_MAX_COLUMNS: int | None = None
 
 
 def _project_here(n: int, c: int, k: int, dt: torch.dtype) -> bool:
     """Whether the coefficient kernels run the matmuls with phi (else BLAS, around the kernel call)."""
-    return (n * c <= PROJECT_MAX_WIDTH and k <= PROJECT_MAX_COLUMNS) or dt in _HALVES
+    cols = PROJECT_MAX_COLUMNS
+    if cols is None:
+        cols = 48 if _STATE.get("zmm") and dt is torch.float32 else 24
+    return (n * c <= PROJECT_MAX_WIDTH and k <= cols) or dt in _HALVES
 
 
 def coeffs_fwd(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor, rms_eps: float,

@@ -23,7 +23,8 @@
  * latency of each step's sum -> divide -> scale chain.
  * The coefficient kernels (mhc_coeffs_fwd / _bwd) work on blocks of SB tokens: the block's stream
  * rows are read from memory once and the projection matmuls, the tail and the read run on them from
- * cache (matmuls as 4-token x 24-column register blocks; per-thread dphi summed at the end). The
+ * cache (matmuls as 4-token x 24-column register blocks, or 16-lane AVX-512 blocks for float32 where
+ * the build targets AVX-512; per-thread dphi summed at the end). The
  * backward can also take the output gradient of the sublayer's write-back and then produces that
  * write-back's dx and dh_res in the same pass (see mhckit/ops/carry.py, CoeffsCarryFunction).
  *
@@ -63,8 +64,134 @@ static void *mhc_alloc(size_t bytes, int zero) {
     return p;
 }
 
+/* ---- AVX-512 register blocks for the three float32 matmuls with phi (where the compiler targets it) ----
+ * The portable kernels below run these matmuls in 8-lane vectors (4 tokens x 24 columns of
+ * accumulators); with 16-lane vectors and 32 registers each FMA does twice the work. Used by the
+ * float instantiation only (float64 is for checks); the sums run in the same order per output as
+ * the portable code's only where stated, so results differ from an AVX2 build by rounding. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define MHC_ZMM 1
+
+/* z rows (ld K) of 8 tokens (rows xr[0..8), ld nC) = (x @ phiP) / r over the 24 columns [kb, kb + 24)
+ * of phiP (ld KP): per phi row one 16-lane and one 8-lane load and 8 broadcasts for 16 FMAs. */
+static inline __attribute__((always_inline)) void zmm_project8(const float *const xr[8], int64_t nC, const float *phiP,
+                                                                int KP, int kb, const float *rr, float *z, int K,
+                                                                int tokens) {
+    __m512 a[8];
+    __m256 b[8];
+    for (int t = 0; t < 8; t++) a[t] = _mm512_setzero_ps(), b[t] = _mm256_setzero_ps();
+    const float *ph = phiP + kb;
+    for (int64_t i = 0; i < nC; i++, ph += KP) {
+        const __m512 p0 = _mm512_loadu_ps(ph);
+        const __m256 p1 = _mm256_loadu_ps(ph + 16);
+        for (int t = 0; t < 8; t++) {
+            const __m512 v = _mm512_set1_ps(xr[t][i]);
+            a[t] = _mm512_fmadd_ps(v, p0, a[t]);
+            b[t] = _mm256_fmadd_ps(_mm512_castps512_ps256(v), p1, b[t]);
+        }
+    }
+    for (int t = 0; t < tokens; t++) {
+        float out[24] __attribute__((aligned(64)));
+        _mm512_store_ps(out, _mm512_div_ps(a[t], _mm512_set1_ps(rr[t])));
+        _mm256_store_ps(out + 16, _mm256_div_ps(b[t], _mm256_set1_ps(rr[t])));
+        for (int l = 0; l < 24 && kb + l < K; l++) z[t * K + kb + l] = out[l];
+    }
+}
+
+/* z rows of `lanes` tokens = (x rows @ phiP) / r, phiP [nC, KP] with KP a multiple of 24 */
+static void zmm_project(const float *x, int64_t nC, const float *phiP, int KP, const float *r, float *z, int K,
+                        int lanes) {
+    for (int t0 = 0; t0 < lanes; t0 += 8) {
+        const float *xr[8];
+        const int tokens = lanes - t0 < 8 ? lanes - t0 : 8;
+        for (int t = 0; t < 8; t++) xr[t] = x + (t0 + (t < tokens ? t : tokens - 1)) * nC;
+        for (int kb = 0; kb < KP; kb += 24) zmm_project8(xr, nC, phiP, KP, kb, r + t0, z + t0 * K, K, tokens);
+    }
+}
+
+/* dT[k][i] (ld nC) += sum_{t < lanes} G[t][k] x[t][i] for NK columns k0.. of G (ld KP) and NQ vectors of
+ * 16 from i: the NK x NQ tile of dT stays in registers over the tokens (3 loads of x and NK
+ * broadcasts per 3 NK FMAs). Per output the tokens are summed in order. */
+static inline __attribute__((always_inline)) void zmm_dphi_tile(const float *x, int64_t nC, const float *G, int KP,
+                                                                 int k0, const int NK, int64_t i, const int NQ,
+                                                                 int lanes, float *dT) {
+    __m512 acc[4][3];
+    for (int k = 0; k < NK; k++)
+        for (int q = 0; q < NQ; q++) acc[k][q] = _mm512_loadu_ps(dT + (k0 + k) * nC + i + 16 * q);
+    for (int t = 0; t < lanes; t++) {
+        __m512 xv[3];
+        for (int q = 0; q < NQ; q++) xv[q] = _mm512_loadu_ps(x + t * nC + i + 16 * q);
+        for (int k = 0; k < NK; k++) {
+            const __m512 g = _mm512_set1_ps(G[t * KP + k0 + k]);
+            for (int q = 0; q < NQ; q++) acc[k][q] = _mm512_fmadd_ps(g, xv[q], acc[k][q]);
+        }
+    }
+    for (int k = 0; k < NK; k++)
+        for (int q = 0; q < NQ; q++) _mm512_storeu_ps(dT + (k0 + k) * nC + i + 16 * q, acc[k][q]);
+}
+
+static inline __attribute__((always_inline)) void zmm_dphi_cols(const float *x, int64_t nC, const float *G, int KP,
+                                                                 int K, int64_t i, const int NQ, int lanes, float *dT) {
+    int k0 = 0;
+    for (; k0 + 4 <= K; k0 += 4) zmm_dphi_tile(x, nC, G, KP, k0, 4, i, NQ, lanes, dT);
+    for (; k0 < K; k0++) zmm_dphi_tile(x, nC, G, KP, k0, 1, i, NQ, lanes, dT);
+}
+
+/* dT [K, nC] += G^T x for `lanes` tokens (x rows ld nC, G rows ld KP) */
+static void zmm_dphi(const float *x, int64_t nC, const float *G, int KP, int K, int lanes, float *dT) {
+    int64_t i = 0;
+    for (; i + 48 <= nC; i += 48) zmm_dphi_cols(x, nC, G, KP, K, i, 3, lanes, dT);
+    for (; i + 16 <= nC; i += 16) zmm_dphi_cols(x, nC, G, KP, K, i, 1, lanes, dT);
+    for (; i < nC; i++)
+        for (int k = 0; k < K; k++) {
+            float a = dT[k * nC + i];
+            for (int t = 0; t < lanes; t++) a += G[t * KP + k] * x[t * nC + i];
+            dT[k * nC + i] = a;
+        }
+}
+
+/* gx rows gr[0..NT) += G @ phi^T over NQ vectors of 16 from i (phiT [K, nC], G rows ld KP): per column
+ * k, NQ loads of phiT and NT broadcasts for NQ NT FMAs; per output the columns are summed in order,
+ * as the portable gx_chunk does. */
+static inline __attribute__((always_inline)) void zmm_gx_tile(float *const *gr, const float *G, int KP,
+                                                               const float *phiT, int K, int64_t nC, int64_t i,
+                                                               const int NQ, const int NT) {
+    __m512 acc[4][3];
+    for (int t = 0; t < NT; t++)
+        for (int q = 0; q < NQ; q++) acc[t][q] = _mm512_loadu_ps(gr[t] + i + 16 * q);
+    for (int k = 0; k < K; k++) {
+        __m512 p[3];
+        for (int q = 0; q < NQ; q++) p[q] = _mm512_loadu_ps(phiT + k * nC + i + 16 * q);
+        for (int t = 0; t < NT; t++) {
+            const __m512 g = _mm512_set1_ps(G[t * KP + k]);
+            for (int q = 0; q < NQ; q++) acc[t][q] = _mm512_fmadd_ps(g, p[q], acc[t][q]);
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int q = 0; q < NQ; q++) _mm512_storeu_ps(gr[t] + i + 16 * q, acc[t][q]);
+}
+
+/* gx rows (NT = 4 or 1 tokens, ld nC) += G @ phi^T: chunks of 48, then 16, then scalars */
+static inline __attribute__((always_inline)) void zmm_gx(float *const *gr, const float *G, int KP, const float *phiT,
+                                                          int K, int64_t nC, const int NT) {
+    int64_t i = 0;
+    for (; i + 48 <= nC; i += 48) zmm_gx_tile(gr, G, KP, phiT, K, nC, i, 3, NT);
+    for (; i + 16 <= nC; i += 16) zmm_gx_tile(gr, G, KP, phiT, K, nC, i, 1, NT);
+    for (; i < nC; i++)
+        for (int t = 0; t < NT; t++) {
+            float a = gr[t][i];
+            for (int k = 0; k < K; k++) a += G[t * KP + k] * phiT[k * nC + i];
+            gr[t][i] = a;
+        }
+}
+#else
+#define MHC_ZMM 0
+#endif
+
 #define T float
 #define SUFFIX _f32
+#define ZMM MHC_ZMM /* the float instantiation uses the AVX-512 blocks above */
 #define TINY FLT_MIN
 #define EXP expf
 #define ITYPE int32_t
@@ -73,6 +200,7 @@ static void *mhc_alloc(size_t bytes, int zero) {
 
 #define T double
 #define SUFFIX _f64
+#define ZMM 0
 #define TINY DBL_MIN
 #define EXP exp
 #define ITYPE int64_t
@@ -156,6 +284,9 @@ static void f16_out(const float *restrict s, uint16_t *restrict d, int64_t n) {
 int mhc_half_formats(void) { return 1 | (MHC_HAVE_F16 << 1); }
 
 int mhc_abi_version(void) { return 6; }
+
+/* 1 if the float32 matmuls with phi run in the AVX-512 blocks */
+int mhc_avx512_matmuls(void) { return MHC_ZMM; }
 
 int mhc_openmp(void) {
 #ifdef _OPENMP

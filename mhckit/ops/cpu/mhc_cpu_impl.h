@@ -638,6 +638,10 @@ static T *FN(pack_phi)(const T *phi, int64_t nC, int K, int *KP) {
 /* z rows (ld K) of `lanes` tokens = (x rows (ld nC) @ phi) / r, with phiP from FN(pack_phi): for 4
  * tokens at a time, 12 vector accumulators over the nC axis (one broadcast of x[t][i] per 3 FMAs). */
 static void FN(project_block)(const T *x, int64_t nC, const T *phiP, int KP, const T *r, T *z, int K, int lanes) {
+#if ZMM
+    zmm_project(x, nC, phiP, KP, r, z, K, lanes);
+    return;
+#endif
     for (int t0 = 0; t0 < lanes; t0 += 4) {
         const T *xr[4];
         for (int t = 0; t < 4; t++) xr[t] = x + (t0 + t < lanes ? t0 + t : lanes - 1) * nC;
@@ -837,6 +841,20 @@ static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, 
                    gx + l * nC);
     }
     if (!c->phiT) return;
+#if ZMM /* dphi per thread as [K, nC] (see coeffs_bwd_run) */
+    if (dp) zmm_dphi(x, nC, G, KP, K, lanes, dp);
+    for (int l0 = 0; gx && l0 < lanes; l0 += 4) {
+        T *gxr[4];
+        for (int t = 0; t < 4; t++) gxr[t] = gx + (l0 + t < lanes ? l0 + t : l0) * nC;
+        if (l0 + 4 <= lanes) zmm_gx(gxr, G + l0 * KP, KP, phiT, K, nC, 4);
+        else
+            for (int t = l0; t < lanes; t++) {
+                T *row = gx + t * nC;
+                zmm_gx(&row, G + t * KP, KP, phiT, K, nC, 1);
+            }
+    }
+    return;
+#endif
     for (int l0 = 0; l0 < lanes; l0 += 4) { /* 4 tokens at a time; absent ones read zeros */
         const T *xr[4];
         T *gxr[4];
@@ -901,7 +919,8 @@ static int FN(coeffs_bwd_run)(const T *x, const T *gu, const T *g_out, const T *
             for (int64_t i = 0; i < nC; i++)
                 for (int k = 0; k < K; k++) {
                     T sum = 0;
-                    for (int th = 0; th < threads; th++) sum += dphiP[((size_t)th * nC + i) * KP + k];
+                    for (int th = 0; th < threads; th++)
+                        sum += ZMM ? dphiP[(size_t)th * nC * KP + (size_t)k * nC + i] : dphiP[((size_t)th * nC + i) * KP + k];
                     dphi[i * K + k] = sum;
                 }
     }
@@ -927,6 +946,7 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
 #undef VEXP
 /* this instantiation's parameters (set by mhc_cpu.c before each include) */
 #undef ITYPE
+#undef ZMM
 #undef VEXP_POLY
 #undef T
 #undef SUFFIX
