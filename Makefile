@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all clean smollm2
+.PHONY: setup demo test test-slow test-all clean smollm2 bench-cpu
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ test-all: setup
 # (8-13 minutes measured on a busy 2-core CPU).
 smollm2: setup
 	$(PY) -m mhckit.integrations.smollm2
+
+# The CPU benchmarks whose results are committed under benchmarks/results/ (fp32; installs the pinned
+# peer `hyper-connections` into the venv first; ~5 minutes on a 2-core CPU). bf16 and compiled
+# variants: see the README's Speed section. On a GPU: bash benchmarks/gpu_suite.sh.
+bench-cpu: setup
+	$(PY) -m pip install --quiet -e ".[dev,train,hf,bench]"
+	$(PY) -m benchmarks.bench_ops
+	$(PY) -m benchmarks.bench_ops --tokens 1024,4096 --C 64,256,1024 --n 2,4,8 --modes fwd+bwd --out benchmarks/results/ops_sweep_cpu
+	$(PY) -m benchmarks.bench_layer
+	$(PY) -m benchmarks.bench_model
+	$(PY) -m benchmarks.bench_model --preset wide
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -7,7 +7,8 @@ Cases (each fwd+bwd of one layer, same branch module, interleaved, paired ratios
     residual            x + f(x) on [B, T, C]
     mhckit              mhckit.HyperConnection(variant="mhc"), default backend
     mhckit-reference    the same with backend="reference" (plain autograd through the spec)
-    hyper-connections   lucidrains' `hyper-connections` mHC (if installed), exp-domain Sinkhorn
+    hyper-connections   lucidrains' `hyper-connections` mHC (if installed: `pip install -e ".[bench]"`,
+                        pinned), exp-domain Sinkhorn
     hyper-connections-log   the same with its log-domain Sinkhorn
 Every tensor and module is cast to --dtype (a bf16 / fp16 model: the streams in that dtype, mhckit's
 coefficients in fp32). Results go to benchmarks/results/layer_<device>.{csv,md} (float32) or
@@ -53,6 +54,19 @@ def without_cpu_kernels(run):
             run()
 
     return wrapped
+
+
+def peer_versions() -> dict:
+    """The installed versions of the peers measured here (``pip install -e ".[bench]"`` pins them)."""
+    from importlib import metadata
+
+    out = {}
+    for dist in ("hyper-connections",):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
 
 
 def peer_cases(branch: nn.Module, c: int, n: int, xs: torch.Tensor) -> dict:  # xs: the streams' dtype
@@ -114,7 +128,7 @@ def main(argv=None) -> int:
         results += res
     suffix = "" if dtype == torch.float32 else f"_{args.dtype}"
     stem = Path(args.out) if args.out else RESULTS / f"layer_{args.device}{suffix}"
-    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads()))
+    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads(), peers=peer_versions()))
     print(f"wrote {stem}.csv and {stem}.md")
     return 0
 
