@@ -207,7 +207,7 @@ class PostResFunction(torch.autograd.Function):
 # On the CPU (fp32 / fp64 streams, or bf16 / fp16 streams with fp32 coefficients; compiled kernels
 # available) all of it is one C call forward (norm, projection, tail, read) and one backward (read
 # gradient, tail, dbias, dalpha, dphi, dv); for fp32 / fp64 the three matmuls with phi move to BLAS
-# above n*C = cpu.PROJECT_MAX_WIDTH or n > 4 (cpu.PROJECT_MAX_COLUMNS).
+# above n*C = cpu.PROJECT_MAX_WIDTH or n > 4 (n > 6 for fp32 with the AVX-512 blocks; cpu.PROJECT_MAX_COLUMNS).
 
 
 def _coeffs_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float, with_u: bool):

@@ -67,8 +67,9 @@ static void *mhc_alloc(size_t bytes, int zero) {
 /* ---- AVX-512 register blocks for the three float32 matmuls with phi (where the compiler targets it) ----
  * The portable kernels below run these matmuls in 8-lane vectors (4 tokens x 24 columns of
  * accumulators); with 16-lane vectors and 32 registers each FMA does twice the work. Used by the
- * float instantiation only (float64 is for checks); the sums run in the same order per output as
- * the portable code's only where stated, so results differ from an AVX2 build by rounding. */
+ * float instantiation only (float64 is for checks). Each block sums every output in the portable
+ * code's order (one FMA per term); an AVX2 build still differs by rounding, because the compiler
+ * contracts some scalar code elsewhere (e.g. the RMS dot product's tail) differently per ISA. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define MHC_ZMM 1

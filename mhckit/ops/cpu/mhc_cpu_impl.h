@@ -919,8 +919,9 @@ static int FN(coeffs_bwd_run)(const T *x, const T *gu, const T *g_out, const T *
             for (int64_t i = 0; i < nC; i++)
                 for (int k = 0; k < K; k++) {
                     T sum = 0;
-                    for (int th = 0; th < threads; th++)
-                        sum += ZMM ? dphiP[(size_t)th * nC * KP + (size_t)k * nC + i] : dphiP[((size_t)th * nC + i) * KP + k];
+                    for (int th = 0; th < threads; th++) /* ZMM: per thread [K, nC], else [nC, KP] */
+                        sum += ZMM ? dphiP[(size_t)th * nC * KP + (size_t)k * nC + i]
+                                   : dphiP[((size_t)th * nC + i) * KP + k];
                     dphi[i * K + k] = sum;
                 }
     }
