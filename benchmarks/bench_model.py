@@ -57,6 +57,8 @@ VARIANTS = {
     "mhc-traced": dict(variant="mhc", recompute=0, traced=True),  # --compile: dynamo traces the PyTorch ops
     # mHC as separate ops (read, write-back, autograd adding their stream gradients) instead of the fused pair
     "mhc-separate": dict(variant="mhc", recompute=0, separate=True),
+    # CPU: mHC on the kernels built for AVX2 only (mhckit.ops.cpu.use_isa), next to the default build
+    "mhc-avx2": dict(variant="mhc", recompute=0, isa="avx2"),
 }
 
 
@@ -89,12 +91,14 @@ def build(preset: dict, spec: dict, device: str, backend: str,
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
 
 
-def step_fn(model, opt, tokens, device, cpu_kernels: bool = True, traced: bool = False, separate: bool = False):
+def step_fn(model, opt, tokens, device, cpu_kernels: bool = True, traced: bool = False, separate: bool = False,
+            isa: str | None = None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
 
     def step():
         with (contextlib.nullcontext() if cpu_kernels else cpu.disabled(), _traced_ops(traced),
-              carry.separate_ops() if separate else contextlib.nullcontext()):  # fwd and bwd
+              carry.separate_ops() if separate else contextlib.nullcontext(),
+              cpu.use_isa(isa) if isa else contextlib.nullcontext()):  # fwd and bwd
             with autocast:
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
@@ -135,7 +139,8 @@ def main(argv=None) -> int:
     runs = {n: build(preset, VARIANTS[n], dev, args.backend, dtype) for n in names}
     stepped = {n: torch.compile(m) if args.compile else m for n, (m, _) in runs.items()}  # what a step calls
     steps = {n: step_fn(stepped[n], o, tokens, dev, VARIANTS[n].get("cpu_kernels", True),
-                        traced=VARIANTS[n].get("traced", False), separate=VARIANTS[n].get("separate", False))
+                        traced=VARIANTS[n].get("traced", False), separate=VARIANTS[n].get("separate", False),
+                        isa=VARIANTS[n].get("isa"))
              for n, (m, o) in runs.items()}
     first_step = {}
     for n in names:  # the first step compiles (with --compile)

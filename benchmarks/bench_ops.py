@@ -3,7 +3,10 @@
     python -m benchmarks.bench_ops [--tokens 2048,8192 --C 512 --n 4 --backends torch,reference]
 
 For each op and shape, every backend is timed interleaved (A B A B ...) in one process; ratios
-are against the first backend listed. Results: benchmarks/results/ops_<device>.{csv,md}.
+are against the first backend listed. ``torch@avx2`` (any ``backend@isa``) is that backend with the
+CPU kernels built for that instruction set (``mhckit.ops.cpu.use_isa``), e.g.
+``--backends torch@avx2,torch`` compares the AVX2 and AVX-512 builds.
+Results: benchmarks/results/ops_<device>.{csv,md}.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 from benchmarks.harness import compare, write_results
 from mhckit import functional as F
+from mhckit.ops import cpu
 from mhckit.train.runinfo import run_info
 
 RESULTS = Path(__file__).parent / "results"
@@ -71,6 +75,21 @@ def timed_case(fn, mode: str):
     return run
 
 
+def _case(op: str, inp: dict, backend: str, mode: str):
+    """``timed_case`` of ``backend``, or for ``backend@isa`` of ``backend`` on the kernels built for ``isa``
+    (built, and for the bwd mode its forward run, inside the switch too)."""
+    name, _, isa = backend.partition("@")
+    if not isa:
+        return timed_case(op_fn(op, inp, name), mode)
+    with cpu.use_isa(isa):
+        run = timed_case(op_fn(op, inp, name), mode)
+
+    def switched():
+        with cpu.use_isa(isa):
+            run()
+    return switched
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="2048,8192")
@@ -93,7 +112,7 @@ def main(argv=None) -> int:
                 inp = make_inputs(t, c, n, dtype, args.device)
                 for op in args.ops.split(","):
                     for mode in args.modes.split(","):
-                        cases = {b: timed_case(op_fn(op, inp, b), mode) for b in backends}
+                        cases = {b: _case(op, inp, b, mode) for b in backends}
                         params = {"op": op, "mode": mode, "tokens": t, "C": c, "n": n, "dtype": args.dtype}
                         res = compare(cases, backends[0], rounds=args.rounds, device=args.device, params=params)
                         for r in res:

@@ -89,3 +89,20 @@ def test_gpu_suite_plumbing_on_the_cpu(tmp_path):
     for name in ("gpu_check.csv", "gpu_check.md", "model_default_cpu.md", "profile_default_cpu.txt"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "triton-pair" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
+def test_benchmarks_compare_two_kernel_builds(tmp_path):
+    """``bench_ops --backends torch@avx2,torch`` and ``bench_model``'s ``mhc-avx2`` variant time the
+    AVX2 build next to the process's own one (the README's AVX-512 numbers come from them)."""
+    from benchmarks import bench_model, bench_ops
+
+    own = cpu.status()
+    assert bench_ops.main(["--tokens", "16", "--C", "8", "--n", "4", "--ops", "coeffs", "--modes", "fwd+bwd,bwd",
+                           "--backends", "torch@avx2,torch", "--rounds", "1", "--out", str(tmp_path / "ops")]) == 0
+    rows = (tmp_path / "ops.csv").read_text().splitlines()[1:]
+    assert sum(",torch@avx2," in r for r in rows) == 2 and sum(",torch," in r for r in rows) == 2
+    assert bench_model.main(["--variants", "residual,mhc-avx2", "--steps", "1", "--warmup", "0",
+                             "--out", str(tmp_path / "model")]) == 0
+    assert "mhc-avx2" in (tmp_path / "model.md").read_text()
+    assert cpu.status() == own

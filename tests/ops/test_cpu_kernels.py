@@ -441,3 +441,27 @@ def test_isa_switch(monkeypatch):
     monkeypatch.setenv("MHCKIT_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match=r"MHCKIT_CPU_ISA: got 'sse9'; expected one of avx512, avx2, generic"):
         cpu._isa()
+
+
+def test_use_isa_switches_the_build_and_puts_it_back():
+    """``use_isa`` runs the kernels of another build inside the block (benchmarks compare the AVX2
+    and AVX-512 builds in one process) and restores the process's own build afterwards."""
+    own = cpu.status()
+    gen = torch.Generator().manual_seed(3)
+    x, phi = torch.randn(37, 4, 20, generator=gen), 0.3 * torch.randn(80, 24, generator=gen)
+    bias, gates = torch.randn(24, generator=gen), torch.rand(3, generator=gen) + 0.5
+    before = cpu.coeffs_fwd(x, phi, bias, gates, 1e-6, 20, True)
+    for _ in range(2):  # the second time from its cache
+        with cpu.use_isa("avx2"):
+            st = cpu.status()
+            assert st["active"] and st["isa"] == ("generic" if own["isa"] == "generic" else "avx2")
+            assert not st["avx512_matmuls"] and st["path"] != own["path"] or own["isa"] == "avx2"
+            inside = cpu.coeffs_fwd(x, phi, bias, gates, 1e-6, 20, True)
+        assert cpu.status() == own
+    after = cpu.coeffs_fwd(x, phi, bias, gates, 1e-6, 20, True)
+    for a, b, c in zip(before, inside, after):
+        assert torch.equal(a, c)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"isa: got 'avx3'; expected one of avx512, avx2, generic"):
+        with cpu.use_isa("avx3"):
+            pass

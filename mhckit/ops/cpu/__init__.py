@@ -56,7 +56,7 @@ from ..._compile import constant_result
 __all__ = [
     "available", "enabled", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
     "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "post_bwd", "coeffs_fwd", "coeffs_bwd", "MAX_STREAMS",
-    "streams_available", "coef_dtype", "built", "compile_streams_ok", "takes_as_stream",
+    "streams_available", "coef_dtype", "built", "compile_streams_ok", "takes_as_stream", "use_isa", "ISAS",
 ]
 
 MAX_STREAMS = 8
@@ -234,6 +234,39 @@ def disabled():
         yield
     finally:
         _OFF[0] -= 1
+
+
+_BUILDS: dict[str, tuple[dict, dict]] = {}  # isa -> (_STATE, _FNS) of that build, for use_isa()
+
+
+@contextlib.contextmanager
+def use_isa(isa: str):
+    """Inside this block the kernels are the build for ``isa`` (one of :data:`ISAS`, narrowed to what
+    the CPU has, as ``MHCKIT_CPU_ISA`` does), loaded next to the process's own build: for A/B
+    benchmarks of two builds in one process. Not thread-safe; the process's build is back afterwards."""
+    if isa not in ISAS:
+        raise ValueError(f"isa: got {isa!r}; expected one of {', '.join(ISAS)}")
+    _load()
+    saved = dict(_STATE), dict(_FNS)
+    try:
+        if isa not in _BUILDS:
+            before = os.environ.get("MHCKIT_CPU_ISA")
+            os.environ["MHCKIT_CPU_ISA"] = isa
+            try:
+                _STATE.clear(), _FNS.clear()
+                if _load() is None:
+                    raise RuntimeError(f"isa: the build for {isa!r} is unavailable ({_STATE.get('why')})")
+            finally:
+                if before is None:
+                    del os.environ["MHCKIT_CPU_ISA"]
+                else:
+                    os.environ["MHCKIT_CPU_ISA"] = before
+            _BUILDS[isa] = dict(_STATE), {}
+        _STATE.clear(), _STATE.update(_BUILDS[isa][0]), _FNS.clear(), _FNS.update(_BUILDS[isa][1])
+        yield
+        _BUILDS[isa] = dict(_STATE), dict(_FNS)  # keep the functions looked up inside
+    finally:
+        _STATE.clear(), _STATE.update(saved[0]), _FNS.clear(), _FNS.update(saved[1])
 
 
 def enabled() -> bool:
