@@ -21,9 +21,10 @@ become ``torch.library`` custom ops that call these kernels at run time (``mhcki
 
 The build targets what PyTorch itself dispatches to on this CPU: AVX2 + FMA, and where PyTorch uses
 AVX-512 also AVX-512 register blocks (16-lane vectors, 32 registers) for the float32 matmuls with phi
-(projection forward, ``dphi`` and the ``dx`` term backward; 1.15-1.2x the coefficient kernels' speed
-at 1024 tokens, one thread). ``MHCKIT_CPU_ISA=avx2`` (or ``generic``) narrows the build, e.g. to
-check the portable blocks on an AVX-512 machine (a test does).
+(projection forward, ``dphi`` and the ``dx`` term backward; the coefficient op in 0.80-0.96x the
+AVX2 build's time, ``benchmarks/results/ops_isa_cpu.md``). ``MHCKIT_CPU_ISA=avx2`` (or ``generic``)
+narrows the build, e.g. to check the portable blocks on an AVX-512 machine (a test does);
+:func:`use_isa` switches builds inside one process (A/B benchmarks).
 
 Streams in bfloat16 or float16 (a model cast with ``.to(torch.bfloat16)``, e.g. a Hugging Face model
 loaded in bf16) run on the same kernels: the stream read, the write-back and the coefficient kernels
