@@ -106,3 +106,27 @@ def test_benchmarks_compare_two_kernel_builds(tmp_path):
                              "--out", str(tmp_path / "model")]) == 0
     assert "mhc-avx2" in (tmp_path / "model.md").read_text()
     assert cpu.status() == own
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
+def test_route_benchmark_times_both_routes(tmp_path, monkeypatch):
+    """``bench_route`` times the coefficient op with its matmuls forced into the kernel and into BLAS
+    (where ``PROJECT_MAX_COLUMNS``' default comes from), restores the thresholds, names the default route."""
+    from benchmarks import bench_route
+
+    saved, real, routes = (cpu.PROJECT_MAX_WIDTH, cpu.PROJECT_MAX_COLUMNS), cpu._call, set()
+
+    def spy(name, dt, *args):  # which route each coefficient forward took, per n
+        if name == "mhc_coeffs_fwd":
+            routes.add((args[-4], args[1] is not None))
+        return real(name, dt, *args)
+
+    monkeypatch.setattr(cpu, "_call", spy)
+    assert bench_route.main(["--tokens", "16", "--n", "4,8", "--C", "8", "--rounds", "1",
+                             "--out", str(tmp_path / "route")]) == 0
+    assert routes == {(4, True), (4, False), (8, True), (8, False)}
+    assert (cpu.PROJECT_MAX_WIDTH, cpu.PROJECT_MAX_COLUMNS) == saved
+    rows = [r.split(",") for r in (tmp_path / "route.csv").read_text().splitlines()]
+    col = {name: i for i, name in enumerate(rows[0])}
+    got = {(r[col["n"]], r[col["case"]]): r[col["default_route"]] for r in rows[1:]}
+    assert got == {("4", "kernel"): "kernel", ("4", "blas"): "kernel", ("8", "kernel"): "blas", ("8", "blas"): "blas"}
