@@ -485,13 +485,13 @@ def post_bwd(y: torch.Tensor, h_post: torch.Tensor, g: torch.Tensor, need_y: boo
 # Up to this width n*C and this many columns K = n^2 + 2n the kernels run the projection matmuls
 # with phi themselves (x is then read once); wider, or with more columns, BLAS does them for fp32 /
 # fp64 streams. PROJECT_MAX_COLUMNS None: 48 (n <= 6) for fp32 streams where the matmuls run in the
-# AVX-512 blocks, else 24 (n <= 4). Measured on the 2-core CI-like CPU (1024 tokens, coefficient forward +
-# backward, median of 30 paired calls; BLAS there uses AVX-512): with the portable AVX2 blocks the
-# kernel and BLAS were within ~10 % of each other for n <= 4, and BLAS was 1.07-1.11x / 1.12-1.30x /
-# 1.38-2.27x faster at n = 5 / 6 / 8 (C = 64-512); with the AVX-512 blocks the kernel is 1.07-1.15x
-# faster at n = 4, 1.03-1.23x at n = 5, even at n = 6, and BLAS 1.15-1.21x faster at n = 8. 2-byte
-# streams always stay in the kernel (x converted once, gx rounded once). Module-level so that tests
-# can move them.
+# AVX-512 blocks, else 24 (n <= 4). From `python -m benchmarks.bench_route` (coefficient op, fp32,
+# forward + backward, 1024 tokens, C = 64-512, 2 threads; results/route_cpu*.md; BLAS uses AVX-512 on
+# that CPU): with the portable AVX2 blocks the kernel and BLAS are within ~8 % of each other at n = 4,
+# and BLAS is 1.11-1.22x / 1.20-1.28x / 1.35-2.33x faster at n = 5 / 6 / 8; with the AVX-512 blocks the
+# kernel is 1.16-1.20x faster at n = 4 up to C = 256 (BLAS 1.06x at C = 512), 1.09-1.23x at n = 5, even
+# at n = 6, and BLAS 1.10-1.61x faster at n = 8. 2-byte streams always stay in the kernel (x converted
+# once, gx rounded once). Module-level so that tests can move them.
 PROJECT_MAX_WIDTH = 4096
 PROJECT_MAX_COLUMNS: int | None = None
 
