@@ -40,9 +40,10 @@ test-all: setup
 smollm2: setup
 	$(PY) -m mhckit.integrations.smollm2
 
-# The CPU benchmarks whose results are committed under benchmarks/results/ (fp32; installs the pinned
-# peer `hyper-connections` into the venv first; ~5 minutes on a 2-core CPU). bf16 and compiled
-# variants: see the README's Speed section. On a GPU: bash benchmarks/gpu_suite.sh.
+# The fp32 CPU benchmarks whose results are committed under benchmarks/results/ (installs the pinned
+# peer `hyper-connections` into the venv first; ~9 minutes on a 2-core CPU), including the AVX2-vs-own
+# build and kernel-vs-BLAS comparisons. bf16 and compiled variants: see the README's Speed section.
+# On a GPU: bash benchmarks/gpu_suite.sh.
 bench-cpu: setup
 	$(PY) -m pip install --quiet -e ".[dev,train,hf,bench]"
 	$(PY) -m benchmarks.bench_ops
@@ -50,6 +51,10 @@ bench-cpu: setup
 	$(PY) -m benchmarks.bench_layer
 	$(PY) -m benchmarks.bench_model
 	$(PY) -m benchmarks.bench_model --preset wide
+	$(PY) -m benchmarks.bench_ops --backends torch@avx2,torch --ops coeffs --tokens 1024,4096 --C 64,256,1024 --modes fwd,bwd --rounds 15 --out benchmarks/results/ops_isa_cpu
+	$(PY) -m benchmarks.bench_model --variants residual,mhc-avx2,mhc --out benchmarks/results/model_default_cpu_isa
+	$(PY) -m benchmarks.bench_route
+	$(PY) -m benchmarks.bench_route --isa avx2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
