@@ -130,3 +130,15 @@ def test_route_benchmark_times_both_routes(tmp_path, monkeypatch):
     col = {name: i for i, name in enumerate(rows[0])}
     got = {(r[col["n"]], r[col["case"]]): r[col["default_route"]] for r in rows[1:]}
     assert got == {("4", "kernel"): "kernel", ("4", "blas"): "kernel", ("8", "kernel"): "blas", ("8", "blas"): "blas"}
+
+
+def test_results_name_the_cpu_kernel_build(monkeypatch):
+    """Every result's run info says which CPU kernel build ran (results depend on it), or why none did."""
+    from mhckit.train.runinfo import run_info
+
+    st = cpu.status()
+    info = run_info()
+    assert info["cpu_kernels"] == (f"{st['isa']} build, OpenMP" if st["active"] and st["openmp"] else info["cpu_kernels"])
+    assert info["cpu_kernels"].startswith(st["isa"] if st["active"] else "off (")
+    monkeypatch.setattr(cpu, "status", lambda: {"active": False, "why": "no C compiler found", "isa": None})
+    assert run_info()["cpu_kernels"] == "off (no C compiler found)"

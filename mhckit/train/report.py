@@ -562,8 +562,8 @@ def _setup_lines(meta: dict[str, Any], stats: dict[str, VariantStats]) -> list[s
         f"- **seeds**: {len(seeds)} ({', '.join(map(str, seeds))}); every variant sees the same batches for a given seed",
         f"- **data**: {data.get('source', '?')} ({data.get('tokenizer', '?')} tokenizer): {data.get('num_tokens', 0):,} tokens, "
         f"{data.get('train_tokens', 0):,} train / {data.get('val_tokens', 0):,} validation",
-        f"- **hardware**: {info.get('hardware', '?')}; torch {info.get('torch', '?')}, python {info.get('python', '?')}; "
-        f"commit `{info.get('commit', '?')}`",
+        f"- **hardware**: {info.get('hardware', '?')}; torch {info.get('torch', '?')}, python {info.get('python', '?')}"
+        + (f"; CPU kernels: {info['cpu_kernels']}" if info.get("cpu_kernels") else "") + f"; commit `{info.get('commit', '?')}`",
     ]
     wall = meta.get("wall_s")
     if wall is not None:

@@ -1,4 +1,4 @@
-"""What every result carries: commit, versions and hardware."""
+"""What every result carries: commit, versions, hardware and the CPU kernel build."""
 
 from __future__ import annotations
 
@@ -37,6 +37,17 @@ def hardware() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def cpu_kernels() -> str:
+    """Which compiled CPU kernels this process runs (results depend on the build: mhckit.ops.cpu):
+    the instruction set they were built for, or why there are none."""
+    from mhckit.ops import cpu
+
+    st = cpu.status()
+    if not st["active"]:
+        return f"off ({st['why']})"
+    return f"{st['isa']} build" + (", OpenMP" if st["openmp"] else ", no OpenMP")
+
+
 def run_info() -> dict[str, str]:
     try:
         import triton
@@ -50,4 +61,5 @@ def run_info() -> dict[str, str]:
         "triton": triton_version,
         "python": platform.python_version(),
         "hardware": hardware(),
+        "cpu_kernels": cpu_kernels(),
     }

@@ -17,6 +17,7 @@ import pytest
 
 from mhckit.train import compare, report
 from mhckit.train.report import RunResult, VariantStats
+from mhckit.train.runinfo import run_info
 
 TOPICS = Path(pydoc_data.topics.__file__)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -58,6 +59,7 @@ def test_compare_writes_report_table_and_pngs(tiny_compare, capsys):
     _, out = tiny_compare
     text = (out / "report.md").read_text()
     assert "| variant |" in text and "| hc |" in text and "| mhc |" in text
+    assert f"; CPU kernels: {run_info()['cpu_kernels']}; commit" in text  # results depend on the kernel build
     for name in report.FIGURES.values():
         path = out / name
         assert _is_png(path), name
