@@ -134,7 +134,7 @@ def test_route_benchmark_times_both_routes(tmp_path, monkeypatch):
 
 def test_results_name_the_cpu_kernel_build(monkeypatch):
     """Every result's run info says which CPU kernel build ran (results depend on it), or why none did."""
-    from mhckit.train.runinfo import run_info
+    from mhckit.train.runinfo import cpu_kernels, run_info
 
     st = cpu.status()
     info = run_info()
@@ -142,3 +142,6 @@ def test_results_name_the_cpu_kernel_build(monkeypatch):
     assert info["cpu_kernels"].startswith(st["isa"] if st["active"] else "off (")
     monkeypatch.setattr(cpu, "status", lambda: {"active": False, "why": "no C compiler found", "isa": None})
     assert run_info()["cpu_kernels"] == "off (no C compiler found)"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU run that has not loaded them
+    monkeypatch.delitem(cpu._STATE, "lib", raising=False)
+    assert cpu_kernels() == "not loaded"

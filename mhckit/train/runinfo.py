@@ -42,6 +42,8 @@ def cpu_kernels() -> str:
     the instruction set they were built for, or why there are none."""
     from mhckit.ops import cpu
 
+    if torch.cuda.is_available() and "lib" not in cpu._STATE:  # a GPU run: do not build (or warn about) them
+        return "not loaded"
     st = cpu.status()
     if not st["active"]:
         return f"off ({st['why']})"
