@@ -57,6 +57,8 @@ VARIANTS = {
     "mhc-traced": dict(variant="mhc", recompute=0, traced=True),  # --compile: dynamo traces the PyTorch ops
     # mHC as separate ops (read, write-back, autograd adding their stream gradients) instead of the fused pair
     "mhc-separate": dict(variant="mhc", recompute=0, separate=True),
+    # Hyper-Connections (arXiv 2409.19606), dynamic: for the cost of the other variant the library has
+    "hc": dict(variant="hc", recompute=0),
     # CPU: mHC on the kernels built for AVX2 only (mhckit.ops.cpu.use_isa), next to the default build
     "mhc-avx2": dict(variant="mhc", recompute=0, isa="avx2"),
 }
