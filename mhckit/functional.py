@@ -38,6 +38,7 @@ from .ops import cpu, resolve_backend
 from .ops.autograd import (
     CoeffsFunction,
     CoeffsPreFunction,
+    HCDynamicFunction,
     PostResFunction,
     PreFunction,
     SinkhornFunction,
@@ -46,7 +47,7 @@ from .ops.carry import CoeffsCarryFunction, PostCarryFunction, carry_read, carry
 from .reference import DEFAULT_RMS_EPS
 
 __all__ = [
-    "sinkhorn", "mhc_logits", "mhc_coeffs", "mhc_coeffs_pre", "mhc_pre", "mhc_post_res", "residual_update",
+    "sinkhorn", "mhc_logits", "mhc_coeffs", "mhc_coeffs_pre", "mhc_pre", "mhc_post_res", "residual_update", "hc_coeffs",
     "check_finite", "NonFiniteError",
 ]
 
@@ -250,3 +251,44 @@ def residual_update(x: Tensor, y: Tensor, h_post: Tensor) -> Tensor:
     check_coefficient(h_post, "h_post", x.shape[:-2] + (n,))
     dt = h_post.dtype
     return (x.to(dt) + h_post.unsqueeze(-1) * y.to(dt).unsqueeze(-2)).to(x.dtype)
+
+
+def hc_coeffs(
+    x: Tensor,
+    static_pre: Tensor,
+    static_post: Tensor,
+    static_res: Tensor,
+    w_pre: Tensor | None = None,
+    w_post: Tensor | None = None,
+    w_res: Tensor | None = None,
+    scale_alpha: Tensor | None = None,
+    scale_beta: Tensor | None = None,
+    *,
+    norm_eps: float = DEFAULT_RMS_EPS,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Hyper-Connections' ``(h_pre, h_post, h_res)``; see :func:`mhckit.reference.hc_coeffs` (same
+    arguments). The dynamic terms run as one :class:`mhckit.ops.autograd.HCDynamicFunction`
+    (``(x @ [w_pre | w_post | w_res]) / rms(x)``: no normalised copy of the streams, a two-pass
+    backward) on every backend but ``"reference"``."""
+    resolved = resolve_backend(backend, x, static_res)
+    if resolved == "reference" or w_pre is None:
+        return reference.hc_coeffs(x, static_pre, static_post, static_res, w_pre, w_post, w_res, scale_alpha,
+                                   scale_beta, norm_eps=norm_eps)
+    n, c = check_streams(x, "x")
+    if w_post is None or w_res is None or scale_alpha is None or scale_beta is None:
+        raise ValueError("w_pre, w_post, w_res, scale_alpha, scale_beta: pass all of them (dynamic HC) or none")
+    for name, t, shape in (("w_pre", w_pre, (c,)), ("w_post", w_post, (c,)), ("w_res", w_res, (c, n)),
+                           ("static_pre", static_pre, (n,)), ("static_post", static_post, (n,)),
+                           ("static_res", static_res, (n, n))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}.shape: got {tuple(t.shape)}; expected {shape} for x of shape {tuple(x.shape)}")
+    dt = compute_dtype(x, static_res)
+    w = torch.cat([w_pre.to(dt)[:, None], w_post.to(dt)[:, None], w_res.to(dt)], dim=1)  # [C, n + 2]
+    z = HCDynamicFunction.apply(x, w, float(norm_eps))  # [..., n, n + 2]
+    t = torch.tanh(z)
+    sa, sb = scale_alpha.to(dt), scale_beta.to(dt)
+    a_m = static_pre.to(dt) + sa * t[..., 0]
+    b = static_post.to(dt) + sb * t[..., 1]
+    a_r = static_res.to(dt) + sa * t[..., 2:]  # row j from stream j
+    return a_m, b, a_r.transpose(-1, -2)

@@ -160,8 +160,9 @@ class HCCoefficients(nn.Module):
         dyn = ()
         if self.cfg.hc_dynamic:
             dyn = (self.w_pre, self.w_post, self.w_res, self.scale_alpha, self.scale_beta)
-        return reference.hc_coeffs(
-            x, self.static_pre, self.static_post, self.static_res, *dyn, norm_eps=self.cfg.rms_eps
+        return F.hc_coeffs(
+            x, self.static_pre, self.static_post, self.static_res, *dyn, norm_eps=self.cfg.rms_eps,
+            backend=self.cfg.backend,
         )
 
 

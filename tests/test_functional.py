@@ -113,3 +113,75 @@ def test_fused_coeffs_pre_matches_composition(lead, n, c, dtype):
 def test_fused_coeffs_pre_gradcheck_float64():
     x, phi, bias, alpha = make_mhc_inputs((2,), 3, 4, seed=3, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: F.mhc_coeffs_pre(*a, iters=5), (x, phi, bias, alpha))
+
+
+def _hc_inputs(lead, n, c, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    pd = torch.float64 if dtype == torch.float64 else torch.float32  # parameters: the compute dtype
+
+    def rnd(*shape, dt=pd, scale=1.0):
+        return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dt).requires_grad_()
+
+    x = rnd(*lead, n, c, dt=dtype, scale=3.0)
+    return (x, rnd(n), rnd(n), rnd(n, n), rnd(c, scale=0.3), rnd(c, scale=0.3), rnd(c, n, scale=0.3),
+            rnd(), rnd())
+
+
+@pytest.mark.parametrize("lead,n,c", [((5,), 2, 3), ((2, 3), 3, 16), ((7,), 4, 10), ((2, 5), 4, 64), ((3,), 8, 5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_hc_coeffs_match_reference(lead, n, c, dtype):
+    """Dynamic HC coefficients on the fast path ((x @ W) / rms(x) in one Function) equal the reference
+    (which normalises the streams first), forward and every gradient; bf16 streams give fp32 coefficients."""
+    leaves = _hc_inputs(lead, n, c, dtype, seed=n * c)
+    ref = R.hc_coeffs(*leaves)
+    fast = F.hc_coeffs(*leaves)
+    weights = [torch.randn(o.shape, dtype=torch.float32) for o in ref]
+    g_ref = torch.autograd.grad(_loss(ref, weights), leaves)
+    g_fast = torch.autograd.grad(_loss(fast, weights), leaves)
+    rtol, atol = TOL[torch.float64 if dtype == torch.float64 else torch.float32]
+    for name, a, b in zip(("h_pre", "h_post", "h_res"), fast, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
+    for i, (a, b) in enumerate(zip(g_fast, g_ref)):
+        assert a.dtype == b.dtype, i
+        # sums over tokens (the weights' gradients) in another order: rounding scales with the largest entry
+        r = 2**-7 if a.dtype == torch.bfloat16 else rtol
+        tol = dict(rtol=r, atol=max(atol, r * b.abs().max().item()))
+        torch.testing.assert_close(a, b, **tol, msg=f"gradient {i}")
+
+
+def test_hc_coeffs_gradcheck_and_what_it_keeps():
+    """The dynamic HC Function passes gradcheck (fp64) and keeps no normalised copy of the streams: besides
+    x itself, what the fast path saves for backward is per-stream values (under half a stream tensor),
+    where the reference keeps more than a whole stream tensor."""
+    from mhckit.ops.autograd import HCDynamicFunction
+
+    x, w = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True), torch.randn(6, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: HCDynamicFunction.apply(a, b, 1e-6), (x, w.requires_grad_()))
+
+    def saved_bytes(fn, leaves):
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(*leaves)
+        return sum(b for (ptr, _, _), b in seen.items() if ptr != leaves[0].data_ptr())  # x itself is alive anyway
+
+    leaves = _hc_inputs((16, 64), 4, 64, torch.float32, seed=1)
+    stream_bytes = leaves[0].numel() * 4
+    assert saved_bytes(F.hc_coeffs, leaves) < 0.5 * stream_bytes
+    assert saved_bytes(R.hc_coeffs, leaves) > stream_bytes
+
+
+def test_hc_coeffs_checks_its_arguments():
+    x, sp, so, sr, wp, wo, wr, sa, sb = _hc_inputs((3,), 4, 8, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="w_pre, w_post, w_res, scale_alpha, scale_beta: pass all of them"):
+        F.hc_coeffs(x, sp, so, sr, wp, wo, None, sa, sb)
+    with pytest.raises(ValueError, match=r"w_res.shape: got \(8, 3\); expected \(8, 4\)"):
+        F.hc_coeffs(x, sp, so, sr, wp, wo, wr[:, :3], sa, sb)
+    static = F.hc_coeffs(x, sp, so, sr)  # static HC: the reference's expressions
+    for a, b in zip(static, R.hc_coeffs(x, sp, so, sr)):
+        assert torch.equal(a, b)

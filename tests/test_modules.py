@@ -113,6 +113,28 @@ def test_hc_identity_init_is_exact_pre_norm_equivalent():
     assert torch.equal(h_res, torch.eye(4).expand(2, 4, 4))
 
 
+@pytest.mark.parametrize("backend,fast", [("auto", True), ("torch", True), ("reference", False)])
+def test_hc_sublayer_takes_the_fast_dynamic_path(monkeypatch, backend, fast):
+    """HyperConnection(variant="hc") computes its dynamic terms with the one-Function fast path (no
+    normalised copy of the streams) unless backend="reference"; both give the same layer output."""
+    from mhckit.ops import autograd
+
+    calls = []
+    real = autograd.HCDynamicFunction.apply
+    monkeypatch.setattr(autograd.HCDynamicFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    hc = HyperConnection(C, Block(), n_streams=4, variant="hc", layer_index=1, backend=backend)
+    with torch.no_grad():
+        for w in (hc.coeffs.w_pre, hc.coeffs.w_post, hc.coeffs.w_res):
+            w.normal_(0, 0.3)
+    x = torch.randn(3, 5, 4, C)
+    out = hc(x)
+    assert bool(calls) is fast
+    ref = HyperConnection(C, hc.branch, n_streams=4, variant="hc", layer_index=1, backend="reference")
+    ref.load_state_dict(hc.state_dict())
+    torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-6)
+
+
 def _train_h_res(init: str, steps: int = 30) -> tuple[float, float]:
     """Train a tiny GPT; return the largest change of any sublayer's h_res bias and of its h_res."""
     torch.manual_seed(0)
