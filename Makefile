@@ -41,8 +41,9 @@ smollm2: setup
 	$(PY) -m mhckit.integrations.smollm2
 
 # The fp32 CPU benchmarks whose results are committed under benchmarks/results/ (installs the pinned
-# peer `hyper-connections` into the venv first; ~9 minutes on a 2-core CPU), including the AVX2-vs-own
-# build and kernel-vs-BLAS comparisons. bf16 and compiled variants: see the README's Speed section.
+# peer `hyper-connections` into the venv first; ~5-9 minutes on a 2-core CPU), including the AVX2-vs-own
+# build, kernel-vs-BLAS and HC comparisons (model_default_cpu_hc_before.md is a one-off of an older
+# commit). bf16 and compiled variants: see the README's Speed section.
 # On a GPU: bash benchmarks/gpu_suite.sh.
 bench-cpu: setup
 	$(PY) -m pip install --quiet -e ".[dev,train,hf,bench]"
@@ -53,6 +54,7 @@ bench-cpu: setup
 	$(PY) -m benchmarks.bench_model --preset wide
 	$(PY) -m benchmarks.bench_ops --backends torch@avx2,torch --ops coeffs --tokens 1024,4096 --C 64,256,1024 --modes fwd,bwd --rounds 15 --out benchmarks/results/ops_isa_cpu
 	$(PY) -m benchmarks.bench_model --variants residual,mhc-avx2,mhc --out benchmarks/results/model_default_cpu_isa
+	$(PY) -m benchmarks.bench_model --variants residual,hc,mhc --out benchmarks/results/model_default_cpu_hc
 	$(PY) -m benchmarks.bench_route
 	$(PY) -m benchmarks.bench_route --isa avx2
 
