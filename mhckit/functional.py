@@ -253,6 +253,8 @@ def residual_update(x: Tensor, y: Tensor, h_post: Tensor) -> Tensor:
     return (x.to(dt) + h_post.unsqueeze(-1) * y.to(dt).unsqueeze(-2)).to(x.dtype)
 
 
+@finite_checked("x", "static_pre", "static_post", "static_res", "w_pre", "w_post", "w_res", "scale_alpha",
+                "scale_beta", outputs=("h_pre", "h_post", "h_res"))
 def hc_coeffs(
     x: Tensor,
     static_pre: Tensor,

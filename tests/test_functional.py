@@ -185,3 +185,15 @@ def test_hc_coeffs_checks_its_arguments():
     static = F.hc_coeffs(x, sp, so, sr)  # static HC: the reference's expressions
     for a, b in zip(static, R.hc_coeffs(x, sp, so, sr)):
         assert torch.equal(a, b)
+
+
+def test_hc_coeffs_honours_check_finite():
+    """With ``mhckit.check_finite()`` on, a NaN in an HC weight is named, as in the other functional ops."""
+    import mhckit
+
+    x, sp, so, sr, wp, wo, wr, sa, sb = _hc_inputs((3,), 4, 8, torch.float32, seed=4)
+    wr = wr.detach().clone()
+    wr[2, 1] = float("nan")
+    F.hc_coeffs(x, sp, so, sr, wp, wo, wr, sa, sb)  # off: no check
+    with mhckit.check_finite(), pytest.raises(mhckit.NonFiniteError, match="hc_coeffs.*w_res"):
+        F.hc_coeffs(x, sp, so, sr, wp, wo, wr, sa, sb)
