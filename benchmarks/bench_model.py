@@ -19,7 +19,9 @@ checkpoint regions). On the CPU
 mHC's ops are then custom ops that call the C kernels; ``mhc-traced`` instead lets dynamo trace mHC's
 PyTorch ops (what ``torch.compile`` did before the custom ops), for comparison. ``mhc-separate`` (default on
 CUDA) runs mHC's sublayers as separate ops instead of HyperConnection's fused read / write-back pair
-(:func:`mhckit.ops.carry.separate_ops`): what the pair saves, measured in the same run.
+(:func:`mhckit.ops.carry.separate_ops`): what the pair saves, measured in the same run. ``mhc-lite`` /
+``mhc-lite-separate`` do the same for mHC-lite (on the CPU the pair runs its permutation mixture in the C
+kernels; separate is the logits, mixture, read and write-back as separate ops).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ VARIANTS = {
     "hc": dict(variant="hc", recompute=0),
     # CPU: mHC on the kernels built for AVX2 only (mhckit.ops.cpu.use_isa), next to the default build
     "mhc-avx2": dict(variant="mhc", recompute=0, isa="avx2"),
+    # mHC-lite (arXiv 2601.05732): on the fused pair with the kernels' permutation tail (CPU, n <= 4), and
+    # as separate ops (logits, mixture, read, write-back: what it ran before the pair took it)
+    "mhc-lite": dict(variant="mhc-lite", recompute=0),
+    "mhc-lite-separate": dict(variant="mhc-lite", recompute=0, separate=True),
 }
 
 
@@ -93,14 +99,26 @@ def build(preset: dict, spec: dict, device: str, backend: str,
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
 
 
+@contextlib.contextmanager
+def variant_ops(cpu_kernels: bool = True, traced: bool = False, separate: bool = False, isa: str | None = None):
+    """The ops a variant runs on (around its forward and backward, and its memory estimate)."""
+    with (contextlib.nullcontext() if cpu_kernels else cpu.disabled(), _traced_ops(traced),
+          carry.separate_ops() if separate else contextlib.nullcontext(),
+          cpu.use_isa(isa) if isa else contextlib.nullcontext()):
+        yield
+
+
+def _ops_of(spec: dict) -> dict:
+    return dict(cpu_kernels=spec.get("cpu_kernels", True), traced=spec.get("traced", False),
+                separate=spec.get("separate", False), isa=spec.get("isa"))
+
+
 def step_fn(model, opt, tokens, device, cpu_kernels: bool = True, traced: bool = False, separate: bool = False,
             isa: str | None = None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
 
     def step():
-        with (contextlib.nullcontext() if cpu_kernels else cpu.disabled(), _traced_ops(traced),
-              carry.separate_ops() if separate else contextlib.nullcontext(),
-              cpu.use_isa(isa) if isa else contextlib.nullcontext()):  # fwd and bwd
+        with variant_ops(cpu_kernels, traced, separate, isa):  # fwd and bwd
             with autocast:
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
@@ -140,10 +158,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     runs = {n: build(preset, VARIANTS[n], dev, args.backend, dtype) for n in names}
     stepped = {n: torch.compile(m) if args.compile else m for n, (m, _) in runs.items()}  # what a step calls
-    steps = {n: step_fn(stepped[n], o, tokens, dev, VARIANTS[n].get("cpu_kernels", True),
-                        traced=VARIANTS[n].get("traced", False), separate=VARIANTS[n].get("separate", False),
-                        isa=VARIANTS[n].get("isa"))
-             for n, (m, o) in runs.items()}
+    steps = {n: step_fn(stepped[n], o, tokens, dev, **_ops_of(VARIANTS[n])) for n, (m, o) in runs.items()}
     first_step = {}
     for n in names:  # the first step compiles (with --compile)
         t0 = time.perf_counter()
@@ -158,7 +173,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             memory[n] = torch.cuda.max_memory_allocated()
         else:
-            with _traced_ops(VARIANTS[n].get("traced", False)):
+            with variant_ops(**_ops_of(VARIANTS[n])):  # what the variant's steps save, on its own ops
                 memory[n] = estimate_training_memory(stepped[n], tokens[:, :-1], tokens[:, 1:])["total_bytes"]
         for _ in range(args.warmup):
             steps[n]()

@@ -10,7 +10,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_model import PRESETS, VARIANTS, build, step_fn
+from benchmarks.bench_model import PRESETS, VARIANTS, _ops_of, build, step_fn
 
 
 def main(argv=None) -> int:
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     cuda = dev.startswith("cuda")
     for name in args.variants.split(","):
         model, opt = build(preset, VARIANTS[name], dev, "auto")
-        step = step_fn(model, opt, tokens, dev)
+        step = step_fn(model, opt, tokens, dev, **_ops_of(VARIANTS[name]))  # the variant's own ops
         for _ in range(3):
             step()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

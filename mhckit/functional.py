@@ -18,6 +18,8 @@ Shape legend: ``...`` leading dims, ``n`` streams, ``C`` width.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -183,14 +185,24 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
                     triton: bool = False):
     """:func:`mhc_coeffs_pre` plus the carrier that :func:`_mhc_write_carry` takes in place of ``x``:
     ``(u, h_pre, h_post, h_res, carrier)``. Only where :func:`_carry_mode` says (``triton``: it said
-    ``"triton"``; x: streams [..., n, C])."""
+    ``"triton"``; x: streams [..., n, C]). ``iters = cpu.PERMUTATIONS``: mHC-lite's permutation mixture
+    for ``h_res`` (``n! `` logits, n <= ``cpu.MAX_PERMUTATION_STREAMS``; the C kernels only) instead of
+    the Sinkhorn projection."""
     n, c = x.shape[-2], x.shape[-1]
-    k = 2 * n + n * n
+    perms = iters == cpu.PERMUTATIONS and type(iters) is int
+    k = 2 * n + (math.factorial(n) if perms else n * n)
     if not (  # the usual case in one comparison; else the full checks, which name what is wrong
         (phi.shape, bias.shape, alpha.shape) == ((n * c, k), (k,), (3,))
-        and bias.is_floating_point() and alpha.is_floating_point() and type(iters) is int and iters >= 1
+        and bias.is_floating_point() and alpha.is_floating_point() and type(iters) is int and (iters >= 1 or perms)
     ):
-        _check_mhc(x, phi, bias, alpha, iters)
+        if not perms:
+            _check_mhc(x, phi, bias, alpha, iters)
+        else:
+            check_phi_bias(phi, bias, n, c, res_logits=k - 2 * n)
+            check_alpha(alpha)
+    if perms and (triton or n > cpu.MAX_PERMUTATION_STREAMS):
+        raise ValueError(f"n_streams: the permutation mixture runs on the CPU kernels with n <= "
+                         f"{cpu.MAX_PERMUTATION_STREAMS} (got n={n}, triton={triton})")
     dt = torch.float32 if triton else cpu.coef_dtype(x.dtype)
     x = x if x.is_contiguous() else x.contiguous()
     if torch.compiler.is_compiling():  # the same pair as custom ops (see mhckit/ops/carry.py)

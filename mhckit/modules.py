@@ -21,6 +21,7 @@ from . import recompute, reference
 from ._validate import check_choice, check_n_streams, check_streams
 from .config import MHCConfig
 from .constraints import IdentityConstraint, PermutationMixture, ResConstraint, SinkhornConstraint
+from .ops import cpu
 
 __all__ = [
     "HyperConnection",
@@ -99,16 +100,21 @@ class DynamicCoefficients(nn.Module):
 
     def read_carry(self, x: Tensor):
         """``(u, h_pre, h_post, h_res, carrier, triton)`` when mHC runs on the compiled CPU kernels or
-        the Triton kernels (the write-back then takes ``carrier`` and ``triton``, and its stream
-        gradient joins the coefficient backward; see :mod:`mhckit.ops.carry`), else None."""
+        the Triton kernels, or mHC-lite (n <= 4) on the compiled CPU kernels (the write-back then takes
+        ``carrier`` and ``triton``, and its stream gradient joins the coefficient backward; see
+        :mod:`mhckit.ops.carry`), else None."""
         cfg = self.cfg
-        if not isinstance(self.constraint, SinkhornConstraint):
+        if isinstance(self.constraint, SinkhornConstraint):
+            iters = cfg.sinkhorn_iters
+        elif isinstance(self.constraint, PermutationMixture) and self.n_streams <= cpu.MAX_PERMUTATION_STREAMS:
+            iters = cpu.PERMUTATIONS  # mHC-lite: the C kernels' permutation-mixture tail
+        else:
             return None
         mode = F._carry_mode(x, self.phi, self.bias, self.alpha, cfg.backend)
-        if mode is None:
+        if mode is None or (mode == "triton" and iters == cpu.PERMUTATIONS):  # no Triton tail for it
             return None
         triton = mode == "triton"
-        return (*F._mhc_read_carry(x, self.phi, self.bias, self.alpha, iters=cfg.sinkhorn_iters, rms_eps=cfg.rms_eps,
+        return (*F._mhc_read_carry(x, self.phi, self.bias, self.alpha, iters=iters, rms_eps=cfg.rms_eps,
                                    triton=triton), triton)
 
     def forward(self, x: Tensor) -> Coefficients:

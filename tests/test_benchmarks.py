@@ -109,6 +109,29 @@ def test_benchmarks_compare_two_kernel_builds(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
+def test_model_benchmark_times_mhc_lite_on_the_pair_and_as_separate_ops(tmp_path, monkeypatch):
+    """``mhc-lite`` runs the fused pair (the kernels' permutation tail), ``mhc-lite-separate`` does not."""
+    from benchmarks import bench_model
+    from mhckit.ops import carry
+
+    used = []
+    real = carry.CoeffsCarryFunction.forward
+
+    def spy(ctx, x, phi, bias, alpha, iters, *rest):
+        used.append((iters, carry.pair_enabled()))
+        return real(ctx, x, phi, bias, alpha, iters, *rest)
+
+    monkeypatch.setattr(carry.CoeffsCarryFunction, "forward", staticmethod(spy))
+    assert bench_model.main(["--variants", "mhc-lite-separate", "--steps", "1", "--warmup", "0",
+                             "--out", str(tmp_path / "sep")]) == 0
+    assert not used
+    assert bench_model.main(["--variants", "mhc-lite", "--steps", "1", "--warmup", "0",
+                             "--out", str(tmp_path / "pair")]) == 0
+    assert used and {u for u in used} == {(cpu.PERMUTATIONS, True)}
+    assert "mhc-lite" in (tmp_path / "pair.md").read_text()
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
 def test_route_benchmark_times_both_routes(tmp_path, monkeypatch):
     """``bench_route`` times the coefficient op with its matmuls forced into the kernel and into BLAS
     (where ``PROJECT_MAX_COLUMNS``' default comes from), restores the thresholds, names the default route."""

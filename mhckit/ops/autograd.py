@@ -21,6 +21,8 @@ Where a normaliser was clamped to ``tiny`` (logits of scale >= ~1e2), ``c`` is c
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -225,8 +227,11 @@ def _coeffs_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: 
         a = torch.addcmul(bias, z, _gates(alpha, n, phi.shape[1]))
         h_pre = torch.sigmoid(a[:, :n])
         h_post = torch.sigmoid(a[:, n : 2 * n]).mul_(2.0)
-        logits = a[:, 2 * n :].reshape(-1, n, n)
-        h_res = _tokens_first(sinkhorn_forward(_tokens_last(logits), iters), logits.shape)
+        if iters == cpu.PERMUTATIONS:  # mHC-lite
+            h_res = _permutation_mixture(a[:, 2 * n :], n)
+        else:
+            logits = a[:, 2 * n :].reshape(-1, n, n)
+            h_res = _tokens_first(sinkhorn_forward(_tokens_last(logits), iters), logits.shape)
     u = None
     if with_u:
         if cpu.streams_available(x3, h_pre, n=n):
@@ -247,11 +252,34 @@ def _tail_backward(z: Tensor, bias: Tensor, gate: Tensor, n: int, iters: int, g_
     if g_post is not None:
         s = torch.sigmoid(a[:, n : 2 * n])
         da[:, n : 2 * n] = g_post.reshape(-1, n).to(dt) * 2 * s * (1 - s)
-    if g_res is not None:
+    if g_res is not None and iters == cpu.PERMUTATIONS:  # mHC-lite: through the softmax of the mixture
+        w = torch.softmax(a[:, 2 * n :], dim=-1)  # [T, n!]
+        dw = torch.einsum("tkj,pkj->tp", g_res.reshape(-1, n, n).to(dt), _permutations(n, dt))
+        da[:, 2 * n :] = w * (dw - (w * dw).sum(-1, keepdim=True))
+    elif g_res is not None:
         logits = _tokens_last(a[:, 2 * n :].reshape(-1, n, n))
         g = sinkhorn_backward(logits, iters, _tokens_last(g_res.reshape(-1, n, n).to(dt)))
         da[:, 2 * n :] = _tokens_first(g, (a.shape[0], n, n)).reshape(-1, n * n)
     return da
+
+
+_PERMS: dict[tuple[int, torch.dtype], Tensor] = {}
+
+
+def _permutations(n: int, dtype: torch.dtype) -> Tensor:
+    """``[n!, n, n]`` 0/1 permutation matrices in ``itertools.permutations`` order (as
+    :class:`mhckit.constraints.PermutationMixture` and the CPU kernels)."""
+    key = (n, dtype)
+    if key not in _PERMS:
+        eye = torch.eye(n, dtype=dtype)
+        _PERMS[key] = torch.stack([eye[list(p)] for p in itertools.permutations(range(n))])
+    return _PERMS[key]
+
+
+def _permutation_mixture(logits: Tensor, n: int) -> Tensor:
+    """mHC-lite's ``h_res [T, n, n] = sum_p softmax(logits)_p P_p`` (``logits [T, n!]``), as
+    :func:`mhckit.reference.permutation_mixture`."""
+    return torch.einsum("tp,pkj->tkj", torch.softmax(logits, dim=-1), _permutations(n, logits.dtype))
 
 
 def _coeffs_backward(saved, iters: int, g_u, g_pre, g_post, g_res, need_x: bool, need_phi: bool):

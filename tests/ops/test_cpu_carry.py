@@ -27,9 +27,9 @@ def _close(a, b, dt):
     torch.testing.assert_close(a, b, **tol)
 
 
-def _layer(n, c, dt, seed=0, backend="auto"):
+def _layer(n, c, dt, seed=0, backend="auto", variant="mhc"):
     torch.manual_seed(seed)
-    hc = HyperConnection(c, torch.nn.Linear(c, c), variant="mhc", n_streams=n, init="identity", backend=backend)
+    hc = HyperConnection(c, torch.nn.Linear(c, c), variant=variant, n_streams=n, init="identity", backend=backend)
     hc = hc.to(dt)
     with torch.no_grad():  # away from the start, so that every term of the gradient is non-trivial
         hc.coeffs.phi.normal_(0, 0.3)
@@ -82,18 +82,22 @@ def test_carry_matches_the_reference_with_two_write_backs_of_one_read():
         _close(a, b, dt)
 
 
-def test_kernels_switched_off_between_forward_and_backward():
-    """The carry Functions' PyTorch fallback gives the same gradients."""
-    dt = torch.float64
-    hc, x, g = _case(3, 12, (7,), dt, seed=2)
-    fast = _grads(hc, x, g)
+def switched_off_between_forward_and_backward(hc, x, g, fast, close):
+    """The gradients with the kernels switched off after the forward (the pair's PyTorch fallback)
+    against ``fast`` (``_grads``' list: output, then the gradients)."""
     for p in [x, *hc.parameters()]:
         p.grad = None
     out = hc(x)
     with cpu.disabled():
         out.backward(g)
     for a, b in zip(fast[1:], [x.grad] + [p.grad for p in hc.parameters()]):
-        _close(a, b, dt)
+        close(a, b, x.dtype)
+
+
+def test_kernels_switched_off_between_forward_and_backward():
+    """The carry Functions' PyTorch fallback gives the same gradients."""
+    hc, x, g = _case(3, 12, (7,), torch.float64, seed=2)
+    switched_off_between_forward_and_backward(hc, x, g, _grads(hc, x, g), _close)
 
 
 @pytest.mark.parametrize("frozen", ["x", "phi", "branch_only"])

@@ -61,9 +61,14 @@ __all__ = [
 ]
 
 MAX_STREAMS = 8
+# The coefficient kernels' `iters` for mHC-lite (arXiv 2601.05732): h_res is the softmax-weighted
+# mixture of the n! permutation matrices instead of a Sinkhorn projection (K = 2n + n! logits), for
+# n <= MAX_PERMUTATION_STREAMS (24 permutations; the kernels' per-token blocks hold at most 80 logits).
+PERMUTATIONS = -1
+MAX_PERMUTATION_STREAMS = 4
 _SOURCE = Path(__file__).with_name("mhc_cpu.c")
 _SOURCES = (_SOURCE, _SOURCE.with_name("mhc_cpu_impl.h"), _SOURCE.with_name("mhc_cpu_half.h"))
-_ABI = 6
+_ABI = 7
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "lib": CDLL | None, "why": str | None, "path": str
 

@@ -64,6 +64,44 @@ static void *mhc_alloc(size_t bytes, int zero) {
     return p;
 }
 
+/* The coefficient kernels' `iters`: > 0, Sinkhorn with that many iterations (mHC, Eq. 9); or
+ * MHC_PERMUTATIONS: h_res = sum_p softmax(a_res)_p P_p over the n! permutation matrices (mHC-lite,
+ * arXiv 2601.05732), for n <= MAXN_PERM, in itertools.permutations order (P_p[k][perm_p[k]] = 1).
+ * The logits of h_res are n^2 or n! columns: K = 2n + mhc_kres(n, iters). */
+#define MHC_PERMUTATIONS (-1)
+#define MAXN_PERM 4
+#define MAXP 24 /* 4! */
+
+static int mhc_kres(int n, int iters) {
+    if (iters != MHC_PERMUTATIONS) return n * n;
+    int f = 1;
+    for (int i = 2; i <= n; i++) f *= i;
+    return f;
+}
+
+/* whether the coefficient kernels take (n, iters) */
+static int mhc_tail_ok(int n, int iters) {
+    return n >= 1 && n <= MAXN && (iters >= 1 || (iters == MHC_PERMUTATIONS && n <= MAXN_PERM));
+}
+
+/* the n! permutations of 0..n-1 in lexicographic (itertools) order; returns n! */
+static int mhc_perm_table(int n, unsigned char pt[MAXP][MAXN_PERM]) {
+    unsigned char a[MAXN_PERM];
+    int count = 0;
+    for (int i = 0; i < n; i++) a[i] = (unsigned char)i;
+    for (;;) {
+        memcpy(pt[count++], a, (size_t)n);
+        int i = n - 2;
+        while (i >= 0 && a[i] > a[i + 1]) i--;
+        if (i < 0) return count;
+        int j = n - 1;
+        while (a[j] < a[i]) j--;
+        unsigned char t = a[i];
+        a[i] = a[j], a[j] = t;
+        for (int l = i + 1, r = n - 1; l < r; l++, r--) t = a[l], a[l] = a[r], a[r] = t;
+    }
+}
+
 /* ---- AVX-512 register blocks for the three float32 matmuls with phi (where the compiler targets it) ----
  * The portable kernels below run these matmuls in 8-lane vectors (4 tokens x 24 columns of
  * accumulators); with 16-lane vectors and 32 registers each FMA does twice the work. Used by the
@@ -284,7 +322,7 @@ static void f16_out(const float *restrict s, uint16_t *restrict d, int64_t n) {
 /* which stream formats this build has: bit 0 bfloat16, bit 1 float16 */
 int mhc_half_formats(void) { return 1 | (MHC_HAVE_F16 << 1); }
 
-int mhc_abi_version(void) { return 6; }
+int mhc_abi_version(void) { return 7; }
 
 /* 1 if the float32 matmuls with phi run in the AVX-512 blocks */
 int mhc_avx512_matmuls(void) { return MHC_ZMM; }

@@ -16,8 +16,8 @@
 int HF(mhc_coeffs_fwd)(const uint16_t *x, const float *phi, float *z, const float *bias, const float *gates,
                        double rms_eps, float *r, float *h_pre, float *h_post, float *h_res, uint16_t *u,
                        int64_t tokens, int n, int64_t C, int iters, int threads) {
-    if (n < 1 || n > MAXN || iters < 1) return 1;
-    const int K = 2 * n + n * n, nn = n * n;
+    if (!mhc_tail_ok(n, iters)) return 1;
+    const int K = 2 * n + mhc_kres(n, iters), nn = n * n;
     const int64_t nC = n * C, blocks = (tokens + SB - 1) / SB;
     int KP = 0, err = 0;
     float *phiP = NULL;

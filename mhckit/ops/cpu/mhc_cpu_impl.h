@@ -172,6 +172,7 @@ typedef struct {
 } FN(scratch_t);
 
 static int FN(scratch_alloc)(FN(scratch_t) *s, int n, int iters, size_t extra) {
+    if (iters < 1) iters = 1; /* the permutation mixture keeps no iterates */
     const size_t nn = (size_t)n * n, steps = 2 * (size_t)iters - 1;
     const size_t rows = nn * (3 + (size_t)iters) + (size_t)n * steps;
     const size_t off = (W * rows + 15) & ~(size_t)15; /* extra starts on a cache line */
@@ -291,11 +292,71 @@ static inline void FN(sigmoid_col)(const T *z, int K, int i, T bias, T gate, int
     }
 }
 
-/* Forward: z rows of K (K = 2n + n^2), bias [K], gates (3) -> h_pre rows of n = sigmoid(a_pre),
- * h_post rows of n = 2 sigmoid(a_post), h_res rows of n*n = sinkhorn(a_res). */
+/* mHC-lite: the softmax over the P = n! logits a_p = bias[p] + gate z[l, p] (z rows of ld K, from the
+ * first h_res column) of the SB lanes of a block: w[p][h] */
+static void FN(perm_weights)(const T *z, int K, const T *bias, T gate, int P, int lanes, VT w[MAXP][HH_]) {
+    for (int h = 0; h < HH_; h++) {
+        VT mx = {0};
+        for (int p = 0; p < P; p++) {
+            VT a;
+            for (int l = 0; l < W; l++) a[l] = h * W + l < lanes ? z[(h * W + l) * K + p] : 0;
+            w[p][h] = bias[p] + a * gate;
+            mx = p ? VMAX(mx, w[p][h]) : w[p][h];
+        }
+        VT e[MAXP];
+        for (int p = 0; p < P; p++) e[p] = VEXP(w[p][h] - mx);
+        for (int p = 0; p < P; p++) w[p][h] = e[p];
+        for (int step = 1; step < P; step *= 2) /* pairwise sum: fewer roundings than in a row */
+            for (int p = 0; p + step < P; p += 2 * step) e[p] += e[p + step];
+        for (int p = 0; p < P; p++) w[p][h] /= e[0];
+    }
+}
+
+/* h_res[k][j] = the sum of w_p over the permutations with perm_p[k] = j, in the order of p (rows of n*n) */
+static void FN(perm_mix)(VT w[MAXP][HH_], unsigned char pt[MAXP][MAXN_PERM], int n, int P, int lanes, T *h_res) {
+    const int nn = n * n;
+    for (int h = 0; h < HH_; h++) {
+        VT m[MAXN_PERM * MAXN_PERM];
+        for (int i = 0; i < nn; i++) m[i] = (VT){0};
+        for (int p = 0; p < P; p++)
+            for (int k = 0; k < n; k++) m[k * n + pt[p][k]] += w[p][h];
+        for (int l = 0; l < W && h * W + l < lanes; l++)
+            for (int i = 0; i < nn; i++) h_res[(h * W + l) * nn + i] = m[i][l];
+    }
+}
+
+/* mHC-lite backward on a block: da_p = w_p (dw_p - sum_q w_q dw_q) with dw_p = sum_k g_res[k][perm_p[k]]
+ * (da rows of ld ldo from its first h_res column); h_res recomputed into hres if not NULL. */
+static void FN(perm_bwd)(const T *z, int K, const T *bias, T gate, const T *g_res, T *da, int ldo, T *hres, int n,
+                         int lanes) {
+    unsigned char pt[MAXP][MAXN_PERM];
+    const int P = mhc_perm_table(n, pt), nn = n * n;
+    VT w[MAXP][HH_];
+    FN(perm_weights)(z, K, bias, gate, P, lanes, w);
+    if (hres) FN(perm_mix)(w, pt, n, P, lanes, hres);
+    for (int h = 0; h < HH_; h++) {
+        VT g[MAXN_PERM * MAXN_PERM], dw[MAXP], dot = {0};
+        for (int i = 0; i < nn; i++)
+            for (int l = 0; l < W; l++) g[i][l] = h * W + l < lanes ? g_res[(h * W + l) * nn + i] : 0;
+        for (int p = 0; p < P; p++) {
+            VT acc = g[pt[p][0]];
+            for (int k = 1; k < n; k++) acc += g[k * n + pt[p][k]];
+            dw[p] = acc;
+            dot += w[p][h] * acc;
+        }
+        for (int p = 0; p < P; p++) {
+            const VT d = w[p][h] * (dw[p] - dot);
+            for (int l = 0; l < W && h * W + l < lanes; l++) da[(h * W + l) * ldo + p] = d[l];
+        }
+    }
+}
+
+/* Forward: z rows of K (K = 2n + n^2, or 2n + n! for the permutations), bias [K], gates (3) -> h_pre
+ * rows of n = sigmoid(a_pre), h_post rows of n = 2 sigmoid(a_post), h_res rows of n*n = sinkhorn(a_res)
+ * (or the permutation mixture of a_res, see MHC_PERMUTATIONS). */
 static void FN(tail_fwd_block)(const T *z, const T *bias, const T *gates, T *h_pre, T *h_post, T *h_res, int lanes,
                                int n, int iters) {
-    const int K = 2 * n + n * n, nn = n * n;
+    const int K = 2 * n + mhc_kres(n, iters), nn = n * n;
     T m[MAXN * MAXN][SB] ALIGNED;
     for (int i = 0; i < 2 * n; i++) {
         VT sg[HH_];
@@ -304,6 +365,14 @@ static void FN(tail_fwd_block)(const T *z, const T *bias, const T *gates, T *h_p
             if (i < n) h_pre[l * n + i] = sg[l / W][l % W];
             else h_post[l * n + i - n] = 2 * sg[l / W][l % W];
         }
+    }
+    if (iters == MHC_PERMUTATIONS) {
+        unsigned char pt[MAXP][MAXN_PERM];
+        const int P = mhc_perm_table(n, pt);
+        VT w[MAXP][HH_];
+        FN(perm_weights)(z + 2 * n, K, bias + 2 * n, gates[2], P, lanes, w);
+        FN(perm_mix)(w, pt, n, P, lanes, h_res);
+        return;
     }
     for (int i = 0; i < nn; i++)
         for (int l = 0; l < SB; l++) m[i][l] = l < lanes ? bias[2 * n + i] + z[l * K + 2 * n + i] * gates[2] : 0;
@@ -317,7 +386,7 @@ static void FN(tail_fwd_block)(const T *z, const T *bias, const T *gates, T *h_p
  * (and g_res is not) it receives the recomputed Sinkhorn output, bitwise the forward's h_res. */
 static void FN(tail_bwd_block)(FN(scratch_t) *s, const T *z, const T *bias, const T *gates, const T *g_pre,
                                const T *g_post, const T *g_res, T *da, T *hpre, T *hres, int lanes, int n, int iters) {
-    const int K = 2 * n + n * n, nn = n * n;
+    const int kres = mhc_kres(n, iters), K = 2 * n + kres;
     for (int i = 0; i < 2 * n; i++) { /* d sigmoid = s (1 - s); h_post carries a factor 2 */
         const T *gp = i < n ? g_pre : g_post;
         const int col = i < n ? i : i - n;
@@ -333,7 +402,11 @@ static void FN(tail_bwd_block)(FN(scratch_t) *s, const T *z, const T *bias, cons
         }
     }
     if (!g_res) {
-        for (int l = 0; l < lanes; l++) memset(da + l * K + 2 * n, 0, sizeof(T) * nn);
+        for (int l = 0; l < lanes; l++) memset(da + l * K + 2 * n, 0, sizeof(T) * kres);
+        return;
+    }
+    if (iters == MHC_PERMUTATIONS) {
+        FN(perm_bwd)(z + 2 * n, K, bias + 2 * n, gates[2], g_res, da + 2 * n, K, hres, n, lanes);
         return;
     }
     FN(skb_grad)(s, z + 2 * n, K, bias + 2 * n, gates[2], g_res, da + 2 * n, K, hres, lanes, n, iters);
@@ -342,8 +415,8 @@ static void FN(tail_bwd_block)(FN(scratch_t) *s, const T *z, const T *bias, cons
 /* Coefficient tail forward over T tokens: z [T, K] -> h_pre [T, n], h_post [T, n], h_res [T, n*n]. */
 int FN(mhc_tail_fwd)(const T *z, const T *bias, const T *gates, T *h_pre, T *h_post, T *h_res, int64_t tokens, int n,
                      int iters, int threads) {
-    if (n < 1 || n > MAXN || iters < 1) return 1;
-    const int K = 2 * n + n * n, nn = n * n;
+    if (!mhc_tail_ok(n, iters)) return 1;
+    const int K = 2 * n + mhc_kres(n, iters), nn = n * n;
     const int64_t blocks = (tokens + SB - 1) / SB;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
@@ -364,7 +437,7 @@ typedef struct {
 
 static void FN(tail_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, int lanes, int me) {
     const FN(tail_bwd_ctx) *c = ctx;
-    const int n = c->n, K = 2 * n + n * n;
+    const int n = c->n, K = 2 * n + mhc_kres(n, c->iters);
     (void)me;
     FN(tail_bwd_block)(s, c->z + t0 * K, c->bias, c->gates, c->g_pre ? c->g_pre + t0 * n : NULL,
                        c->g_post ? c->g_post + t0 * n : NULL, c->g_res ? c->g_res + t0 * n * n : NULL, c->da + t0 * K,
@@ -373,7 +446,7 @@ static void FN(tail_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, int
 
 int FN(mhc_tail_bwd)(const T *z, const T *bias, const T *gates, const T *g_pre, const T *g_post, const T *g_res, T *da,
                      int64_t tokens, int n, int iters, int threads) {
-    if (n < 1 || n > MAXN || iters < 1) return 1;
+    if (!mhc_tail_ok(n, iters)) return 1;
     const FN(tail_bwd_ctx) c = {z, bias, gates, g_pre, g_post, g_res, da, n, iters};
     return FN(for_blocks)(tokens, n, iters, threads, 0, FN(tail_bwd_body), &c);
 }
@@ -696,7 +769,7 @@ static void FN(project_block)(const T *x, int64_t nC, const T *phiP, int KP, con
 static void FN(coeffs_fwd_block)(const T *x, const T *phiP, int KP, T *z, const T *bias, const T *gates,
                                  double rms_eps, T *r, T *h_pre, T *h_post, T *h_res, T *u, int lanes, int n,
                                  int64_t C, int iters) {
-    const int K = 2 * n + n * n;
+    const int K = 2 * n + mhc_kres(n, iters);
     const int64_t nC = n * C;
     for (int l = 0; l < lanes; l++) {
         const T *xt = x + l * nC;
@@ -713,8 +786,8 @@ static void FN(coeffs_fwd_block)(const T *x, const T *phiP, int KP, T *z, const 
 
 int FN(mhc_coeffs_fwd)(const T *x, const T *phi, T *z, const T *bias, const T *gates, double rms_eps, T *r, T *h_pre,
                        T *h_post, T *h_res, T *u, int64_t tokens, int n, int64_t C, int iters, int threads) {
-    if (n < 1 || n > MAXN || iters < 1) return 1;
-    const int K = 2 * n + n * n, nn = n * n;
+    if (!mhc_tail_ok(n, iters)) return 1;
+    const int K = 2 * n + mhc_kres(n, iters), nn = n * n;
     const int64_t nC = n * C, blocks = (tokens + SB - 1) / SB;
     int KP = 0;
     T *phiP = NULL;
@@ -809,7 +882,7 @@ static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, 
     const T *z = c->z, *r = c->r, *gk = c->gk;
     const T *g_pre = c->g_pre, *g_post = c->g_post, *g_res = c->g_res, *phiT = c->phiT, *zero = c->zero;
     T *gzr = c->gzr;
-    const int n = c->n, nn = n * n, K = 2 * n + nn, KP = (K + KB - 1) / KB * KB, iters = c->iters;
+    const int n = c->n, nn = n * n, iters = c->iters, K = 2 * n + mhc_kres(n, iters), KP = (K + KB - 1) / KB * KB;
     const int64_t C = c->C, nC = n * C;
     T *acc = c->part + (size_t)me * 2 * K, *dp = c->dphiP ? c->dphiP + (size_t)me * nC * KP : NULL;
     T gp[SB * MAXN] ALIGNED, hp[SB * MAXN] ALIGNED, gr[SB * MAXN * MAXN] ALIGNED, hr[SB * MAXN * MAXN] ALIGNED;
@@ -904,8 +977,8 @@ static int FN(coeffs_bwd_run)(const T *x, const T *gu, const T *g_out, const T *
                               const T *gates, const T *g_pre, const T *g_post, const T *g_res, const T *phi, T *gzr,
                               T *gx, T *dphi, T *dbias, T *dalpha, int64_t tokens, int n, int64_t C, int iters,
                               int threads, FN(block_body) body, size_t extra, const void *aux) {
-    if (n < 1 || n > MAXN || iters < 1 || threads < 1) return 1;
-    const int K = 2 * n + n * n, KP = (K + KB - 1) / KB * KB;
+    if (!mhc_tail_ok(n, iters) || threads < 1) return 1;
+    const int K = 2 * n + mhc_kres(n, iters), KP = (K + KB - 1) / KB * KB;
     const int64_t nC = n * C;
     T *part = mhc_alloc(sizeof(T) * (size_t)threads * 2 * K, 1); /* per thread: sum_T da, sum_T da z (per column) */
     T *phiT = NULL, *dphiP = NULL, *zero = NULL;
