@@ -55,6 +55,7 @@ bench-cpu: setup
 	$(PY) -m benchmarks.bench_ops --backends torch@avx2,torch --ops coeffs --tokens 1024,4096 --C 64,256,1024 --modes fwd,bwd --rounds 15 --out benchmarks/results/ops_isa_cpu
 	$(PY) -m benchmarks.bench_model --variants residual,mhc-avx2,mhc --out benchmarks/results/model_default_cpu_isa
 	$(PY) -m benchmarks.bench_model --variants residual,hc,mhc --out benchmarks/results/model_default_cpu_hc
+	$(PY) -m benchmarks.bench_model --variants residual,mhc,mhc-lite-separate,mhc-lite --out benchmarks/results/model_default_cpu_lite
 	$(PY) -m benchmarks.bench_route
 	$(PY) -m benchmarks.bench_route --isa avx2
 
