@@ -20,8 +20,8 @@ mHC's ops are then custom ops that call the C kernels; ``mhc-traced`` instead le
 PyTorch ops (what ``torch.compile`` did before the custom ops), for comparison. ``mhc-separate`` (default on
 CUDA) runs mHC's sublayers as separate ops instead of HyperConnection's fused read / write-back pair
 (:func:`mhckit.ops.carry.separate_ops`): what the pair saves, measured in the same run. ``mhc-lite`` /
-``mhc-lite-separate`` do the same for mHC-lite (on the CPU the pair runs its permutation mixture in the C
-kernels; separate is the logits, mixture, read and write-back as separate ops).
+``mhc-lite-separate`` and ``hc`` / ``hc-separate`` do the same for mHC-lite (on the CPU its pair runs the
+permutation mixture in the C kernels) and HC (its read and write-back as the pair around its coefficients).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ VARIANTS = {
     "mhc-separate": dict(variant="mhc", recompute=0, separate=True),
     # Hyper-Connections (arXiv 2409.19606), dynamic: for the cost of the other variant the library has
     "hc": dict(variant="hc", recompute=0),
+    # HC with its read and write-back as separate ops (before the pair took them, CPU)
+    "hc-separate": dict(variant="hc", recompute=0, separate=True),
     # CPU: mHC on the kernels built for AVX2 only (mhckit.ops.cpu.use_isa), next to the default build
     "mhc-avx2": dict(variant="mhc", recompute=0, isa="avx2"),
     # mHC-lite (arXiv 2601.05732): on the fused pair with the kernels' permutation tail (CPU, n <= 4), and

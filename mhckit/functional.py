@@ -45,7 +45,8 @@ from .ops.autograd import (
     PreFunction,
     SinkhornFunction,
 )
-from .ops.carry import CoeffsCarryFunction, PostCarryFunction, carry_read, carry_write, pair_enabled
+from .ops.carry import (CoeffsCarryFunction, PostCarryFunction, ReadCarryFunction, carry_read, carry_write,
+                         pair_enabled)
 from .reference import DEFAULT_RMS_EPS
 
 __all__ = [
@@ -214,6 +215,26 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
 
 def _as(t: Tensor, dt: torch.dtype) -> Tensor:
     return t if t.dtype is dt else t.to(dt)
+
+
+def _read_external_mode(x: Tensor, h_pre: Tensor, h_res: Tensor, backend: str) -> bool:
+    """Whether the read of coefficients computed elsewhere (Hyper-Connections') runs as the C kernels'
+    pair (:func:`_mhc_read_external`): eager, the ``torch`` backend on the CPU with the kernels on,
+    float32 / float64 streams with coefficients of their dtype, n <= 8, the pair not switched off."""
+    return (pair_enabled() and x.is_cpu and backend in ("auto", "torch") and x.dtype in (torch.float32, torch.float64)
+            and h_pre.dtype is x.dtype and h_res.dtype is x.dtype and h_pre.is_cpu and h_res.is_cpu
+            and cpu.streams_available(x, n=x.shape[-2]) and not torch.compiler.is_compiling())
+
+
+@finite_checked("x", "h_pre", "h_res", outputs=("u", "carrier"), op="mhc_pre")
+def _mhc_read_external(x: Tensor, h_pre: Tensor, h_res: Tensor) -> tuple[Tensor, Tensor]:
+    """``(u, carrier)``: :func:`mhc_pre` on the pair (:class:`mhckit.ops.carry.ReadCarryFunction`), whose
+    write-back takes the carrier through :func:`_mhc_write_carry` and whose backward also makes that
+    write-back's ``dx`` and ``dh_res``. Only where :func:`_read_external_mode` says."""
+    n, _ = check_streams(x, "x")
+    check_coefficient(h_pre, "h_pre", x.shape[:-2] + (n,))
+    check_coefficient(h_res, "h_res", x.shape[:-2] + (n, n))
+    return ReadCarryFunction.apply(x if x.is_contiguous() else x.contiguous(), h_pre, h_res)
 
 
 @finite_checked("x", "x", "y", "h_post", "h_res", outputs="x_new", op="mhc_post_res")  # the carrier is x

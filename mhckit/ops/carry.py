@@ -24,6 +24,11 @@ carried dx and ``h_pre[j] g_u`` to its own before its one write: 7 passes. (The 
 the write-back's x-side inside the coefficient pass, would need the dots before the token kernel
 and the dx after it: two passes over x on the GPU either way.)
 
+Coefficients computed elsewhere (Hyper-Connections') get the same pairing without the coefficient
+kernel: :class:`ReadCarryFunction` reads ``u`` and carries the write-back's output gradient, and its
+backward makes ``dx = h_pre[j] du + sum_k h_res[k, j] g[k]``, ``dh_pre`` and ``dh_res`` in one pass
+(the coefficients' own stream gradient still joins by autograd).
+
 Little Python per call. At the default ``mhckit compare`` width (C = 64, 1024 tokens a step) the
 Python around the kernels cost more per sublayer than the write-back kernels themselves: mostly
 ``reshape`` / ``to`` / ``view`` calls of ~1 µs each in a loop and several times that inside a
@@ -241,6 +246,48 @@ class PostCarryFunction(torch.autograd.Function):
         y, h_post = ctx.saved_tensors
         grad_y, grad_post = _write_backward(y, h_post, g, need[1], need[2])
         return (g if need[0] else None), grad_y, grad_post, None, None
+
+
+class ReadCarryFunction(torch.autograd.Function):
+    """The read ``u = sum_j h_pre[j] x[j]`` of coefficients computed elsewhere (Hyper-Connections'),
+    plus the carrier for :class:`PostCarryFunction`: returns ``(u, carrier)``. Its backward gets the
+    write-back's output gradient ``g`` along the carrier and makes, in one pass over the streams
+    (:func:`mhckit.ops.cpu.read_bwd`), ``dx = h_pre[j] du + sum_k h_res[k, j] g[k]``, ``dh_pre`` and
+    ``dh_res``: the read's and the write-back's stream gradients in one tensor (the separate ops write
+    two and autograd adds them). The coefficients' own stream gradient still joins by autograd. Eager,
+    C kernels, float32 / float64 streams with coefficients of their dtype (the caller checks)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, h_pre: Tensor, h_res: Tensor):
+        ctx.save_for_backward(x, h_pre, h_res)
+        ctx.set_materialize_grads(False)
+        return cpu.pre_fwd(x, h_pre), x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_u: Tensor, g_out: Tensor):
+        x, h_pre, h_res = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if cpu.enabled():
+            return cpu.read_bwd(x, h_pre, h_res, g_u, g_out, *need)
+        # the kernels were switched off between forward and backward: the same sums in PyTorch ops
+        n, c = x.shape[-2], x.shape[-1]
+        x3, dt = x.reshape(-1, n, c), x.dtype
+        gu = None if g_u is None else g_u.reshape(-1, 1, c)
+        g3 = None if g_out is None else g_out.reshape(-1, n, c)
+        grad_x = grad_pre = grad_res = None
+        if need[0]:
+            grad_x = torch.zeros_like(x3)
+            if gu is not None:
+                grad_x.addcmul_(h_pre.reshape(-1, n, 1).to(dt), gu)
+            if g3 is not None:
+                grad_x = _mix(h_res.reshape(-1, n, n).transpose(-1, -2).to(dt), g3, grad_x)
+            grad_x = grad_x.reshape(x.shape)
+        if need[1] and gu is not None:
+            grad_pre = _contract(gu, *x3.unbind(-2)).reshape(h_pre.shape)
+        if need[2] and g3 is not None:
+            grad_res = _contract(g3, *x3.unbind(-2)).reshape(h_res.shape)
+        return grad_x, grad_pre, grad_res
 
 
 # ---- the same pair as torch.library ops, for torch.compile ----------------------------------------

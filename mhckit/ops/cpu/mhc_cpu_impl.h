@@ -649,11 +649,13 @@ static inline __attribute__((always_inline)) void FN(post_res_dots_tok)(const T 
 
 /* The stream gradient of the coefficient backward, one token (gu, g may be NULL):
  *     gx[j] = x[j] coef + h_pre[j] gu + sum_k h_res[k, j] g[k]
- * (norm term, the read's term and, with g = the write-back's output gradient, its dx). */
+ * (norm term, the read's term and, with g = the write-back's output gradient, its dx); withx 0 (a
+ * compile-time constant at the call) leaves the norm term out (x is then not read: no 0 * inf). */
 static inline __attribute__((always_inline)) void FN(coeffs_gx_tok)(const T *restrict xt, const T *restrict gut,
                                                                      const T *restrict got, const T *restrict hp,
                                                                      const T *restrict hr, const T coef,
-                                                                     T *restrict gx, const int n, const int64_t C) {
+                                                                     const int withx, T *restrict gx, const int n,
+                                                                     const int64_t C) {
     int64_t c = 0;
     for (; c + W <= C; c += W) {
         VT gv[MAXN] = {{0}};
@@ -661,7 +663,7 @@ static inline __attribute__((always_inline)) void FN(coeffs_gx_tok)(const T *res
             for (int k = 0; k < n; k++) gv[k] = VLD(got + k * C + c);
         const VT u = gut ? VLD(gut + c) : (VT){0};
         for (int j = 0; j < n; j++) {
-            VT acc = VLD(xt + j * C + c) * coef;
+            VT acc = withx ? VLD(xt + j * C + c) * coef : (VT){0};
             if (gut) acc += hp[j] * u;
             if (got)
                 for (int k = 0; k < n; k++) acc += hr[k * n + j] * gv[k];
@@ -670,7 +672,7 @@ static inline __attribute__((always_inline)) void FN(coeffs_gx_tok)(const T *res
     }
     for (; c < C; c++)
         for (int j = 0; j < n; j++) {
-            T acc = xt[j * C + c] * coef;
+            T acc = withx ? xt[j * C + c] * coef : 0;
             if (gut) acc += hp[j] * gut[c];
             if (got)
                 for (int k = 0; k < n; k++) acc += hr[k * n + j] * got[k * C + c];
@@ -682,6 +684,23 @@ static inline __attribute__((always_inline)) void FN(coeffs_gx_tok)(const T *res
 int FN(mhc_pre_fwd)(const T *x, const T *h, T *u, int64_t tokens, int n, int64_t C, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tokens; t++) CALL_N(FN(pre_tok), n, x + t * n * C, h + t * n, u + t * C);
+    return 0;
+}
+
+/* The read's backward joined by its write-back's (HyperConnection's pair around coefficients computed
+ * elsewhere, e.g. HC's), one pass over the tokens: with g the write-back's output gradient,
+ *     gx[j] = h_pre[j] gu + sum_k h_res[k, j] g[k],  gh_pre[j] = <gu, x[j]>,  gh_res[k, j] = <g[k], x[j]>
+ * (gu or g NULL: no term from it; an output NULL: not computed; gh_pre needs gu, gh_res needs g). */
+int FN(mhc_read_bwd)(const T *x, const T *h_pre, const T *h_res, const T *gu, const T *g, T *gx, T *gh_pre,
+                     T *gh_res, int64_t tokens, int n, int64_t C, int threads) {
+    if (n < 1 || n > MAXN || (gh_pre && !gu) || (gh_res && !g)) return 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; t++) {
+        const T *xt = x + t * n * C, *gut = gu ? gu + t * C : NULL, *gt = g ? g + t * n * C : NULL;
+        if (gh_pre) CALL_N(FN(pre_bwd_tok), n, xt, NULL, gut, NULL, gh_pre + t * n);
+        if (gh_res) CALL_N(FN(post_res_dots_tok), n, xt, NULL, gt, NULL, gh_res + t * n * n);
+        if (gx) CALL_N(FN(coeffs_gx_tok), n, xt, gut, gt, h_pre + t * n, h_res + t * n * n, 0, 0, gx + t * n * C);
+    }
     return 0;
 }
 
@@ -931,7 +950,7 @@ static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, 
         if (gzr) memcpy(gzr + t * K, G + l * KP, sizeof(T) * K);
         if (gx)
             CALL_N(FN(coeffs_gx_tok), n, x + l * nC, gu ? gu + l * C : NULL,
-                   g_out ? g_out + l * nC : NULL, hp + l * n, hr + l * nn, cz / (-(T)nC * rt),
+                   g_out ? g_out + l * nC : NULL, hp + l * n, hr + l * nn, cz / (-(T)nC * rt), 1,
                    gx + l * nC);
     }
     if (!c->phiT) return;
