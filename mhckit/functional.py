@@ -190,7 +190,7 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
     for ``h_res`` (``n! `` logits, n <= ``cpu.MAX_PERMUTATION_STREAMS``; the C kernels only) instead of
     the Sinkhorn projection."""
     n, c = x.shape[-2], x.shape[-1]
-    perms = iters == cpu.PERMUTATIONS and type(iters) is int
+    perms = type(iters) is int and iters == cpu.PERMUTATIONS
     k = 2 * n + (math.factorial(n) if perms else n * n)
     if not (  # the usual case in one comparison; else the full checks, which name what is wrong
         (phi.shape, bias.shape, alpha.shape) == ((n * c, k), (k,), (3,))

@@ -123,3 +123,19 @@ def test_read_bwd_kernel_matches_pytorch_ops(dt, n, c):
     _close(gx, hp[..., :, None] * gu[..., None, :], dt)
     x[0, 0, 0] = float("inf")  # x is not read for dx (no 0 * inf)
     assert torch.isfinite(cpu.read_bwd(x, hp, hr, gu, g, True, False, False)[0]).all()
+
+
+def test_static_hc_takes_the_pair(kernel_calls):
+    """Static HC (hc_dynamic=False): coefficients expanded from [n] / [n, n] parameters, whose
+    gradients are the sums over tokens of the pair's dh_pre / dh_res."""
+    torch.manual_seed(4)
+    hc = HyperConnection(16, torch.nn.Linear(16, 16), variant="hc", n_streams=4, hc_dynamic=False).double()
+    with torch.no_grad():
+        for p in hc.coeffs.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(5, 4, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 4, 16, dtype=torch.float64)
+    fast = _grads(hc, x, g)
+    assert "mhc_read_bwd" in [name for name, _ in kernel_calls]
+    for a, b in zip(fast, _grads(_reference(hc), x, g)):
+        _close(a, b, torch.float64)
