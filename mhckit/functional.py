@@ -45,8 +45,8 @@ from .ops.autograd import (
     PreFunction,
     SinkhornFunction,
 )
-from .ops.carry import (CoeffsCarryFunction, PostCarryFunction, ReadCarryFunction, carry_read, carry_write,
-                         pair_enabled)
+from .ops.carry import (CoeffsCarryFunction, HCCarryFunction, PostCarryFunction, ReadCarryFunction, carry_read,
+                         carry_write, pair_enabled)
 from .reference import DEFAULT_RMS_EPS
 
 __all__ = [
@@ -235,6 +235,34 @@ def _mhc_read_external(x: Tensor, h_pre: Tensor, h_res: Tensor) -> tuple[Tensor,
     check_coefficient(h_pre, "h_pre", x.shape[:-2] + (n,))
     check_coefficient(h_res, "h_res", x.shape[:-2] + (n, n))
     return ReadCarryFunction.apply(x if x.is_contiguous() else x.contiguous(), h_pre, h_res)
+
+
+def _hc_carry_mode(x: Tensor, params: tuple[Tensor, ...], backend: str) -> bool:
+    """Whether Hyper-Connections' dynamic coefficients and read run on the C kernels
+    (:func:`_hc_read_carry`): eager, the ``torch`` backend on the CPU with the kernels on, float32 /
+    float64 streams with every parameter of their dtype, n <= 8, the pair not switched off."""
+    return (pair_enabled() and x.is_cpu and backend in ("auto", "torch") and x.dtype in (torch.float32, torch.float64)
+            and all(p.dtype is x.dtype and p.is_cpu for p in params)
+            and cpu.streams_available(x, n=x.shape[-2]) and not torch.compiler.is_compiling())
+
+
+@finite_checked("x", "static_pre", "static_post", "static_res", "w_pre", "w_post", "w_res", "scale_alpha",
+                "scale_beta", outputs=("u", "h_pre", "h_post", "h_res", "carrier"), op="hc_coeffs")
+def _hc_read_carry(x: Tensor, static_pre: Tensor, static_post: Tensor, static_res: Tensor, w_pre: Tensor,
+                   w_post: Tensor, w_res: Tensor, scale_alpha: Tensor, scale_beta: Tensor, *, norm_eps: float):
+    """``(u, h_pre, h_post, h_res, carrier)``: :func:`hc_coeffs` (dynamic) and :func:`mhc_pre` on the C
+    kernels (:class:`mhckit.ops.carry.HCCarryFunction`), whose write-back takes the carrier through
+    :func:`_mhc_write_carry`. Only where :func:`_hc_carry_mode` says."""
+    n, c = check_streams(x, "x")
+    for name, t, shape in (("w_pre", w_pre, (c,)), ("w_post", w_post, (c,)), ("w_res", w_res, (c, n)),
+                           ("static_pre", static_pre, (n,)), ("static_post", static_post, (n,)),
+                           ("static_res", static_res, (n, n)), ("scale_alpha", scale_alpha, ()),
+                           ("scale_beta", scale_beta, ())):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}.shape: got {tuple(t.shape)}; expected {shape} for x of shape {tuple(x.shape)}")
+    w = torch.cat([w_pre[:, None], w_post[:, None], w_res], dim=1)  # [C, n + 2]
+    return HCCarryFunction.apply(x if x.is_contiguous() else x.contiguous(), w, static_pre, static_post, static_res,
+                                 torch.stack([scale_alpha, scale_beta]), float(norm_eps))
 
 
 @finite_checked("x", "x", "y", "h_post", "h_res", outputs="x_new", op="mhc_post_res")  # the carrier is x

@@ -162,6 +162,19 @@ class HCCoefficients(nn.Module):
             self.scale_alpha.fill_(self.cfg.alpha_init)
             self.scale_beta.fill_(self.cfg.alpha_init)
 
+    def read_carry(self, x: Tensor):
+        """``(u, h_pre, h_post, h_res, carrier, False)`` when the dynamic coefficients and the read run on
+        the compiled CPU kernels (one call each way; the write-back then takes ``carrier`` and its stream
+        gradient joins the coefficient backward, see :mod:`mhckit.ops.carry`), else None."""
+        cfg = self.cfg
+        if not cfg.hc_dynamic:
+            return None
+        params = (self.static_pre, self.static_post, self.static_res, self.w_pre, self.w_post, self.w_res,
+                  self.scale_alpha, self.scale_beta)
+        if not F._hc_carry_mode(x, params, cfg.backend):
+            return None
+        return (*F._hc_read_carry(x, *params, norm_eps=cfg.rms_eps), False)
+
     def forward(self, x: Tensor) -> Coefficients:
         dyn = ()
         if self.cfg.hc_dynamic:
@@ -262,12 +275,11 @@ class HyperConnection(nn.Module):
             return x.squeeze(-2), lambda y: x + y.unsqueeze(-2)
         backend = self.cfg.backend
         carrier, triton = None, False
-        if isinstance(self.coeffs, DynamicCoefficients):
-            carried = self.coeffs.read_carry(x)
-            if carried is not None:
-                u, h_pre, h_post, h_res, carrier, triton = carried
-            else:
-                u, h_pre, h_post, h_res = self.coeffs.read(x)
+        carried = self.coeffs.read_carry(x) if isinstance(self.coeffs, (DynamicCoefficients, HCCoefficients)) else None
+        if carried is not None:
+            u, h_pre, h_post, h_res, carrier, triton = carried
+        elif isinstance(self.coeffs, DynamicCoefficients):
+            u, h_pre, h_post, h_res = self.coeffs.read(x)
         else:
             h_pre, h_post, h_res = self.coeffs(x)
             if h_res is not None and F._read_external_mode(x, h_pre, h_res, backend):

@@ -113,23 +113,31 @@ def test_hc_identity_init_is_exact_pre_norm_equivalent():
     assert torch.equal(h_res, torch.eye(4).expand(2, 4, 4))
 
 
-@pytest.mark.parametrize("backend,fast", [("auto", True), ("torch", True), ("reference", False)])
-def test_hc_sublayer_takes_the_fast_dynamic_path(monkeypatch, backend, fast):
-    """HyperConnection(variant="hc") computes its dynamic terms with the one-Function fast path (no
-    normalised copy of the streams) unless backend="reference"; both give the same layer output."""
-    from mhckit.ops import autograd
+@pytest.mark.parametrize("backend,kernels,path", [("auto", True, "c"), ("torch", True, "c"), ("auto", False, "function"),
+                                                   ("reference", True, None)])
+def test_hc_sublayer_takes_the_fast_dynamic_path(monkeypatch, backend, kernels, path):
+    """HyperConnection(variant="hc") computes its dynamic terms on the compiled CPU kernels
+    (HCCarryFunction) where they run, else with the one-Function fast path (no normalised copy of the
+    streams), and with neither on backend="reference"; all give the same layer output."""
+    import contextlib
+
+    from mhckit.ops import autograd, carry, cpu
 
     calls = []
-    real = autograd.HCDynamicFunction.apply
-    monkeypatch.setattr(autograd.HCDynamicFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    for name, cls in (("c", carry.HCCarryFunction), ("function", autograd.HCDynamicFunction)):
+        real = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
     torch.manual_seed(0)
     hc = HyperConnection(C, Block(), n_streams=4, variant="hc", layer_index=1, backend=backend)
     with torch.no_grad():
         for w in (hc.coeffs.w_pre, hc.coeffs.w_post, hc.coeffs.w_res):
             w.normal_(0, 0.3)
     x = torch.randn(3, 5, 4, C)
-    out = hc(x)
-    assert bool(calls) is fast
+    if path == "c" and not cpu.status()["active"]:
+        pytest.skip("compiled CPU kernels unavailable")
+    with contextlib.nullcontext() if kernels else cpu.disabled():
+        out = hc(x)
+    assert calls == ([path] if path else []), calls
     ref = HyperConnection(C, hc.branch, n_streams=4, variant="hc", layer_index=1, backend="reference")
     ref.load_state_dict(hc.state_dict())
     torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-6)

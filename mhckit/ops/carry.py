@@ -290,6 +290,46 @@ class ReadCarryFunction(torch.autograd.Function):
         return grad_x, grad_pre, grad_res
 
 
+class HCCarryFunction(torch.autograd.Function):
+    """Hyper-Connections' dynamic coefficients and the read in one C call each way
+    (:func:`mhckit.ops.cpu.hc_fwd` / ``hc_bwd``), with the carrier for :class:`PostCarryFunction`:
+    ``(x, w = [w_pre | w_post | w_res] [C, n + 2], static_pre, static_post, static_res, scales [2], eps)``
+    -> ``(u, h_pre, h_post, h_res, carrier)``. The backward makes every gradient, the write-back's
+    ``dx`` and ``dh_res`` included, in one pass over the streams. Eager, float32 / float64 streams with
+    parameters of their dtype (the caller checks)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, sp: Tensor, spo: Tensor, sr: Tensor, scales: Tensor, eps: float):
+        u, h_pre, h_post, h_res, z, r = cpu.hc_fwd(x, w, sp, spo, sr, scales, eps)
+        ctx.save_for_backward(x, w, sp, spo, sr, scales, z, r)
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)
+        return u, h_pre, h_post, h_res, x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_u: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor, g_out: Tensor):
+        x, w, sp, spo, sr, scales, z, r = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if cpu.enabled():
+            return (*cpu.hc_bwd(x, g_u, g_out, z, r, w, sp, sr, scales, g_pre, g_post, g_res, need[0]), None)
+        # the kernels were switched off between forward and backward: autograd through the reference
+        from .. import reference
+
+        leaves = [t.detach().requires_grad_() for t in (x, w, sp, spo, sr, scales)]
+        with torch.enable_grad():
+            xs, ws, a, b, c, sc = leaves
+            h_pre, h_post, h_res = reference.hc_coeffs(xs, a, b, c, ws[:, 0], ws[:, 1], ws[:, 2:], sc[0], sc[1],
+                                                       norm_eps=ctx.eps)
+            terms = [(reference.mhc_pre(xs, h_pre), g_u), (h_pre, g_pre), (h_post, g_post), (h_res, g_res)]
+            if g_out is not None:  # the write-back's x-side: h_res x (its h_post y part is not ours)
+                terms.append((torch.einsum("...kj,...jc->...kc", h_res, xs.to(h_res.dtype)), g_out))
+            loss = sum((out * g.to(out.dtype)).sum() for out, g in terms if g is not None)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True) if torch.is_tensor(loss) else [None] * 6
+        return (*(None if g is None and not n else (torch.zeros_like(t) if g is None else g)
+                  for g, t, n in zip(grads, leaves, need)), None)
+
+
 # ---- the same pair as torch.library ops, for torch.compile ----------------------------------------
 # A ctypes call cannot be traced, and an autograd.Function output that aliases its input (the carrier
 # above) cannot be a custom op's. So under torch.compile the read returns a stand-in carrier: a

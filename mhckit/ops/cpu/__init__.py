@@ -189,6 +189,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"mhc_tail_fwd_{suf}").argtypes = [p, p, p, p, p, p, i64, i32, i32, i32]
         getattr(lib, f"mhc_tail_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, i64, i32, i32, i32]
         getattr(lib, f"mhc_read_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, i64, i32, i64, i32]
+        getattr(lib, f"mhc_hc_fwd_{suf}").argtypes = [p] * 6 + [ctypes.c_double] + [p] * 6 + [i64, i32, i64, i32]
+        getattr(lib, f"mhc_hc_bwd_{suf}").argtypes = [p] * 18 + [i64, i32, i64, i32]
     for suf in ("f32", "f64", *halves):  # the stream kernels: also with 2-byte streams
         getattr(lib, f"mhc_pre_fwd_{suf}").argtypes = [p, p, p, i64, i32, i64, i32]
         getattr(lib, f"mhc_pre_bwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
@@ -456,6 +458,42 @@ def read_bwd(x: torch.Tensor, h_pre: torch.Tensor, h_res: torch.Tensor, gu, g, n
     _call("mhc_read_bwd", dt, _ptr(x), _ptr(hp), _ptr(hr), _ptr(gu), _ptr(g), _ptr(gx), _ptr(gp), _ptr(gr),
           _tokens(x), n, c, torch.get_num_threads())
     return gx, gp, gr
+
+
+# ---- Hyper-Connections' dynamic coefficients with the read (arXiv 2409.19606; see mhc_cpu_impl.h) ----
+
+
+def hc_fwd(x: torch.Tensor, w: torch.Tensor, sp: torch.Tensor, spo: torch.Tensor, sr: torch.Tensor,
+           scales: torch.Tensor, eps: float):
+    """``x [..., n, C]``, ``w = [w_pre | w_post | w_res] [C, n + 2]``, the static terms ``sp``, ``spo``
+    ``[n]``, ``sr [n, n]`` and ``scales = (scale_alpha, scale_beta)`` -> ``(u [..., C], h_pre [..., n],
+    h_post [..., n], h_res [..., n, n], z [T, n, n + 2], r [T, n])`` (float32 / float64, one dtype)."""
+    lead, n, c, dt = x.shape[:-2], x.shape[-2], x.shape[-1], x.dtype
+    x, wt = _c(x, dt), w.to(dt).t().contiguous()
+    sp, spo, sr, scales = _c(sp, dt), _c(spo, dt), _c(sr, dt), _c(scales, dt)
+    t = _tokens(x)
+    z, r = torch.empty(t, n, n + 2, dtype=dt), torch.empty(t, n, dtype=dt)
+    h_pre, h_post = torch.empty(lead + (n,), dtype=dt), torch.empty(lead + (n,), dtype=dt)
+    h_res, u = torch.empty(lead + (n, n), dtype=dt), torch.empty(lead + (c,), dtype=dt)
+    _call("mhc_hc_fwd", dt, _ptr(x), _ptr(wt), _ptr(sp), _ptr(spo), _ptr(sr), _ptr(scales), float(eps), _ptr(z),
+          _ptr(r), _ptr(h_pre), _ptr(h_post), _ptr(h_res), _ptr(u), t, n, c, torch.get_num_threads())
+    return u, h_pre, h_post, h_res, z, r
+
+
+def hc_bwd(x, gu, g_out, z, r, w, sp, sr, scales, g_pre, g_post, g_res, need_x: bool):
+    """``(dx or None, dw [C, n + 2], dsp [n], dspo [n], dsr [n, n], dscales [2])`` of :func:`hc_fwd`
+    given the gradients of u (``gu``), of the coefficients and, with ``g_out``, the output gradient of
+    the write-back ``h_res x + h_post y`` (whose ``dx`` and ``dh_res`` join here); any may be None."""
+    n, c, dt = x.shape[-2], x.shape[-1], x.dtype
+    x, wt, sp, sr, scales = _c(x, dt), w.to(dt).t().contiguous(), _c(sp, dt), _c(sr, dt), _c(scales, dt)
+    gu, g_out, g_pre, g_post, g_res = _c(gu, dt), _c(g_out, dt), _c(g_pre, dt), _c(g_post, dt), _c(g_res, dt)
+    gx = torch.empty(x.shape, dtype=dt) if need_x else None
+    dwt, dsp, dspo = torch.empty(n + 2, c, dtype=dt), torch.empty(n, dtype=dt), torch.empty(n, dtype=dt)
+    dsr, dsc = torch.empty(n, n, dtype=dt), torch.empty(2, dtype=dt)
+    _call("mhc_hc_bwd", dt, _ptr(x), _ptr(gu), _ptr(g_out), _ptr(z), _ptr(r), _ptr(wt), _ptr(sp), _ptr(sr),
+          _ptr(scales), _ptr(g_pre), _ptr(g_post), _ptr(g_res), _ptr(gx), _ptr(dwt), _ptr(dsp), _ptr(dspo), _ptr(dsr),
+          _ptr(dsc), _tokens(x), n, c, torch.get_num_threads())
+    return gx, dwt.t(), dsp, dspo, dsr, dsc
 
 
 def _tokens(x: torch.Tensor) -> int:

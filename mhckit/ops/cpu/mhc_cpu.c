@@ -233,6 +233,7 @@ static inline __attribute__((always_inline)) void zmm_gx(float *const *gr, const
 #define ZMM MHC_ZMM /* the float instantiation uses the AVX-512 blocks above */
 #define TINY FLT_MIN
 #define EXP expf
+#define TANH tanhf
 #define ITYPE int32_t
 #define VEXP_POLY 1
 #include "mhc_cpu_impl.h" /* undefines T, SUFFIX, TINY, EXP, ITYPE, VEXP_POLY */
@@ -242,6 +243,7 @@ static inline __attribute__((always_inline)) void zmm_gx(float *const *gr, const
 #define ZMM 0
 #define TINY DBL_MIN
 #define EXP exp
+#define TANH tanh
 #define ITYPE int64_t
 #define VEXP_POLY 0
 #include "mhc_cpu_impl.h" /* undefines T, SUFFIX, TINY, EXP, ITYPE, VEXP_POLY */

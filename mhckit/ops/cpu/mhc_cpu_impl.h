@@ -594,9 +594,10 @@ static inline __attribute__((always_inline)) void FN(post_res_bwd_tok)(const T *
     }
 }
 
-/* gpost[k] = <g[k], y>; gres[k, j] = <g[k], x[j]> with nx = n (gres) or 0 and hasy (gpost) known at
- * compile time: one sweep over C per group of ks rows of g, the ks * m partial-sum vectors held in
- * registers (m = nx + hasy columns: x[0..nx), then y; ks * m <= 10), then reduced together
+/* gpost[k] = <g[k], y>; gres[k, j] = <g[k], x[j]> (row stride nx) for the n rows of g and nx <= MAXN + 2
+ * columns x[j] (ld C), with nx and hasy (gpost) known at compile time: one sweep over C per group of ks
+ * rows of g, the ks * m partial-sum vectors held in
+ * registers (m = nx + hasy columns: x[0..nx), then y; ks * m <= 12), then reduced together
  * (FN(reduce_many)). Each dot sums its W lanes in the order of c, so the result does not depend on ks.
  * (A runtime m left the partial sums in memory, one store-to-load chain per FMA: the write-back's
  * backward took ~3x the time of its forward.) */
@@ -605,13 +606,13 @@ static inline __attribute__((always_inline)) void FN(dots_tok)(const T *restrict
                                                                 T *restrict gres, const int n, const int64_t C,
                                                                 const int nx, const int hasy) {
     const int m = nx + hasy;
-    const int ks = m * 4 <= 10 ? 4 : m * 2 <= 10 ? 2 : 1;
-    VT acc[MAXN * (MAXN + 1) + 8];
-    T sums[MAXN * (MAXN + 1)] ALIGNED;
+    const int ks = m * 4 <= 12 ? 4 : m * 2 <= 12 ? 2 : 1;
+    VT acc[MAXN * (MAXN + 3) + 8];
+    T sums[MAXN * (MAXN + 3)] ALIGNED;
     const int64_t c0 = C - C % W;
     for (int k0 = 0; k0 < n; k0 += ks) {
         const int kn = n - k0 < ks ? n - k0 : ks;
-        VT a[4][MAXN + 1];
+        VT a[4][MAXN + 3];
         for (int q = 0; q < ks; q++)
             for (int j = 0; j < m; j++) a[q][j] = (VT){0};
         for (int64_t c = 0; c < c0; c += W) {
@@ -631,7 +632,7 @@ static inline __attribute__((always_inline)) void FN(dots_tok)(const T *restrict
             const T *gk = gt + k * C, *v = j < nx ? xt + j * C : yt;
             T s = sums[k * m + j];
             for (int64_t r = c0; r < C; r++) s += gk[r] * v[r];
-            if (j < nx) gres[k * n + j] = s;
+            if (j < nx) gres[k * nx + j] = s;
             else gpost[k] = s;
         }
 }
@@ -1049,6 +1050,211 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
                               tokens, n, C, iters, threads, FN(coeffs_bwd_body), 0, NULL);
 }
 
+/* ---- Hyper-Connections (arXiv 2409.19606), dynamic: coefficients with the read, and their backward ----
+ * Per token and stream j, with m = n + 2 columns q of W = [w_pre | w_post | w_res] (given transposed,
+ * WT [m, C]) and the scales sa, sb (mhckit.reference.hc_coeffs):
+ *     r_j = sqrt(|x_j|^2 / C + eps),  z_jq = <x_j, W[:, q]> / r_j,  t = tanh(z)
+ *     h_pre[j] = sp[j] + sa t_j0,  h_post[j] = spo[j] + sb t_j1,  h_res[k][j] = sr[j][k] + sa t_j(2+k)
+ *     u = sum_j h_pre[j] x_j
+ * (row j of A_r = sr + sa tanh(...) comes from stream j; h_res = A_r^T in mhckit's convention). */
+
+/* tanh of every lane. float: odd polynomial below 0.625 (Cephes tanhf, ~2 ulp), 1 - 2 / (e^2|x| + 1)
+ * with the sign above (no cancellation near 0); double: libm per lane. */
+static inline VT FN(vtanh)(VT x) {
+#if VEXP_POLY
+    const VT zero = {0}, one = zero + 1;
+    const VT ax = VSEL(x < zero, -x, x), z = x * x;
+    VT p = zero + (T)-5.70498872745e-3;
+    p = p * z + (T)2.06390887954e-2;
+    p = p * z + (T)-5.37397155531e-2;
+    p = p * z + (T)1.33314422036e-1;
+    p = p * z + (T)-3.33332819422e-1;
+    const VT small = p * z * x + x;
+    const VT e = VEXP(VSEL(ax > zero + 44, zero + 88, ax + ax)); /* e^{2|x|}; beyond 44: tanh = 1 */
+    VT big = one - (T)2 / (e + one);
+    big = VSEL(x < zero, -big, big);
+    return VSEL(ax < zero + (T)0.625, small, big);
+#else
+    VT r;
+    for (int l = 0; l < W; l++) r[l] = TANH(x[l]);
+    return r;
+#endif
+}
+
+/* tanh of the count values of t (in place), in vectors; t has room for count rounded up to W values
+ * (the extra ones are zeroed first) */
+static inline void FN(tanh_row)(T *t, int count) {
+    for (int i = count; i % W; i++) t[i] = 0;
+    for (int i = 0; i < count; i += W) VST(t + i, FN(vtanh)(VLD(t + i)));
+}
+
+#define HC_COLS(n) ((n) + 2)
+
+/* one token: r (n), z (n*m) and, from them, the coefficients and u */
+static inline __attribute__((always_inline)) void FN(hc_fwd_tok)(const T *restrict xt, const T *restrict WT,
+                                                                  const T *sp, const T *spo, const T *sr, T sa, T sb,
+                                                                  double eps, T *restrict zt, T *restrict rt,
+                                                                  T *restrict hp, T *restrict hq, T *restrict hr,
+                                                                  T *restrict ut, const int n, const int64_t C) {
+    const int m = HC_COLS(n);
+    T th[MAXN * (MAXN + 2) + W] ALIGNED;
+    FN(dots_tok)(WT, NULL, xt, NULL, th, n, C, m, 0); /* th[j][q] = <x_j, WT[q]> */
+    for (int j = 0; j < n; j++) {
+        rt[j] = (T)sqrt((double)(FN(dot)(xt + j * C, xt + j * C, C) / (T)C + (T)eps));
+        for (int q = 0; q < m; q++) zt[j * m + q] = th[j * m + q] = th[j * m + q] / rt[j];
+    }
+    FN(tanh_row)(th, n * m);
+    for (int j = 0; j < n; j++) {
+        hp[j] = sp[j] + sa * th[j * m];
+        hq[j] = spo[j] + sb * th[j * m + 1];
+        for (int k = 0; k < n; k++) hr[k * n + j] = sr[j * n + k] + sa * th[j * m + 2 + k];
+    }
+    if (ut) FN(pre_tok)(xt, hp, ut, n, C);
+}
+
+int FN(mhc_hc_fwd)(const T *x, const T *WT, const T *sp, const T *spo, const T *sr, const T *scales, double eps, T *z,
+                   T *r, T *h_pre, T *h_post, T *h_res, T *u, int64_t tokens, int n, int64_t C, int threads) {
+    if (n < 1 || n > MAXN) return 1;
+    const int m = HC_COLS(n);
+    const T sa = scales[0], sb = scales[1];
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; t++)
+        CALL_N(FN(hc_fwd_tok), n, x + t * n * C, WT, sp, spo, sr, sa, sb, eps, z + t * n * m, r + t * n, h_pre + t * n,
+               h_post + t * n, h_res + t * n * n, u ? u + t * C : NULL);
+    return 0;
+}
+
+/* Backward, one token, with g_u (the read's gradient) and g (the write-back's output gradient, whose
+ * dx h_res^T g and dh_res = <g[k], x_j> join here) each optional:
+ *     gh_pre = g_pre + <g_u, x_j>,  gh_res = g_res + <g[k], x_j>,  gh_post = g_post
+ *     dt_j0 = sa gh_pre[j], dt_j1 = sb gh_post[j], dt_j(2+k) = sa gh_res[k][j];  gzr = dt (1 - t^2) / r_j
+ *     dx_j = gzr_j @ WT - x_j sum_q(gzr_jq z_jq) / (C r_j) + h_pre[j] g_u + sum_k h_res[k][j] g[k]
+ *     part: dWT[q] += gzr_jq x_j, the statics' and the scales' sums (per thread, summed in a fixed order) */
+static inline __attribute__((always_inline)) void FN(hc_bwd_tok)(
+    const T *restrict xt, const T *restrict gut, const T *restrict got, const T *restrict zt, const T *restrict rt,
+    const T *restrict WT, const T *sp, const T *sr, T sa, T sb, const T *gpre, const T *gpost, const T *gres,
+    T *restrict gx, T *restrict part, const int n, const int64_t C) {
+    const int m = HC_COLS(n), nn = n * n;
+    T *dWT = part, *dsp = part + m * C, *dspo = dsp + n, *dsr = dspo + n, *dsc = dsr + nn;
+    T th[MAXN * (MAXN + 2) + W] ALIGNED, gp[MAXN] ALIGNED, gr[MAXN * MAXN] ALIGNED;
+    T hp[MAXN], hr[MAXN * MAXN], gz[MAXN * (MAXN + 2)], cz[MAXN];
+    for (int j = 0; j < n; j++) gp[j] = gpre ? gpre[j] : 0;
+    for (int i = 0; i < nn; i++) gr[i] = gres ? gres[i] : 0;
+    if (gut) {
+        T d[MAXN] ALIGNED;
+        FN(pre_bwd_tok)(xt, NULL, gut, NULL, d, n, C);
+        for (int j = 0; j < n; j++) gp[j] += d[j];
+    }
+    if (got) {
+        T d[MAXN * MAXN] ALIGNED;
+        FN(post_res_dots_tok)(xt, NULL, got, NULL, d, n, C);
+        for (int i = 0; i < nn; i++) gr[i] += d[i];
+    }
+    memcpy(th, zt, sizeof(T) * n * m);
+    FN(tanh_row)(th, n * m);
+    for (int j = 0; j < n; j++) {
+        const T gq = gpost ? gpost[j] : 0;
+        hp[j] = sp[j] + sa * th[j * m];
+        dsp[j] += gp[j];
+        dspo[j] += gq;
+        dsc[0] += th[j * m] * gp[j];
+        dsc[1] += th[j * m + 1] * gq;
+        T dt[MAXN + 2];
+        dt[0] = sa * gp[j];
+        dt[1] = sb * gq;
+        for (int k = 0; k < n; k++) {
+            const T g = gr[k * n + j];
+            hr[k * n + j] = sr[j * n + k] + sa * th[j * m + 2 + k];
+            dsr[j * n + k] += g;
+            dsc[0] += th[j * m + 2 + k] * g;
+            dt[2 + k] = sa * g;
+        }
+        T c = 0;
+        for (int q = 0; q < m; q++) {
+            const T tq = th[j * m + q];
+            gz[j * m + q] = dt[q] * (1 - tq * tq) / rt[j];
+            c += gz[j * m + q] * zt[j * m + q];
+        }
+        cz[j] = c / (-(T)C * rt[j]);
+    }
+    for (int64_t c = 0; c + W <= C || c < C; c += W) {
+        const int vec = c + W <= C;
+        VT gv[MAXN] = {{0}};
+        if (vec && got)
+            for (int k = 0; k < n; k++) gv[k] = VLD(got + k * C + c);
+        const VT uv = vec && gut ? VLD(gut + c) : (VT){0};
+        VT wv[MAXN + 2];
+        if (vec)
+            for (int q = 0; q < m; q++) wv[q] = VLD(WT + q * C + c);
+        for (int j = 0; j < n; j++) {
+            if (!vec) { /* the C % W rest, one value at a time */
+                for (int64_t i = c; i < C; i++) {
+                    const T xv = xt[j * C + i];
+                    T a = xv * cz[j];
+                    if (gut) a += hp[j] * gut[i];
+                    if (got)
+                        for (int k = 0; k < n; k++) a += hr[k * n + j] * got[k * C + i];
+                    for (int q = 0; q < m; q++) {
+                        a += gz[j * m + q] * WT[q * C + i];
+                        dWT[q * C + i] += gz[j * m + q] * xv;
+                    }
+                    if (gx) gx[j * C + i] = a;
+                }
+                continue;
+            }
+            const VT xv = VLD(xt + j * C + c);
+            VT a = xv * cz[j];
+            if (gut) a += hp[j] * uv;
+            if (got)
+                for (int k = 0; k < n; k++) a += hr[k * n + j] * gv[k];
+            for (int q = 0; q < m; q++) {
+                a += gz[j * m + q] * wv[q];
+                VST(dWT + q * C + c, VLD(dWT + q * C + c) + gz[j * m + q] * xv);
+            }
+            if (gx) VST(gx + j * C + c, a);
+        }
+        if (!vec) break;
+    }
+}
+
+/* Backward over the tokens; dWT [m, C], dsp / dspo [n], dsr [n, n] (as sr), dscales [2]. */
+int FN(mhc_hc_bwd)(const T *x, const T *gu, const T *g_out, const T *z, const T *r, const T *WT, const T *sp,
+                   const T *sr, const T *scales, const T *g_pre, const T *g_post, const T *g_res, T *gx, T *dWT,
+                   T *dsp, T *dspo, T *dsr, T *dscales, int64_t tokens, int n, int64_t C, int threads) {
+    if (n < 1 || n > MAXN || threads < 1) return 1;
+    const int m = HC_COLS(n), nn = n * n;
+    const size_t width = (size_t)m * C + 2 * n + nn + 2, stride = (width + 15) & ~(size_t)15;
+    T *part = mhc_alloc(sizeof(T) * stride * threads, 1);
+    if (!part) return 2;
+    const T sa = scales[0], sb = scales[1];
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        T *mine = part + stride * omp_get_thread_num();
+#else
+        T *mine = part;
+#endif
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tokens; t++)
+            CALL_N(FN(hc_bwd_tok), n, x + t * n * C, gu ? gu + t * C : NULL, g_out ? g_out + t * n * C : NULL,
+                   z + t * n * m, r + t * n, WT, sp, sr, sa, sb, g_pre ? g_pre + t * n : NULL,
+                   g_post ? g_post + t * n : NULL, g_res ? g_res + t * nn : NULL, gx ? gx + t * n * C : NULL, mine);
+    }
+    T *outs[5] = {dWT, dsp, dspo, dsr, dscales};
+    const size_t sizes[5] = {(size_t)m * C, (size_t)n, (size_t)n, (size_t)nn, 2};
+    size_t off = 0;
+    for (int o = 0; o < 5; o++) { /* over threads in a fixed order */
+        for (size_t i = 0; i < sizes[o]; i++) {
+            T sum = 0;
+            for (int th = 0; th < threads; th++) sum += part[stride * th + off + i];
+            outs[o][i] = sum;
+        }
+        off += sizes[o];
+    }
+    free(part);
+    return 0;
+}
+
 #undef KB
 #undef SHUF
 #undef VLD
@@ -1066,3 +1272,5 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
 #undef SUFFIX
 #undef TINY
 #undef EXP
+#undef TANH
+#undef HC_COLS
