@@ -326,8 +326,8 @@ class HCCarryFunction(torch.autograd.Function):
                 terms.append((torch.einsum("...kj,...jc->...kc", h_res, xs.to(h_res.dtype)), g_out))
             loss = sum((out * g.to(out.dtype)).sum() for out, g in terms if g is not None)
             grads = torch.autograd.grad(loss, leaves, allow_unused=True) if torch.is_tensor(loss) else [None] * 6
-        return (*(None if g is None and not n else (torch.zeros_like(t) if g is None else g)
-                  for g, t, n in zip(grads, leaves, need)), None)
+        return (*(None if g is None and not wanted else (torch.zeros_like(t) if g is None else g)
+                  for g, t, wanted in zip(grads, leaves, need)), None)
 
 
 # ---- the same pair as torch.library ops, for torch.compile ----------------------------------------
