@@ -336,6 +336,41 @@ def test_unwritable_cache_falls_back_with_a_warning(tmp_path):
 
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_family_kernels_do_not_depend_on_the_thread_count(dt):
+    """The same for the kernels of mHC-lite (the permutation tail), dynamic HC and the read of HC's
+    static coefficients: per-token outputs bitwise equal with 1, 2 and 3 threads, sums over tokens
+    (dphi, dW, the statics' and scales' gradients) to rounding."""
+    gen = torch.Generator().manual_seed(12)
+    t, n, c = 1007, 4, 24
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=dt)  # noqa: E731
+    x, gu, g_out, g_pre, g_post = r(t, n, c), r(t, c), r(t, n, c), r(t, n), r(t, n)
+    k = 2 * n + 24
+    phi, bias, gates = 0.3 * r(n * c, k), r(k), torch.rand(3, generator=gen, dtype=dt) + 0.5
+    w, sp, spo, sr, scales = 0.3 * r(c, n + 2), r(n), r(n), r(n, n), torch.rand(2, generator=gen, dtype=dt) + 0.5
+    h_pre, h_res = r(t, n), r(t, n, n)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            lite = cpu.coeffs_fwd(x, phi, bias, gates, 1e-6, cpu.PERMUTATIONS, True)
+            lgx, ldphi, ldbias, ldalpha = cpu.coeffs_bwd(x, gu, lite[4], lite[3], phi, bias, gates, None, g_post, None,
+                                                         cpu.PERMUTATIONS, True, True, g_out=g_out)
+            hc = cpu.hc_fwd(x, w, sp, spo, sr, scales, 1e-6)
+            hgx, *hsums = cpu.hc_bwd(x, gu, g_out, hc[4], hc[5], w, sp, sr, scales, g_pre, g_post, None, True)
+            rd = cpu.read_bwd(x, h_pre, h_res, gu, g_out, True, True, True)
+            runs.append(([*lite, lgx, *hc, hgx, *rd], [ldphi, ldbias, ldalpha, *hsums]))
+    finally:
+        torch.set_num_threads(before)
+    for per_token, sums in runs[1:]:
+        for a, b in zip(per_token, runs[0][0]):
+            assert torch.equal(a, b)
+        for a, b in zip(sums, runs[0][1]):
+            tol = 1e-4 if dt == torch.float32 else 1e-12
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
 def test_results_do_not_depend_on_the_thread_count(dt):
     """The kernels split tokens statically over their OpenMP threads, each thread with its own Sinkhorn
     scratch: per-token outputs are bitwise the same with 1, 2 and 3 threads (3 oversubscribes a 2-core
