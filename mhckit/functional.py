@@ -217,12 +217,14 @@ def _as(t: Tensor, dt: torch.dtype) -> Tensor:
     return t if t.dtype is dt else t.to(dt)
 
 
-def _read_external_mode(x: Tensor, h_pre: Tensor, h_res: Tensor, backend: str) -> bool:
-    """Whether the read of coefficients computed elsewhere (Hyper-Connections') runs as the C kernels'
-    pair (:func:`_mhc_read_external`): eager, the ``torch`` backend on the CPU with the kernels on,
-    float32 / float64 streams with coefficients of their dtype, n <= 8, the pair not switched off."""
+def _hc_carry_mode(x: Tensor, tensors: tuple[Tensor, ...], backend: str) -> bool:
+    """Whether Hyper-Connections' pair runs on the C kernels: its dynamic coefficients with the read
+    (:func:`_hc_read_carry`, ``tensors`` its parameters) or the read of coefficients computed elsewhere
+    (:func:`_mhc_read_external`, ``tensors`` = ``(h_pre, h_res)``). Eager, the ``torch`` backend on the
+    CPU with the kernels on, float32 / float64 streams with ``tensors`` of their dtype, n <= 8, the pair
+    not switched off."""
     return (pair_enabled() and x.is_cpu and backend in ("auto", "torch") and x.dtype in (torch.float32, torch.float64)
-            and h_pre.dtype is x.dtype and h_res.dtype is x.dtype and h_pre.is_cpu and h_res.is_cpu
+            and all(t.dtype is x.dtype and t.is_cpu for t in tensors)
             and cpu.streams_available(x, n=x.shape[-2]) and not torch.compiler.is_compiling())
 
 
@@ -230,20 +232,11 @@ def _read_external_mode(x: Tensor, h_pre: Tensor, h_res: Tensor, backend: str) -
 def _mhc_read_external(x: Tensor, h_pre: Tensor, h_res: Tensor) -> tuple[Tensor, Tensor]:
     """``(u, carrier)``: :func:`mhc_pre` on the pair (:class:`mhckit.ops.carry.ReadCarryFunction`), whose
     write-back takes the carrier through :func:`_mhc_write_carry` and whose backward also makes that
-    write-back's ``dx`` and ``dh_res``. Only where :func:`_read_external_mode` says."""
+    write-back's ``dx`` and ``dh_res``. Only where :func:`_hc_carry_mode` says."""
     n, _ = check_streams(x, "x")
     check_coefficient(h_pre, "h_pre", x.shape[:-2] + (n,))
     check_coefficient(h_res, "h_res", x.shape[:-2] + (n, n))
     return ReadCarryFunction.apply(x if x.is_contiguous() else x.contiguous(), h_pre, h_res)
-
-
-def _hc_carry_mode(x: Tensor, params: tuple[Tensor, ...], backend: str) -> bool:
-    """Whether Hyper-Connections' dynamic coefficients and read run on the C kernels
-    (:func:`_hc_read_carry`): eager, the ``torch`` backend on the CPU with the kernels on, float32 /
-    float64 streams with every parameter of their dtype, n <= 8, the pair not switched off."""
-    return (pair_enabled() and x.is_cpu and backend in ("auto", "torch") and x.dtype in (torch.float32, torch.float64)
-            and all(p.dtype is x.dtype and p.is_cpu for p in params)
-            and cpu.streams_available(x, n=x.shape[-2]) and not torch.compiler.is_compiling())
 
 
 @finite_checked("x", "static_pre", "static_post", "static_res", "w_pre", "w_post", "w_res", "scale_alpha",
@@ -253,13 +246,7 @@ def _hc_read_carry(x: Tensor, static_pre: Tensor, static_post: Tensor, static_re
     """``(u, h_pre, h_post, h_res, carrier)``: :func:`hc_coeffs` (dynamic) and :func:`mhc_pre` on the C
     kernels (:class:`mhckit.ops.carry.HCCarryFunction`), whose write-back takes the carrier through
     :func:`_mhc_write_carry`. Only where :func:`_hc_carry_mode` says."""
-    n, c = check_streams(x, "x")
-    for name, t, shape in (("w_pre", w_pre, (c,)), ("w_post", w_post, (c,)), ("w_res", w_res, (c, n)),
-                           ("static_pre", static_pre, (n,)), ("static_post", static_post, (n,)),
-                           ("static_res", static_res, (n, n)), ("scale_alpha", scale_alpha, ()),
-                           ("scale_beta", scale_beta, ())):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}.shape: got {tuple(t.shape)}; expected {shape} for x of shape {tuple(x.shape)}")
+    _check_hc_shapes(x, static_pre, static_post, static_res, w_pre, w_post, w_res, (scale_alpha, scale_beta))
     w = torch.cat([w_pre[:, None], w_post[:, None], w_res], dim=1)  # [C, n + 2]
     return HCCarryFunction.apply(x if x.is_contiguous() else x.contiguous(), w, static_pre, static_post, static_res,
                                  torch.stack([scale_alpha, scale_beta]), float(norm_eps))
@@ -314,6 +301,18 @@ def residual_update(x: Tensor, y: Tensor, h_post: Tensor) -> Tensor:
     return (x.to(dt) + h_post.unsqueeze(-1) * y.to(dt).unsqueeze(-2)).to(x.dtype)
 
 
+def _check_hc_shapes(x, static_pre, static_post, static_res, w_pre, w_post, w_res, scales=()) -> None:
+    """Dynamic HC's parameters against streams ``x [..., n, C]`` (``scales``, if given, must be scalars);
+    an error names the first one of the wrong shape."""
+    n, c = check_streams(x, "x")
+    for name, t, shape in (("w_pre", w_pre, (c,)), ("w_post", w_post, (c,)), ("w_res", w_res, (c, n)),
+                           ("static_pre", static_pre, (n,)), ("static_post", static_post, (n,)),
+                           ("static_res", static_res, (n, n)),
+                           *((name, t, ()) for name, t in zip(("scale_alpha", "scale_beta"), scales))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}.shape: got {tuple(t.shape)}; expected {shape} for x of shape {tuple(x.shape)}")
+
+
 @finite_checked("x", "static_pre", "static_post", "static_res", "w_pre", "w_post", "w_res", "scale_alpha",
                 "scale_beta", outputs=("h_pre", "h_post", "h_res"))
 def hc_coeffs(
@@ -338,14 +337,10 @@ def hc_coeffs(
     if resolved == "reference" or w_pre is None:
         return reference.hc_coeffs(x, static_pre, static_post, static_res, w_pre, w_post, w_res, scale_alpha,
                                    scale_beta, norm_eps=norm_eps)
-    n, c = check_streams(x, "x")
+    check_streams(x, "x")  # named first, as before the other arguments
     if w_post is None or w_res is None or scale_alpha is None or scale_beta is None:
         raise ValueError("w_pre, w_post, w_res, scale_alpha, scale_beta: pass all of them (dynamic HC) or none")
-    for name, t, shape in (("w_pre", w_pre, (c,)), ("w_post", w_post, (c,)), ("w_res", w_res, (c, n)),
-                           ("static_pre", static_pre, (n,)), ("static_post", static_post, (n,)),
-                           ("static_res", static_res, (n, n))):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}.shape: got {tuple(t.shape)}; expected {shape} for x of shape {tuple(x.shape)}")
+    _check_hc_shapes(x, static_pre, static_post, static_res, w_pre, w_post, w_res)
     dt = compute_dtype(x, static_res)
     w = torch.cat([w_pre.to(dt)[:, None], w_post.to(dt)[:, None], w_res.to(dt)], dim=1)  # [C, n + 2]
     z = HCDynamicFunction.apply(x, w, float(norm_eps))  # [..., n, n + 2]

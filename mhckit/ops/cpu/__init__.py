@@ -58,6 +58,7 @@ __all__ = [
     "available", "enabled", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
     "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "post_bwd", "coeffs_fwd", "coeffs_bwd", "MAX_STREAMS",
     "streams_available", "coef_dtype", "built", "compile_streams_ok", "takes_as_stream", "use_isa", "ISAS",
+    "read_bwd", "hc_fwd", "hc_bwd", "PERMUTATIONS", "MAX_PERMUTATION_STREAMS",
 ]
 
 MAX_STREAMS = 8
