@@ -21,7 +21,8 @@ PyTorch ops (what ``torch.compile`` did before the custom ops), for comparison. 
 CUDA) runs mHC's sublayers as separate ops instead of HyperConnection's fused read / write-back pair
 (:func:`mhckit.ops.carry.separate_ops`): what the pair saves, measured in the same run. ``mhc-lite`` /
 ``mhc-lite-separate`` and ``hc`` / ``hc-separate`` do the same for mHC-lite (on the CPU its pair runs the
-permutation mixture in the C kernels) and HC (its read and write-back as the pair around its coefficients).
+permutation mixture in the C kernels) and HC (on the CPU its dynamic coefficients and read in one C call each
+way, the write-back's stream gradient joining their backward).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ VARIANTS = {
     "mhc-separate": dict(variant="mhc", recompute=0, separate=True),
     # Hyper-Connections (arXiv 2409.19606), dynamic: for the cost of the other variant the library has
     "hc": dict(variant="hc", recompute=0),
-    # HC with its read and write-back as separate ops (before the pair took them, CPU)
+    # HC on the separate ops (coefficient ops, read, write-back), as before its C pair took them (CPU)
     "hc-separate": dict(variant="hc", recompute=0, separate=True),
     # CPU: mHC on the kernels built for AVX2 only (mhckit.ops.cpu.use_isa), next to the default build
     "mhc-avx2": dict(variant="mhc", recompute=0, isa="avx2"),
