@@ -24,10 +24,11 @@ carried dx and ``h_pre[j] g_u`` to its own before its one write: 7 passes. (The 
 the write-back's x-side inside the coefficient pass, would need the dots before the token kernel
 and the dx after it: two passes over x on the GPU either way.)
 
-Coefficients computed elsewhere (Hyper-Connections') get the same pairing without the coefficient
-kernel: :class:`ReadCarryFunction` reads ``u`` and carries the write-back's output gradient, and its
-backward makes ``dx = h_pre[j] du + sum_k h_res[k, j] g[k]``, ``dh_pre`` and ``dh_res`` in one pass
-(the coefficients' own stream gradient still joins by autograd).
+Hyper-Connections get the same pairing: dynamic HC through :class:`HCCarryFunction` (its coefficients
+and the read in one C call each way, the write-back's dx and dh_res in the same backward pass); static
+HC, whose coefficients need no stream pass, through :class:`ReadCarryFunction`, which reads ``u`` and
+carries the write-back's output gradient, its backward making ``dx = h_pre[j] du + sum_k h_res[k, j]
+g[k]``, ``dh_pre`` and ``dh_res`` in one pass.
 
 Little Python per call. At the default ``mhckit compare`` width (C = 64, 1024 tokens a step) the
 Python around the kernels cost more per sublayer than the write-back kernels themselves: mostly
@@ -249,13 +250,14 @@ class PostCarryFunction(torch.autograd.Function):
 
 
 class ReadCarryFunction(torch.autograd.Function):
-    """The read ``u = sum_j h_pre[j] x[j]`` of coefficients computed elsewhere (Hyper-Connections'),
+    """The read ``u = sum_j h_pre[j] x[j]`` of coefficients computed elsewhere (static Hyper-Connections'),
     plus the carrier for :class:`PostCarryFunction`: returns ``(u, carrier)``. Its backward gets the
     write-back's output gradient ``g`` along the carrier and makes, in one pass over the streams
     (:func:`mhckit.ops.cpu.read_bwd`), ``dx = h_pre[j] du + sum_k h_res[k, j] g[k]``, ``dh_pre`` and
     ``dh_res``: the read's and the write-back's stream gradients in one tensor (the separate ops write
-    two and autograd adds them). The coefficients' own stream gradient still joins by autograd. Eager,
-    C kernels, float32 / float64 streams with coefficients of their dtype (the caller checks)."""
+    two and autograd adds them). A stream gradient of the coefficients themselves would join by
+    autograd. Eager, C kernels, float32 / float64 streams with coefficients of their dtype (the caller
+    checks)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, h_pre: Tensor, h_res: Tensor):
