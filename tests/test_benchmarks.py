@@ -28,6 +28,20 @@ def test_step_timers_times_the_kernels_and_puts_everything_back(capsys):
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
+def test_step_timers_times_another_variant(capsys):
+    """``--variant hc``: HC's kernels and Functions are timed (not mHC's), and a bad variant is named."""
+    before = carry.HCCarryFunction.__dict__["backward"]
+    assert step_timers.main(["--steps", "2", "--variant", "hc"]) == 0
+    out = capsys.readouterr().out
+    for line in ("kernel mhc_hc_bwd", "kernel mhc_hc_fwd", "HCCarryFunction.backward", "hc's extra time"):
+        assert line in out, out
+    assert "mhc_coeffs" not in out and "CoeffsCarryFunction" not in out, out
+    assert carry.HCCarryFunction.__dict__["backward"] is before
+    with pytest.raises(SystemExit, match="--variant: got 'nope'"):
+        step_timers.main(["--variant", "nope"])
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
 def test_layer_benchmark_in_bfloat16_casts_every_case(tmp_path, kernel_calls):
     """``bench_layer --dtype bfloat16``: every case runs on bf16 tensors (mhckit's on the bf16 kernels)
     and the results say so."""

@@ -53,6 +53,19 @@
  * (the per-token functions take n and C last; C must be in scope) */
 #define CALL_N(f, n, ...) ((n) == 4 ? f(__VA_ARGS__, 4, C) : f(__VA_ARGS__, (n), C))
 
+/* Prefetch `bytes` from p into L2 (one hint per cache line); NULL: nothing. The streams of a
+ * training step are cold by the time a kernel reads them (the branch between two reads of x evicts
+ * them from L2), and the hardware prefetcher stops at every 4 KiB page (4 tokens of a [T, 4, 64]
+ * float stream): the kernels ask for the next block's rows while they compute on the current one. */
+#define PF_TOKENS 8 /* tokens ahead that the per-token kernels prefetch */
+static inline __attribute__((always_inline)) void mhc_prefetch(const void *p, size_t bytes) {
+    if (!p) return;
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 2);
+}
+static inline __attribute__((always_inline)) void mhc_prefetch_w(void *p, size_t bytes) {
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch((char *)p + o, 1, 2);
+}
+
 /* Heap blocks aligned like ALIGNED. malloc guarantees 16 bytes; the OpenMP worker's per-thread Sinkhorn
  * scratch then had most of its 32-byte vectors across two cache lines, and the 2-thread kept-iterate
  * Sinkhorn took 1.7x as long as with aligned scratch (how often depended on the heap's state).

@@ -716,8 +716,13 @@ int FN(mhc_pre_bwd)(const T *x, const T *h, const T *gu, T *gx, T *gh, int64_t t
 int FN(mhc_post_res_fwd)(const T *x, const T *y, const T *hp, const T *hr, T *out, int64_t tokens, int n, int64_t C,
                          int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < tokens; t++)
+    for (int64_t t = 0; t < tokens; t++) {
+        if (t + PF_TOKENS < tokens) {
+            mhc_prefetch(x + (t + PF_TOKENS) * n * C, sizeof(T) * n * C);
+            mhc_prefetch_w(out + (t + PF_TOKENS) * n * C, sizeof(T) * n * C);
+        }
         CALL_N(FN(post_res_tok), n, x + t * n * C, y + t * C, hp + t * n, hr + t * n * n, out + t * n * C);
+    }
     return 0;
 }
 
@@ -816,6 +821,8 @@ int FN(mhc_coeffs_fwd)(const T *x, const T *phi, T *z, const T *bias, const T *g
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t t0 = b * SB;
         const int lanes = tokens - t0 < SB ? (int)(tokens - t0) : SB;
+        if (t0 + lanes < tokens) /* the next block's rows, while this one computes */
+            mhc_prefetch(x + (t0 + lanes) * nC, sizeof(T) * (tokens - t0 - lanes < SB ? tokens - t0 - lanes : SB) * nC);
         FN(coeffs_fwd_block)(x + t0 * nC, phiP, KP, z + t0 * K, bias, gates, rms_eps, r + t0, h_pre + t0 * n,
                              h_post + t0 * n, h_res + t0 * nn, u ? u + t0 * C : NULL, lanes, n, C, iters);
     }
@@ -890,7 +897,7 @@ static inline __attribute__((always_inline)) void FN(gx_matmul)(T *const *gr, co
 typedef struct {
     const T *x, *gu, *g_out, *z, *r, *bias, *gates, *gk, *g_pre, *g_post, *g_res, *phiT, *zero;
     T *gzr, *gx, *part, *dphiP; /* part: per thread 2K sums; dphiP: per thread [nC, KP] (NULL: no dphi) */
-    int64_t C;
+    int64_t C, tokens;
     int n, iters;
     const void *aux; /* the half-precision entry points' stream pointers (mhc_cpu_half.h) */
 } FN(coeffs_bwd_ctx);
@@ -987,7 +994,13 @@ static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, 
 
 static void FN(coeffs_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, int lanes, int me) {
     const FN(coeffs_bwd_ctx) *c = ctx;
-    const int64_t C = c->C, nC = c->n * C;
+    const int64_t C = c->C, nC = c->n * C, t1 = t0 + lanes, next = c->tokens - t1 < SB ? c->tokens - t1 : SB;
+    if (next > 0) { /* the next block's stream rows, while this one computes */
+        mhc_prefetch(c->x + t1 * nC, sizeof(T) * next * nC);
+        if (c->g_out) mhc_prefetch(c->g_out + t1 * nC, sizeof(T) * next * nC);
+        if (c->gu) mhc_prefetch(c->gu + t1 * C, sizeof(T) * next * C);
+        if (c->gx) mhc_prefetch_w(c->gx + t1 * nC, sizeof(T) * next * nC);
+    }
     FN(coeffs_bwd_block)(c, s, c->x + t0 * nC, c->gu ? c->gu + t0 * C : NULL, c->g_out ? c->g_out + t0 * nC : NULL,
                          c->gx ? c->gx + t0 * nC : NULL, t0, lanes, me);
 }
@@ -1015,7 +1028,7 @@ static int FN(coeffs_bwd_run)(const T *x, const T *gu, const T *g_out, const T *
     int err = !part || (phi && (!phiT || !dphiP || !zero)) ? 2 : 0;
     if (!err) {
         const FN(coeffs_bwd_ctx) c = {x, gu, g_out, z, r, bias, gates, gk, g_pre, g_post, g_res, phiT, zero,
-                                      gzr, gx, part, dphi ? dphiP : NULL, C, n, iters, aux};
+                                      gzr, gx, part, dphi ? dphiP : NULL, C, tokens, n, iters, aux};
         err = FN(for_blocks)(tokens, n, iters, threads, extra, body, &c);
     }
     if (!err) {
@@ -1183,7 +1196,7 @@ static inline __attribute__((always_inline)) void FN(hc_bwd_tok)(
         if (vec && got)
             for (int k = 0; k < n; k++) gv[k] = VLD(got + k * C + c);
         const VT uv = vec && gut ? VLD(gut + c) : (VT){0};
-        VT wv[MAXN + 2];
+        VT wv[MAXN + 2], xs[MAXN];
         if (vec)
             for (int q = 0; q < m; q++) wv[q] = VLD(WT + q * C + c);
         for (int j = 0; j < n; j++) {
@@ -1202,18 +1215,22 @@ static inline __attribute__((always_inline)) void FN(hc_bwd_tok)(
                 }
                 continue;
             }
-            const VT xv = VLD(xt + j * C + c);
+            const VT xv = xs[j] = VLD(xt + j * C + c);
             VT a = xv * cz[j];
             if (gut) a += hp[j] * uv;
             if (got)
                 for (int k = 0; k < n; k++) a += hr[k * n + j] * gv[k];
-            for (int q = 0; q < m; q++) {
-                a += gz[j * m + q] * wv[q];
-                VST(dWT + q * C + c, VLD(dWT + q * C + c) + gz[j * m + q] * xv);
-            }
+            for (int q = 0; q < m; q++) a += gz[j * m + q] * wv[q];
             if (gx) VST(gx + j * C + c, a);
         }
         if (!vec) break;
+        /* dWT[q] += sum_j gz_jq x_j: the streams summed in a register, in the order j = 0, 1, ...
+         * (one load and one store of dWT per column and chunk, not one per stream) */
+        for (int q = 0; q < m; q++) {
+            VT acc = VLD(dWT + q * C + c);
+            for (int j = 0; j < n; j++) acc += gz[j * m + q] * xs[j];
+            VST(dWT + q * C + c, acc);
+        }
     }
 }
 
