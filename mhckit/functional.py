@@ -247,9 +247,8 @@ def _hc_read_carry(x: Tensor, static_pre: Tensor, static_post: Tensor, static_re
     kernels (:class:`mhckit.ops.carry.HCCarryFunction`), whose write-back takes the carrier through
     :func:`_mhc_write_carry`. Only where :func:`_hc_carry_mode` says."""
     _check_hc_shapes(x, static_pre, static_post, static_res, w_pre, w_post, w_res, (scale_alpha, scale_beta))
-    w = torch.cat([w_pre[:, None], w_post[:, None], w_res], dim=1)  # [C, n + 2]
-    return HCCarryFunction.apply(x if x.is_contiguous() else x.contiguous(), w, static_pre, static_post, static_res,
-                                 torch.stack([scale_alpha, scale_beta]), float(norm_eps))
+    return HCCarryFunction.apply(x if x.is_contiguous() else x.contiguous(), static_pre, static_post, static_res,
+                                 w_pre, w_post, w_res, scale_alpha, scale_beta, float(norm_eps))
 
 
 @finite_checked("x", "x", "y", "h_post", "h_res", outputs="x_new", op="mhc_post_res")  # the carrier is x

@@ -295,15 +295,19 @@ class ReadCarryFunction(torch.autograd.Function):
 class HCCarryFunction(torch.autograd.Function):
     """Hyper-Connections' dynamic coefficients and the read in one C call each way
     (:func:`mhckit.ops.cpu.hc_fwd` / ``hc_bwd``), with the carrier for :class:`PostCarryFunction`:
-    ``(x, w = [w_pre | w_post | w_res] [C, n + 2], static_pre, static_post, static_res, scales [2], eps)``
-    -> ``(u, h_pre, h_post, h_res, carrier)``. The backward makes every gradient, the write-back's
-    ``dx`` and ``dh_res`` included, in one pass over the streams. Eager, float32 / float64 streams with
-    parameters of their dtype (the caller checks)."""
+    ``(x, static_pre, static_post, static_res, w_pre, w_post, w_res, scale_alpha, scale_beta, eps)`` (the
+    parameters as :class:`mhckit.modules.HCCoefficients` holds them: no concatenation or stacking op, and
+    no autograd node for one) -> ``(u, h_pre, h_post, h_res, carrier)``. The backward makes every
+    gradient, the write-back's ``dx`` and ``dh_res`` included, in one pass over the streams; a parameter
+    that only reaches coefficients nobody differentiated gets no gradient (None, as autograd through
+    the reference gives). Eager, float32 / float64 streams with parameters of their dtype (the caller
+    checks)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, sp: Tensor, spo: Tensor, sr: Tensor, scales: Tensor, eps: float):
-        u, h_pre, h_post, h_res, z, r = cpu.hc_fwd(x, w, sp, spo, sr, scales, eps)
-        ctx.save_for_backward(x, w, sp, spo, sr, scales, z, r)
+    def forward(ctx, x: Tensor, sp: Tensor, spo: Tensor, sr: Tensor, wp: Tensor, wq: Tensor, wr: Tensor, sa: Tensor,
+                sb: Tensor, eps: float):
+        u, h_pre, h_post, h_res, z, r = cpu.hc_fwd(x, wp, wq, wr, sp, spo, sr, sa, sb, eps)
+        ctx.save_for_backward(x, sp, spo, sr, wp, wq, wr, sa, sb, z, r)
         ctx.eps = eps
         ctx.set_materialize_grads(False)
         return u, h_pre, h_post, h_res, x.view_as(x)
@@ -311,25 +315,37 @@ class HCCarryFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_u: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor, g_out: Tensor):
-        x, w, sp, spo, sr, scales, z, r = ctx.saved_tensors
+        x, sp, spo, sr, wp, wq, wr, sa, sb, z, r = ctx.saved_tensors
         need = ctx.needs_input_grad
         if cpu.enabled():
-            return (*cpu.hc_bwd(x, g_u, g_out, z, r, w, sp, sr, scales, g_pre, g_post, g_res, need[0]), None)
-        # the kernels were switched off between forward and backward: autograd through the reference
-        from .. import reference
+            gx, dwp, dwq, dwr, dsp, dspo, dsr, dsa, dsb = cpu.hc_bwd(x, g_u, g_out, z, r, wp, wq, wr, sp, sr, sa, sb,
+                                                                     g_pre, g_post, g_res, need[0])
+            grads = [gx, dsp, dspo, dsr, dwp, dwq, dwr, dsa, dsb]
+        else:  # the kernels were switched off between forward and backward: autograd through the reference
+            grads = _hc_reference_backward(ctx.saved_tensors[:9], ctx.eps, g_u, g_pre, g_post, g_res, g_out)
+        # which coefficients got a gradient: h_pre (through u or itself), h_post, h_res (itself or the write-back)
+        pre, post, res = g_u is not None or g_pre is not None, g_post is not None, g_res is not None or g_out is not None
+        reach = (pre or res, pre, post, res, pre, post, res, pre or res, post)  # x, sp, spo, sr, wp, wq, wr, sa, sb
+        return (*(g if wanted and reached else None for g, wanted, reached in zip(grads, need, reach)), None)
 
-        leaves = [t.detach().requires_grad_() for t in (x, w, sp, spo, sr, scales)]
-        with torch.enable_grad():
-            xs, ws, a, b, c, sc = leaves
-            h_pre, h_post, h_res = reference.hc_coeffs(xs, a, b, c, ws[:, 0], ws[:, 1], ws[:, 2:], sc[0], sc[1],
-                                                       norm_eps=ctx.eps)
-            terms = [(reference.mhc_pre(xs, h_pre), g_u), (h_pre, g_pre), (h_post, g_post), (h_res, g_res)]
-            if g_out is not None:  # the write-back's x-side: h_res x (its h_post y part is not ours)
-                terms.append((torch.einsum("...kj,...jc->...kc", h_res, xs.to(h_res.dtype)), g_out))
-            loss = sum((out * g.to(out.dtype)).sum() for out, g in terms if g is not None)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True) if torch.is_tensor(loss) else [None] * 6
-        return (*(None if g is None and not wanted else (torch.zeros_like(t) if g is None else g)
-                  for g, t, wanted in zip(grads, leaves, need)), None)
+
+def _hc_reference_backward(saved, eps: float, g_u, g_pre, g_post, g_res, g_out) -> list:
+    """:class:`HCCarryFunction`'s gradients (None where none reaches) by autograd through
+    :func:`mhckit.reference.hc_coeffs`, ``saved = (x, sp, spo, sr, wp, wq, wr, sa, sb)``."""
+    from .. import reference
+
+    leaves = [t.detach().requires_grad_() for t in saved]
+    with torch.enable_grad():
+        xs, sp, spo, sr, wp, wq, wr, sa, sb = leaves
+        h_pre, h_post, h_res = reference.hc_coeffs(xs, sp, spo, sr, wp, wq, wr, sa, sb, norm_eps=eps)
+        terms = [(reference.mhc_pre(xs, h_pre), g_u), (h_pre, g_pre), (h_post, g_post), (h_res, g_res)]
+        if g_out is not None:  # the write-back's x-side: h_res x (its h_post y part is not ours)
+            terms.append((torch.einsum("...kj,...jc->...kc", h_res, xs.to(h_res.dtype)), g_out))
+        terms = [(out, g) for out, g in terms if g is not None]
+        if not terms:
+            return [None] * len(leaves)
+        loss = sum((out * g.to(out.dtype)).sum() for out, g in terms)
+        return list(torch.autograd.grad(loss, leaves, allow_unused=True))
 
 
 # ---- the same pair as torch.library ops, for torch.compile ----------------------------------------

@@ -347,6 +347,7 @@ def test_family_kernels_do_not_depend_on_the_thread_count(dt):
     k = 2 * n + 24
     phi, bias, gates = 0.3 * r(n * c, k), r(k), torch.rand(3, generator=gen, dtype=dt) + 0.5
     w, sp, spo, sr, scales = 0.3 * r(c, n + 2), r(n), r(n), r(n, n), torch.rand(2, generator=gen, dtype=dt) + 0.5
+    hc_params = (w[:, 0], w[:, 1], w[:, 2:], sp, spo, sr, scales[0], scales[1])  # strided w columns: copied
     h_pre, h_res = r(t, n), r(t, n, n)
     before = torch.get_num_threads()
     runs = []
@@ -356,8 +357,9 @@ def test_family_kernels_do_not_depend_on_the_thread_count(dt):
             lite = cpu.coeffs_fwd(x, phi, bias, gates, 1e-6, cpu.PERMUTATIONS, True)
             lgx, ldphi, ldbias, ldalpha = cpu.coeffs_bwd(x, gu, lite[4], lite[3], phi, bias, gates, None, g_post, None,
                                                          cpu.PERMUTATIONS, True, True, g_out=g_out)
-            hc = cpu.hc_fwd(x, w, sp, spo, sr, scales, 1e-6)
-            hgx, *hsums = cpu.hc_bwd(x, gu, g_out, hc[4], hc[5], w, sp, sr, scales, g_pre, g_post, None, True)
+            hc = cpu.hc_fwd(x, *hc_params, 1e-6)
+            hgx, *hsums = cpu.hc_bwd(x, gu, g_out, hc[4], hc[5], *hc_params[:4], *hc_params[5:], g_pre, g_post, None,
+                                     True)
             rd = cpu.read_bwd(x, h_pre, h_res, gu, g_out, True, True, True)
             runs.append(([*lite, lgx, *hc, hgx, *rd], [ldphi, ldbias, ldalpha, *hsums]))
     finally:

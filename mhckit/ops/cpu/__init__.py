@@ -69,7 +69,7 @@ PERMUTATIONS = -1
 MAX_PERMUTATION_STREAMS = 4
 _SOURCE = Path(__file__).with_name("mhc_cpu.c")
 _SOURCES = (_SOURCE, _SOURCE.with_name("mhc_cpu_impl.h"), _SOURCE.with_name("mhc_cpu_half.h"))
-_ABI = 7
+_ABI = 8
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "lib": CDLL | None, "why": str | None, "path": str
 
@@ -190,8 +190,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"mhc_tail_fwd_{suf}").argtypes = [p, p, p, p, p, p, i64, i32, i32, i32]
         getattr(lib, f"mhc_tail_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, i64, i32, i32, i32]
         getattr(lib, f"mhc_read_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, i64, i32, i64, i32]
-        getattr(lib, f"mhc_hc_fwd_{suf}").argtypes = [p] * 6 + [ctypes.c_double] + [p] * 6 + [i64, i32, i64, i32]
-        getattr(lib, f"mhc_hc_bwd_{suf}").argtypes = [p] * 18 + [i64, i32, i64, i32]
+        getattr(lib, f"mhc_hc_fwd_{suf}").argtypes = [p] * 9 + [ctypes.c_double] + [p] * 6 + [i64, i32, i64, i32]
+        getattr(lib, f"mhc_hc_bwd_{suf}").argtypes = [p] * 24 + [i64, i32, i64, i32]
     for suf in ("f32", "f64", *halves):  # the stream kernels: also with 2-byte streams
         getattr(lib, f"mhc_pre_fwd_{suf}").argtypes = [p, p, p, i64, i32, i64, i32]
         getattr(lib, f"mhc_pre_bwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
@@ -464,37 +464,43 @@ def read_bwd(x: torch.Tensor, h_pre: torch.Tensor, h_res: torch.Tensor, gu, g, n
 # ---- Hyper-Connections' dynamic coefficients with the read (arXiv 2409.19606; see mhc_cpu_impl.h) ----
 
 
-def hc_fwd(x: torch.Tensor, w: torch.Tensor, sp: torch.Tensor, spo: torch.Tensor, sr: torch.Tensor,
-           scales: torch.Tensor, eps: float):
-    """``x [..., n, C]``, ``w = [w_pre | w_post | w_res] [C, n + 2]``, the static terms ``sp``, ``spo``
-    ``[n]``, ``sr [n, n]`` and ``scales = (scale_alpha, scale_beta)`` -> ``(u [..., C], h_pre [..., n],
-    h_post [..., n], h_res [..., n, n], z [T, n, n + 2], r [T, n])`` (float32 / float64, one dtype)."""
+def hc_fwd(x: torch.Tensor, w_pre: torch.Tensor, w_post: torch.Tensor, w_res: torch.Tensor, sp: torch.Tensor,
+           spo: torch.Tensor, sr: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, eps: float):
+    """``x [..., n, C]``, the dynamic weights ``w_pre``, ``w_post [C]``, ``w_res [C, n]``, the static
+    terms ``sp``, ``spo [n]``, ``sr [n, n]`` and the scales ``sa`` (alpha), ``sb`` (beta) (one value each)
+    -> ``(u [..., C], h_pre [..., n], h_post [..., n], h_res [..., n, n], z [T, n, n + 2], r [T, n])``
+    (float32 / float64, one dtype; the parameters as HCCoefficients holds them)."""
     lead, n, c, dt = x.shape[:-2], x.shape[-2], x.shape[-1], x.dtype
-    x, wt = _c(x, dt), w.to(dt).t().contiguous()
-    sp, spo, sr, scales = _c(sp, dt), _c(spo, dt), _c(sr, dt), _c(scales, dt)
+    x, wp, wq, wr = _c(x, dt), _c(w_pre, dt), _c(w_post, dt), _c(w_res, dt)
+    sp, spo, sr, sa, sb = _c(sp, dt), _c(spo, dt), _c(sr, dt), _c(sa, dt), _c(sb, dt)
     t = _tokens(x)
     z, r = torch.empty(t, n, n + 2, dtype=dt), torch.empty(t, n, dtype=dt)
     h_pre, h_post = torch.empty(lead + (n,), dtype=dt), torch.empty(lead + (n,), dtype=dt)
     h_res, u = torch.empty(lead + (n, n), dtype=dt), torch.empty(lead + (c,), dtype=dt)
-    _call("mhc_hc_fwd", dt, _ptr(x), _ptr(wt), _ptr(sp), _ptr(spo), _ptr(sr), _ptr(scales), float(eps), _ptr(z),
-          _ptr(r), _ptr(h_pre), _ptr(h_post), _ptr(h_res), _ptr(u), t, n, c, torch.get_num_threads())
+    _call("mhc_hc_fwd", dt, _ptr(x), _ptr(wp), _ptr(wq), _ptr(wr), _ptr(sp), _ptr(spo), _ptr(sr), _ptr(sa), _ptr(sb),
+          float(eps), _ptr(z), _ptr(r), _ptr(h_pre), _ptr(h_post), _ptr(h_res), _ptr(u), t, n, c,
+          torch.get_num_threads())
     return u, h_pre, h_post, h_res, z, r
 
 
-def hc_bwd(x, gu, g_out, z, r, w, sp, sr, scales, g_pre, g_post, g_res, need_x: bool):
-    """``(dx or None, dw [C, n + 2], dsp [n], dspo [n], dsr [n, n], dscales [2])`` of :func:`hc_fwd`
-    given the gradients of u (``gu``), of the coefficients and, with ``g_out``, the output gradient of
-    the write-back ``h_res x + h_post y`` (whose ``dx`` and ``dh_res`` join here); any may be None."""
+def hc_bwd(x, gu, g_out, z, r, w_pre, w_post, w_res, sp, sr, sa, sb, g_pre, g_post, g_res, need_x: bool):
+    """``(dx or None, dw_pre [C], dw_post [C], dw_res [C, n], dsp [n], dspo [n], dsr [n, n], dsa [], dsb [])``
+    of :func:`hc_fwd` given the gradients of u (``gu``), of the coefficients and, with ``g_out``, the
+    output gradient of the write-back ``h_res x + h_post y`` (whose ``dx`` and ``dh_res`` join here);
+    any may be None. The scales' gradients have ``sa``'s / ``sb``'s shape."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
-    x, wt, sp, sr, scales = _c(x, dt), w.to(dt).t().contiguous(), _c(sp, dt), _c(sr, dt), _c(scales, dt)
+    x, wp, wq, wr = _c(x, dt), _c(w_pre, dt), _c(w_post, dt), _c(w_res, dt)
+    sp, sr, sa, sb = _c(sp, dt), _c(sr, dt), _c(sa, dt), _c(sb, dt)
     gu, g_out, g_pre, g_post, g_res = _c(gu, dt), _c(g_out, dt), _c(g_pre, dt), _c(g_post, dt), _c(g_res, dt)
     gx = torch.empty(x.shape, dtype=dt) if need_x else None
-    dwt, dsp, dspo = torch.empty(n + 2, c, dtype=dt), torch.empty(n, dtype=dt), torch.empty(n, dtype=dt)
-    dsr, dsc = torch.empty(n, n, dtype=dt), torch.empty(2, dtype=dt)
-    _call("mhc_hc_bwd", dt, _ptr(x), _ptr(gu), _ptr(g_out), _ptr(z), _ptr(r), _ptr(wt), _ptr(sp), _ptr(sr),
-          _ptr(scales), _ptr(g_pre), _ptr(g_post), _ptr(g_res), _ptr(gx), _ptr(dwt), _ptr(dsp), _ptr(dspo), _ptr(dsr),
-          _ptr(dsc), _tokens(x), n, c, torch.get_num_threads())
-    return gx, dwt.t(), dsp, dspo, dsr, dsc
+    dwp, dwq, dwr = torch.empty(c, dtype=dt), torch.empty(c, dtype=dt), torch.empty(c, n, dtype=dt)
+    dsp, dspo, dsr = torch.empty(n, dtype=dt), torch.empty(n, dtype=dt), torch.empty(n, n, dtype=dt)
+    dsa, dsb = torch.empty(sa.shape, dtype=dt), torch.empty(sb.shape, dtype=dt)
+    _call("mhc_hc_bwd", dt, _ptr(x), _ptr(gu), _ptr(g_out), _ptr(z), _ptr(r), _ptr(wp), _ptr(wq), _ptr(wr), _ptr(sp),
+          _ptr(sr), _ptr(sa), _ptr(sb), _ptr(g_pre), _ptr(g_post), _ptr(g_res), _ptr(gx), _ptr(dwp), _ptr(dwq),
+          _ptr(dwr), _ptr(dsp), _ptr(dspo), _ptr(dsr), _ptr(dsa), _ptr(dsb), _tokens(x), n, c,
+          torch.get_num_threads())
+    return gx, dwp, dwq, dwr, dsp, dspo, dsr, dsa, dsb
 
 
 def _tokens(x: torch.Tensor) -> int:

@@ -1125,15 +1125,31 @@ static inline __attribute__((always_inline)) void FN(hc_fwd_tok)(const T *restri
     if (ut) FN(pre_tok)(xt, hp, ut, n, C);
 }
 
-int FN(mhc_hc_fwd)(const T *x, const T *WT, const T *sp, const T *spo, const T *sr, const T *scales, double eps, T *z,
-                   T *r, T *h_pre, T *h_post, T *h_res, T *u, int64_t tokens, int n, int64_t C, int threads) {
+/* WT [m, C] = [w_pre | w_post | w_res]^T from the module's parameters w_pre [C], w_post [C], w_res [C, n]
+ * (malloc'd; NULL if out of memory) */
+static T *FN(hc_pack_w)(const T *wp, const T *wq, const T *wr, int n, int64_t C) {
+    T *WT = mhc_alloc(sizeof(T) * (size_t)HC_COLS(n) * C, 0);
+    if (WT)
+        for (int64_t c = 0; c < C; c++) {
+            WT[c] = wp[c], WT[C + c] = wq[c];
+            for (int k = 0; k < n; k++) WT[(2 + k) * C + c] = wr[c * n + k];
+        }
+    return WT;
+}
+
+int FN(mhc_hc_fwd)(const T *x, const T *wp, const T *wq, const T *wr, const T *sp, const T *spo, const T *sr,
+                   const T *sa_, const T *sb_, double eps, T *z, T *r, T *h_pre, T *h_post, T *h_res, T *u,
+                   int64_t tokens, int n, int64_t C, int threads) {
     if (n < 1 || n > MAXN) return 1;
     const int m = HC_COLS(n);
-    const T sa = scales[0], sb = scales[1];
+    const T sa = *sa_, sb = *sb_;
+    T *WT = FN(hc_pack_w)(wp, wq, wr, n, C);
+    if (!WT) return 2;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tokens; t++)
         CALL_N(FN(hc_fwd_tok), n, x + t * n * C, WT, sp, spo, sr, sa, sb, eps, z + t * n * m, r + t * n, h_pre + t * n,
                h_post + t * n, h_res + t * n * n, u ? u + t * C : NULL);
+    free(WT);
     return 0;
 }
 
@@ -1234,16 +1250,21 @@ static inline __attribute__((always_inline)) void FN(hc_bwd_tok)(
     }
 }
 
-/* Backward over the tokens; dWT [m, C], dsp / dspo [n], dsr [n, n] (as sr), dscales [2]. */
-int FN(mhc_hc_bwd)(const T *x, const T *gu, const T *g_out, const T *z, const T *r, const T *WT, const T *sp,
-                   const T *sr, const T *scales, const T *g_pre, const T *g_post, const T *g_res, T *gx, T *dWT,
-                   T *dsp, T *dspo, T *dsr, T *dscales, int64_t tokens, int n, int64_t C, int threads) {
+/* Backward over the tokens; dwp / dwq [C], dwr [C, n] (as the parameters), dsp / dspo [n], dsr [n, n]
+ * (as sr), dsa / dsb (one value each). */
+int FN(mhc_hc_bwd)(const T *x, const T *gu, const T *g_out, const T *z, const T *r, const T *wp, const T *wq,
+                   const T *wr, const T *sp, const T *sr, const T *sa_, const T *sb_, const T *g_pre, const T *g_post,
+                   const T *g_res, T *gx, T *dwp, T *dwq, T *dwr, T *dsp, T *dspo, T *dsr, T *dsa, T *dsb,
+                   int64_t tokens, int n, int64_t C, int threads) {
     if (n < 1 || n > MAXN || threads < 1) return 1;
     const int m = HC_COLS(n), nn = n * n;
     const size_t width = (size_t)m * C + 2 * n + nn + 2, stride = (width + 15) & ~(size_t)15;
-    T *part = mhc_alloc(sizeof(T) * stride * threads, 1);
-    if (!part) return 2;
-    const T sa = scales[0], sb = scales[1];
+    T *part = mhc_alloc(sizeof(T) * stride * threads, 1), *WT = FN(hc_pack_w)(wp, wq, wr, n, C);
+    if (!part || !WT) {
+        free(part), free(WT);
+        return 2;
+    }
+    const T sa = *sa_, sb = *sb_;
 #pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
@@ -1257,18 +1278,25 @@ int FN(mhc_hc_bwd)(const T *x, const T *gu, const T *g_out, const T *z, const T 
                    z + t * n * m, r + t * n, WT, sp, sr, sa, sb, g_pre ? g_pre + t * n : NULL,
                    g_post ? g_post + t * n : NULL, g_res ? g_res + t * nn : NULL, gx ? gx + t * n * C : NULL, mine);
     }
-    T *outs[5] = {dWT, dsp, dspo, dsr, dscales};
-    const size_t sizes[5] = {(size_t)m * C, (size_t)n, (size_t)n, (size_t)nn, 2};
-    size_t off = 0;
-    for (int o = 0; o < 5; o++) { /* over threads in a fixed order */
-        for (size_t i = 0; i < sizes[o]; i++) {
-            T sum = 0;
-            for (int th = 0; th < threads; th++) sum += part[stride * th + off + i];
-            outs[o][i] = sum;
+    /* over threads in a fixed order; part holds dWT [m, C], dsp, dspo, dsr, dsa, dsb */
+    const size_t count = width;
+    for (size_t i = 0; i < count; i++) {
+        T sum = 0;
+        for (int th = 0; th < threads; th++) sum += part[stride * th + i];
+        if (i < (size_t)m * C) {
+            const int q = (int)(i / C);
+            const int64_t c = (int64_t)(i % C);
+            if (q == 0) dwp[c] = sum;
+            else if (q == 1) dwq[c] = sum;
+            else dwr[c * n + (q - 2)] = sum;
+        } else {
+            const size_t j = i - (size_t)m * C;
+            T *dst = j < (size_t)n ? dsp + j : j < 2 * (size_t)n ? dspo + (j - n) : j < 2 * (size_t)n + nn
+                         ? dsr + (j - 2 * n) : j == 2 * (size_t)n + nn ? dsa : dsb;
+            *dst = sum;
         }
-        off += sizes[o];
     }
-    free(part);
+    free(part), free(WT);
     return 0;
 }
 
