@@ -1181,13 +1181,14 @@ static inline __attribute__((always_inline)) void FN(hc_bwd_tok)(
     }
     memcpy(th, zt, sizeof(T) * n * m);
     FN(tanh_row)(th, n * m);
+    T sca = 0, scb = 0; /* this token's terms of dscales, summed here (registers), then added once */
     for (int j = 0; j < n; j++) {
-        const T gq = gpost ? gpost[j] : 0;
+        const T gq = gpost ? gpost[j] : 0, rinv = 1 / rt[j];
         hp[j] = sp[j] + sa * th[j * m];
         dsp[j] += gp[j];
         dspo[j] += gq;
-        dsc[0] += th[j * m] * gp[j];
-        dsc[1] += th[j * m + 1] * gq;
+        sca += th[j * m] * gp[j];
+        scb += th[j * m + 1] * gq;
         T dt[MAXN + 2];
         dt[0] = sa * gp[j];
         dt[1] = sb * gq;
@@ -1195,17 +1196,19 @@ static inline __attribute__((always_inline)) void FN(hc_bwd_tok)(
             const T g = gr[k * n + j];
             hr[k * n + j] = sr[j * n + k] + sa * th[j * m + 2 + k];
             dsr[j * n + k] += g;
-            dsc[0] += th[j * m + 2 + k] * g;
+            sca += th[j * m + 2 + k] * g;
             dt[2 + k] = sa * g;
         }
         T c = 0;
         for (int q = 0; q < m; q++) {
             const T tq = th[j * m + q];
-            gz[j * m + q] = dt[q] * (1 - tq * tq) / rt[j];
+            gz[j * m + q] = dt[q] * (1 - tq * tq) * rinv;
             c += gz[j * m + q] * zt[j * m + q];
         }
-        cz[j] = c / (-(T)C * rt[j]);
+        cz[j] = -c * rinv / (T)C;
     }
+    dsc[0] += sca;
+    dsc[1] += scb;
     for (int64_t c = 0; c + W <= C || c < C; c += W) {
         const int vec = c + W <= C;
         VT gv[MAXN] = {{0}};
