@@ -70,6 +70,10 @@ VARIANTS = {
     # as separate ops (logits, mixture, read, write-back: what it ran before the pair took it)
     "mhc-lite": dict(variant="mhc-lite", recompute=0),
     "mhc-lite-separate": dict(variant="mhc-lite", recompute=0, separate=True),
+    # the identity variant (h_res = I, the iHC ablation): on the fused pair (CPU kernels, eager), and as
+    # separate ops (logits, read, x + h_post y: what it ran before the pair took it)
+    "identity": dict(variant="identity", recompute=0),
+    "identity-separate": dict(variant="identity", recompute=0, separate=True),
 }
 
 

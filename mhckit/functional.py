@@ -188,15 +188,18 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
     ``(u, h_pre, h_post, h_res, carrier)``. Only where :func:`_carry_mode` says (``triton``: it said
     ``"triton"``; x: streams [..., n, C]). ``iters = cpu.PERMUTATIONS``: mHC-lite's permutation mixture
     for ``h_res`` (``n! `` logits, n <= ``cpu.MAX_PERMUTATION_STREAMS``; the C kernels only) instead of
-    the Sinkhorn projection."""
+    the Sinkhorn projection; ``iters = cpu.IDENTITY``: the identity variant (no logits for ``h_res``,
+    which comes back as None; the C kernels, eager only)."""
     n, c = x.shape[-2], x.shape[-1]
     perms = type(iters) is int and iters == cpu.PERMUTATIONS
-    k = 2 * n + (math.factorial(n) if perms else n * n)
+    ident = type(iters) is int and iters == cpu.IDENTITY
+    k = 2 * n + (math.factorial(n) if perms else 0 if ident else n * n)
     if not (  # the usual case in one comparison; else the full checks, which name what is wrong
         (phi.shape, bias.shape, alpha.shape) == ((n * c, k), (k,), (3,))
-        and bias.is_floating_point() and alpha.is_floating_point() and type(iters) is int and (iters >= 1 or perms)
+        and bias.is_floating_point() and alpha.is_floating_point() and type(iters) is int
+        and (iters >= 1 or perms or ident)
     ):
-        if not perms:
+        if not (perms or ident):
             _check_mhc(x, phi, bias, alpha, iters)
         else:
             check_phi_bias(phi, bias, n, c, res_logits=k - 2 * n)
@@ -204,6 +207,9 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
     if perms and (triton or n > cpu.MAX_PERMUTATION_STREAMS):
         raise ValueError(f"n_streams: the permutation mixture runs on the CPU kernels with n <= "
                          f"{cpu.MAX_PERMUTATION_STREAMS} (got n={n}, triton={triton})")
+    if ident and (triton or torch.compiler.is_compiling()):
+        raise ValueError(f"iters: the identity (h_res = I) runs on the CPU kernels, eager (got triton={triton}, "
+                         f"compiling={torch.compiler.is_compiling()})")
     dt = torch.float32 if triton else cpu.coef_dtype(x.dtype)
     x = x if x.is_contiguous() else x.contiguous()
     if torch.compiler.is_compiling():  # the same pair as custom ops (see mhckit/ops/carry.py)
@@ -252,7 +258,7 @@ def _hc_read_carry(x: Tensor, static_pre: Tensor, static_post: Tensor, static_re
 
 
 @finite_checked("x", "x", "y", "h_post", "h_res", outputs="x_new", op="mhc_post_res")  # the carrier is x
-def _mhc_write_carry(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor,
+def _mhc_write_carry(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor | None,
                      triton: bool = False) -> Tensor:
     """:func:`mhc_post_res` of streams ``x`` through the carrier of :func:`_mhc_read_carry` (same
     h_post / h_res, same ``triton``)."""

@@ -100,18 +100,20 @@ class DynamicCoefficients(nn.Module):
 
     def read_carry(self, x: Tensor):
         """``(u, h_pre, h_post, h_res, carrier, triton)`` when mHC runs on the compiled CPU kernels or
-        the Triton kernels, or mHC-lite (n <= 4) on the compiled CPU kernels (the write-back then takes
-        ``carrier`` and ``triton``, and its stream gradient joins the coefficient backward; see
-        :mod:`mhckit.ops.carry`), else None."""
+        the Triton kernels, or mHC-lite (n <= 4) or the identity variant (``h_res`` None; eager) on the
+        compiled CPU kernels (the write-back then takes ``carrier`` and ``triton``, and its stream
+        gradient joins the coefficient backward; see :mod:`mhckit.ops.carry`), else None."""
         cfg = self.cfg
         if isinstance(self.constraint, SinkhornConstraint):
             iters = cfg.sinkhorn_iters
         elif isinstance(self.constraint, PermutationMixture) and self.n_streams <= cpu.MAX_PERMUTATION_STREAMS:
             iters = cpu.PERMUTATIONS  # mHC-lite: the C kernels' permutation-mixture tail
+        elif isinstance(self.constraint, IdentityConstraint) and not torch.compiler.is_compiling():
+            iters = cpu.IDENTITY  # h_res = I (eager: the compiled pair's custom ops return an h_res tensor)
         else:
             return None
         mode = F._carry_mode(x, self.phi, self.bias, self.alpha, cfg.backend)
-        if mode is None or (mode == "triton" and iters == cpu.PERMUTATIONS):  # no Triton tail for it
+        if mode is None or (mode == "triton" and iters < 1):  # no Triton tail for the permutations or I
             return None
         triton = mode == "triton"
         return (*F._mhc_read_carry(x, self.phi, self.bias, self.alpha, iters=iters, rms_eps=cfg.rms_eps,
@@ -292,10 +294,10 @@ class HyperConnection(nn.Module):
         def finish(y: Tensor) -> Tensor:
             if recompute.in_compiled_region() and carrier is None:
                 return _post_res_op(x, y, h_post, h_res)  # an operator recompute.sequential recomputes
-            if h_res is None:
-                out = F.residual_update(x, y, h_post)
-            elif carrier is not None:
+            if carrier is not None:  # h_res None (the identity) included
                 out = F._mhc_write_carry(x, carrier, y, h_post, h_res, triton)
+            elif h_res is None:
+                out = F.residual_update(x, y, h_post)
             else:
                 out = F.mhc_post_res(x, y, h_post, h_res, backend=backend)
             rc = recompute.active()

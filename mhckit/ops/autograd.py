@@ -213,7 +213,8 @@ class PostResFunction(torch.autograd.Function):
 
 
 def _coeffs_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float, with_u: bool):
-    """``(h_pre [T, n], h_post [T, n], h_res [T, n, n], r [T, 1], z [T, K], u [T, C] or None)``."""
+    """``(h_pre [T, n], h_post [T, n], h_res [T, n, n] (None for cpu.IDENTITY), r [T, 1], z [T, K],
+    u [T, C] or None)``."""
     n, c = x.shape[-2], x.shape[-1]
     x3 = x.reshape(-1, n, c)
     if cpu.streams_available(x, phi, bias, alpha, n=n):
@@ -227,7 +228,9 @@ def _coeffs_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: 
         a = torch.addcmul(bias, z, _gates(alpha, n, phi.shape[1]))
         h_pre = torch.sigmoid(a[:, :n])
         h_post = torch.sigmoid(a[:, n : 2 * n]).mul_(2.0)
-        if iters == cpu.PERMUTATIONS:  # mHC-lite
+        if iters == cpu.IDENTITY:  # h_res = I: no logits, no matrix
+            h_res = None
+        elif iters == cpu.PERMUTATIONS:  # mHC-lite
             h_res = _permutation_mixture(a[:, 2 * n :], n)
         else:
             logits = a[:, 2 * n :].reshape(-1, n, n)
@@ -252,7 +255,9 @@ def _tail_backward(z: Tensor, bias: Tensor, gate: Tensor, n: int, iters: int, g_
     if g_post is not None:
         s = torch.sigmoid(a[:, n : 2 * n])
         da[:, n : 2 * n] = g_post.reshape(-1, n).to(dt) * 2 * s * (1 - s)
-    if g_res is not None and iters == cpu.PERMUTATIONS:  # mHC-lite: through the softmax of the mixture
+    if iters == cpu.IDENTITY:  # no logits of h_res
+        pass
+    elif g_res is not None and iters == cpu.PERMUTATIONS:  # mHC-lite: through the softmax of the mixture
         w = torch.softmax(a[:, 2 * n :], dim=-1)  # [T, n!]
         dw = torch.einsum("tkj,pkj->tp", g_res.reshape(-1, n, n).to(dt), _permutations(n, dt))
         da[:, 2 * n :] = w * (dw - (w * dw).sum(-1, keepdim=True))

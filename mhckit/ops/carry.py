@@ -24,6 +24,10 @@ carried dx and ``h_pre[j] g_u`` to its own before its one write: 7 passes. (The 
 the write-back's x-side inside the coefficient pass, would need the dots before the token kernel
 and the dx after it: two passes over x on the GPU either way.)
 
+mHC-lite (``iters = cpu.PERMUTATIONS``) and the identity variant (``iters = cpu.IDENTITY``: no logits
+and no matrix for ``h_res``, which is None here; the write-back then adds the streams unmixed and the
+coefficient backward adds ``g[j]`` to ``dx[j]``) run through the same two Functions on the C kernels.
+
 Hyper-Connections get the same pairing: dynamic HC through :class:`HCCarryFunction` (its coefficients
 and the read in one C call each way, the write-back's dx and dh_res in the same backward pass); static
 HC, whose coefficients need no stream pass, through :class:`ReadCarryFunction`, which reads ``u`` and
@@ -95,7 +99,7 @@ def _read(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_e
     h_pre, h_post, h_res, r, z, u = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps, True)
     lead, n = x.shape[:-2], x.shape[-2]
     u, h_pre, h_post = u.reshape(lead + u.shape[-1:]), h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,))
-    return u, h_pre, h_post, h_res.reshape(lead + (n, n)), r, z
+    return u, h_pre, h_post, None if h_res is None else h_res.reshape(lead + (n, n)), r, z
 
 
 def _read_backward(saved, iters: int, rms_eps: float, g_u, g_pre, g_post, g_res, g_out, need_x: bool,
@@ -117,13 +121,14 @@ def _read_backward(saved, iters: int, rms_eps: float, g_u, g_pre, g_post, g_res,
     g3 = h_res = None
     if g_out is not None:
         g3 = g_out.reshape(-1, n, c).to(phi.dtype)
-        dres = _contract(g3, *x3.unbind(-2))  # <g[k], x[j]>
-        g_res = dres if g_res is None else g_res.reshape(-1, n, n).to(dres.dtype) + dres
-        h_res = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps, False)[2]
+        if iters != cpu.IDENTITY:  # h_res = I has no gradient to take
+            dres = _contract(g3, *x3.unbind(-2))  # <g[k], x[j]>
+            g_res = dres if g_res is None else g_res.reshape(-1, n, n).to(dres.dtype) + dres
+            h_res = _coeffs_forward(x, phi, bias, alpha, iters, rms_eps, False)[2]
     grad_x, grad_phi, grad_bias, grad_alpha = _coeffs_backward(saved[:6], iters, g_u, g_pre, g_post, g_res, need_x,
                                                                need_phi)
     if grad_x is not None and g3 is not None:
-        grad_x = _mix(h_res.transpose(-1, -2), g3, grad_x)
+        grad_x = grad_x + g3 if h_res is None else _mix(h_res.transpose(-1, -2), g3, grad_x)
     grad_x = grad_x.reshape(x.shape).to(x.dtype) if grad_x is not None else None
     return grad_x, grad_phi, grad_bias, grad_alpha
 
@@ -173,12 +178,15 @@ def _triton_write_backward(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, 
     return dx.reshape(x.shape), dy.reshape(y.shape), dp.reshape(h_post.shape), dr.reshape(h_res.shape)
 
 
-def _write(carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, triton: bool = False) -> Tensor:
-    """``h_res x + h_post y`` with x = carrier's values."""
+def _write(carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor | None, triton: bool = False) -> Tensor:
+    """``h_res x + h_post y`` with x = carrier's values (``h_res = None``: the identity, CPU only)."""
     if triton:
         return _triton_write(carrier, y, h_post, h_res)
     if y.is_cpu and cpu.takes_as_stream(y, carrier.dtype) and cpu.enabled():
         return cpu.post_res_fwd(carrier, y, h_post, h_res)
+    if h_res is None:  # the identity: x_new[k] = x[k] + h_post[k] y, as functional.residual_update
+        dt = h_post.dtype
+        return (carrier.to(dt) + h_post.unsqueeze(-1) * y.to(dt).unsqueeze(-2)).to(carrier.dtype)
     dt = h_res.dtype
     out = h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)
     return _mix(h_res, carrier, out).to(carrier.dtype)

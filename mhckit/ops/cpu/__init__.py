@@ -58,7 +58,7 @@ __all__ = [
     "available", "enabled", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
     "pre_fwd", "pre_bwd", "post_res_fwd", "post_res_bwd", "post_bwd", "coeffs_fwd", "coeffs_bwd", "MAX_STREAMS",
     "streams_available", "coef_dtype", "built", "compile_streams_ok", "takes_as_stream", "use_isa", "ISAS",
-    "read_bwd", "hc_fwd", "hc_bwd", "PERMUTATIONS", "MAX_PERMUTATION_STREAMS",
+    "read_bwd", "hc_fwd", "hc_bwd", "PERMUTATIONS", "MAX_PERMUTATION_STREAMS", "IDENTITY",
 ]
 
 MAX_STREAMS = 8
@@ -66,10 +66,14 @@ MAX_STREAMS = 8
 # mixture of the n! permutation matrices instead of a Sinkhorn projection (K = 2n + n! logits), for
 # n <= MAX_PERMUTATION_STREAMS (24 permutations; the kernels' per-token blocks hold at most 80 logits).
 PERMUTATIONS = -1
+# The coefficient kernels' `iters` for the identity variant (the iHC ablation): h_res = I, no logits for
+# it (K = 2n); the kernels take and return no h_res (None), and a write-back given h_res = None adds the
+# streams unmixed (x_new[k] = x[k] + h_post[k] y).
+IDENTITY = -2
 MAX_PERMUTATION_STREAMS = 4
 _SOURCE = Path(__file__).with_name("mhc_cpu.c")
 _SOURCES = (_SOURCE, _SOURCE.with_name("mhc_cpu_impl.h"), _SOURCE.with_name("mhc_cpu_half.h"))
-_ABI = 8
+_ABI = 9
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "lib": CDLL | None, "why": str | None, "path": str
 
@@ -385,11 +389,11 @@ def sinkhorn_bwd(logits: torch.Tensor, grad: torch.Tensor, iters: int) -> torch.
 
 
 def tail_fwd(z: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor, n: int, iters: int):
-    """``z [T, K]`` -> ``(h_pre [T, n], h_post [T, n], h_res [T, n, n])``; see ``mhc_cpu.c``."""
+    """``z [T, K]`` -> ``(h_pre [T, n], h_post [T, n], h_res [T, n, n] or None for IDENTITY)``; see ``mhc_cpu.c``."""
     t, dt = z.shape[0], z.dtype
     z, bias, gates = z.contiguous(), bias.to(dt).contiguous(), gates.to(dt).contiguous()
     h_pre, h_post = torch.empty(t, n, dtype=dt), torch.empty(t, n, dtype=dt)
-    h_res = torch.empty(t, n, n, dtype=dt)
+    h_res = None if iters == IDENTITY else torch.empty(t, n, n, dtype=dt)
     _call("mhc_tail_fwd", dt, _ptr(z), _ptr(bias), _ptr(gates), _ptr(h_pre), _ptr(h_post), _ptr(h_res), t, n,
           iters, torch.get_num_threads())
     return h_pre, h_post, h_res
@@ -508,8 +512,9 @@ def _tokens(x: torch.Tensor) -> int:
     return x.numel() // (x.shape[-2] * x.shape[-1])
 
 
-def post_res_fwd(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
-    """``out[..., k, :] = h_post[..., k] y + sum_j h_res[..., k, j] x[..., j, :]`` (shaped as ``x``)."""
+def post_res_fwd(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor | None) -> torch.Tensor:
+    """``out[..., k, :] = h_post[..., k] y + sum_j h_res[..., k, j] x[..., j, :]`` (shaped as ``x``;
+    ``h_res = None``: the identity, ``x[..., k, :] + h_post[..., k] y``)."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
     x, y, hp, hr = _c(x, dt), _c(y, dt), _c(h_post, _COEF[dt]), _c(h_res, _COEF[dt])
     out = torch.empty(x.shape, dtype=dt)
@@ -573,8 +578,8 @@ def _project_here(n: int, c: int, k: int, dt: torch.dtype) -> bool:
 
 def coeffs_fwd(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor, rms_eps: float,
                iters: int, with_u: bool):
-    """``x [..., n, C]`` -> ``(h_pre [..., n], h_post [..., n], h_res [..., n, n], r [T, 1], z [T, K],
-    u [..., C] or None)`` with ``z = (v @ phi) / r``; see ``mhc_cpu_impl.h``."""
+    """``x [..., n, C]`` -> ``(h_pre [..., n], h_post [..., n], h_res [..., n, n] (None for IDENTITY), r [T, 1],
+    z [T, K], u [..., C] or None)`` with ``z = (v @ phi) / r``; see ``mhc_cpu_impl.h``."""
     lead, n, c, dt = x.shape[:-2], x.shape[-2], x.shape[-1], x.dtype
     cd = _COEF[dt]  # the coefficients' dtype; u is of the streams'
     x, bias, gates, phi = _c(x, dt), _c(bias, cd), _c(gates, cd), _c(phi, cd)  # kept referenced until the call returns
@@ -585,7 +590,7 @@ def coeffs_fwd(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, gates: to
         z, phi_arg = x.view(t, n * c) @ phi, None
     r = torch.empty(t, 1, dtype=cd)
     h_pre, h_post = torch.empty(lead + (n,), dtype=cd), torch.empty(lead + (n,), dtype=cd)
-    h_res = torch.empty(lead + (n, n), dtype=cd)
+    h_res = None if iters == IDENTITY else torch.empty(lead + (n, n), dtype=cd)
     u = torch.empty(lead + (c,), dtype=dt) if with_u else None
     _call("mhc_coeffs_fwd", dt, _ptr(x), phi_arg, _ptr(z), _ptr(bias), _ptr(gates), float(rms_eps), _ptr(r),
           _ptr(h_pre), _ptr(h_post), _ptr(h_res), _ptr(u), t, n, c, iters, torch.get_num_threads())

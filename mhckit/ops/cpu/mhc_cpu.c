@@ -79,13 +79,18 @@ static void *mhc_alloc(size_t bytes, int zero) {
 
 /* The coefficient kernels' `iters`: > 0, Sinkhorn with that many iterations (mHC, Eq. 9); or
  * MHC_PERMUTATIONS: h_res = sum_p softmax(a_res)_p P_p over the n! permutation matrices (mHC-lite,
- * arXiv 2601.05732), for n <= MAXN_PERM, in itertools.permutations order (P_p[k][perm_p[k]] = 1).
- * The logits of h_res are n^2 or n! columns: K = 2n + mhc_kres(n, iters). */
+ * arXiv 2601.05732), for n <= MAXN_PERM, in itertools.permutations order (P_p[k][perm_p[k]] = 1); or
+ * MHC_IDENTITY: h_res = I, no logits for it (the identity / iHC ablation): the kernels then take and
+ * write no h_res (NULL), and a NULL h_res in the write-back and in the stream gradient means I
+ * (x_new[k] = x[k] + h_post[k] y; dx[j] gets g[j]), not a product with a unit matrix.
+ * The logits of h_res are n^2, n! or 0 columns: K = 2n + mhc_kres(n, iters). */
 #define MHC_PERMUTATIONS (-1)
+#define MHC_IDENTITY (-2)
 #define MAXN_PERM 4
 #define MAXP 24 /* 4! */
 
 static int mhc_kres(int n, int iters) {
+    if (iters == MHC_IDENTITY) return 0;
     if (iters != MHC_PERMUTATIONS) return n * n;
     int f = 1;
     for (int i = 2; i <= n; i++) f *= i;
@@ -94,7 +99,7 @@ static int mhc_kres(int n, int iters) {
 
 /* whether the coefficient kernels take (n, iters) */
 static int mhc_tail_ok(int n, int iters) {
-    return n >= 1 && n <= MAXN && (iters >= 1 || (iters == MHC_PERMUTATIONS && n <= MAXN_PERM));
+    return n >= 1 && n <= MAXN && (iters >= 1 || iters == MHC_IDENTITY || (iters == MHC_PERMUTATIONS && n <= MAXN_PERM));
 }
 
 /* the n! permutations of 0..n-1 in lexicographic (itertools) order; returns n! */
@@ -337,7 +342,7 @@ static void f16_out(const float *restrict s, uint16_t *restrict d, int64_t n) {
 /* which stream formats this build has: bit 0 bfloat16, bit 1 float16 */
 int mhc_half_formats(void) { return 1 | (MHC_HAVE_F16 << 1); }
 
-int mhc_abi_version(void) { return 8; }
+int mhc_abi_version(void) { return 9; }
 
 /* 1 if the float32 matmuls with phi run in the AVX-512 blocks */
 int mhc_avx512_matmuls(void) { return MHC_ZMM; }

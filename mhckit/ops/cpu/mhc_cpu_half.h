@@ -36,7 +36,7 @@ int HF(mhc_coeffs_fwd)(const uint16_t *x, const float *phi, float *z, const floa
             const int lanes = tokens - t0 < SB ? (int)(tokens - t0) : SB;
             CVT_IN(x + t0 * nC, xb, lanes * nC);
             coeffs_fwd_block_f32(xb, phiP, KP, z + t0 * K, bias, gates, rms_eps, r + t0, h_pre + t0 * n,
-                                 h_post + t0 * n, h_res + t0 * nn, u ? ub : NULL, lanes, n, C, iters);
+                                 h_post + t0 * n, h_res ? h_res + t0 * nn : NULL, u ? ub : NULL, lanes, n, C, iters);
             if (u) CVT_OUT(ub, u + t0 * C, lanes * C);
         }
         free(xb);
@@ -128,7 +128,7 @@ int HF(mhc_post_res_fwd)(const uint16_t *x, const uint16_t *y, const float *hp, 
         float *yb = buf, *xb = buf + cp, *ob = xb + nC;
         CVT_IN(x + t * nC, xb, nC);
         CVT_IN(y + t * C, yb, C);
-        CALL_N(post_res_tok_f32, n, xb, yb, hp + t * n, hr + t * n * n, ob);
+        CALL_N(post_res_tok_f32, n, xb, yb, hp + t * n, hr ? hr + t * n * n : NULL, ob);
         CVT_OUT(ob, out + t * nC, nC);
     });
 }

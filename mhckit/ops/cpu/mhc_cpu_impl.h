@@ -366,6 +366,7 @@ static void FN(tail_fwd_block)(const T *z, const T *bias, const T *gates, T *h_p
             else h_post[l * n + i - n] = 2 * sg[l / W][l % W];
         }
     }
+    if (iters == MHC_IDENTITY) return; /* h_res = I: nothing to write */
     if (iters == MHC_PERMUTATIONS) {
         unsigned char pt[MAXP][MAXN_PERM];
         const int P = mhc_perm_table(n, pt);
@@ -401,6 +402,7 @@ static void FN(tail_bwd_block)(FN(scratch_t) *s, const T *z, const T *bias, cons
             }
         }
     }
+    if (iters == MHC_IDENTITY) return; /* no logits of h_res (and no h_res to recompute) */
     if (!g_res) {
         for (int l = 0; l < lanes; l++) memset(da + l * K + 2 * n, 0, sizeof(T) * kres);
         return;
@@ -422,7 +424,8 @@ int FN(mhc_tail_fwd)(const T *z, const T *bias, const T *gates, T *h_pre, T *h_p
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t t0 = b * SB;
         const int lanes = tokens - t0 < SB ? (int)(tokens - t0) : SB;
-        FN(tail_fwd_block)(z + t0 * K, bias, gates, h_pre + t0 * n, h_post + t0 * n, h_res + t0 * nn, lanes, n, iters);
+        FN(tail_fwd_block)(z + t0 * K, bias, gates, h_pre + t0 * n, h_post + t0 * n, h_res ? h_res + t0 * nn : NULL,
+                           lanes, n, iters);
     }
     return 0;
 }
@@ -547,14 +550,18 @@ static inline __attribute__((always_inline)) void FN(post_res_tok)(const T *rest
         const VT yv = VLD(yt + c);
         for (int k = 0; k < n; k++) {
             VT acc = hp[k] * yv;
-            for (int j = 0; j < n; j++) acc += hr[k * n + j] * xv[j];
+            if (!hr) acc += xv[k]; /* h_res = I */
+            else
+                for (int j = 0; j < n; j++) acc += hr[k * n + j] * xv[j];
             VST(o + k * C + c, acc);
         }
     }
     for (; c < C; c++)
         for (int k = 0; k < n; k++) {
             T acc = hp[k] * yt[c];
-            for (int j = 0; j < n; j++) acc += hr[k * n + j] * xt[j * C + c];
+            if (!hr) acc += xt[k * C + c];
+            else
+                for (int j = 0; j < n; j++) acc += hr[k * n + j] * xt[j * C + c];
             o[k * C + c] = acc;
         }
 }
@@ -648,7 +655,7 @@ static inline __attribute__((always_inline)) void FN(post_res_dots_tok)(const T 
     else if (gpost) FN(dots_tok)(NULL, yt, gt, gpost, NULL, n, C, 0, 1);
 }
 
-/* The stream gradient of the coefficient backward, one token (gu, g may be NULL):
+/* The stream gradient of the coefficient backward, one token (gu, g may be NULL; hr NULL: h_res = I):
  *     gx[j] = x[j] coef + h_pre[j] gu + sum_k h_res[k, j] g[k]
  * (norm term, the read's term and, with g = the write-back's output gradient, its dx); withx 0 (a
  * compile-time constant at the call) leaves the norm term out (x is then not read: no 0 * inf). */
@@ -666,7 +673,8 @@ static inline __attribute__((always_inline)) void FN(coeffs_gx_tok)(const T *res
         for (int j = 0; j < n; j++) {
             VT acc = withx ? VLD(xt + j * C + c) * coef : (VT){0};
             if (gut) acc += hp[j] * u;
-            if (got)
+            if (got && !hr) acc += gv[j]; /* h_res = I */
+            else if (got)
                 for (int k = 0; k < n; k++) acc += hr[k * n + j] * gv[k];
             VST(gx + j * C + c, acc);
         }
@@ -675,7 +683,8 @@ static inline __attribute__((always_inline)) void FN(coeffs_gx_tok)(const T *res
         for (int j = 0; j < n; j++) {
             T acc = withx ? xt[j * C + c] * coef : 0;
             if (gut) acc += hp[j] * gut[c];
-            if (got)
+            if (got && !hr) acc += got[j * C + c];
+            else if (got)
                 for (int k = 0; k < n; k++) acc += hr[k * n + j] * got[k * C + c];
             gx[j * C + c] = acc;
         }
@@ -721,7 +730,7 @@ int FN(mhc_post_res_fwd)(const T *x, const T *y, const T *hp, const T *hr, T *ou
             mhc_prefetch(x + (t + PF_TOKENS) * n * C, sizeof(T) * n * C);
             mhc_prefetch_w(out + (t + PF_TOKENS) * n * C, sizeof(T) * n * C);
         }
-        CALL_N(FN(post_res_tok), n, x + t * n * C, y + t * C, hp + t * n, hr + t * n * n, out + t * n * C);
+        CALL_N(FN(post_res_tok), n, x + t * n * C, y + t * C, hp + t * n, hr ? hr + t * n * n : NULL, out + t * n * C);
     }
     return 0;
 }
@@ -824,7 +833,8 @@ int FN(mhc_coeffs_fwd)(const T *x, const T *phi, T *z, const T *bias, const T *g
         if (t0 + lanes < tokens) /* the next block's rows, while this one computes */
             mhc_prefetch(x + (t0 + lanes) * nC, sizeof(T) * (tokens - t0 - lanes < SB ? tokens - t0 - lanes : SB) * nC);
         FN(coeffs_fwd_block)(x + t0 * nC, phiP, KP, z + t0 * K, bias, gates, rms_eps, r + t0, h_pre + t0 * n,
-                             h_post + t0 * n, h_res + t0 * nn, u ? u + t0 * C : NULL, lanes, n, C, iters);
+                             h_post + t0 * n, h_res ? h_res + t0 * nn : NULL, u ? u + t0 * C : NULL, lanes, n, C,
+                             iters);
     }
     free(phiP);
     return 0;
@@ -923,16 +933,17 @@ static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, 
             if (g_pre)
                 for (int j = 0; j < n; j++) gp[l * n + j] += g_pre[t * n + j];
         }
-        if (g_out) {
+        if (g_out && iters != MHC_IDENTITY) { /* h_res = I has no gradient to take */
             CALL_N(FN(post_res_dots_tok), n, x + l * nC, NULL, g_out + l * nC, NULL, gr + l * nn);
             if (g_res)
                 for (int i = 0; i < nn; i++) gr[l * nn + i] += g_res[t * nn + i];
         }
     }
     if (gu) gpre = gp;
-    if (g_out) gres = gr;
+    const int ident = iters == MHC_IDENTITY;
+    if (g_out && !ident) gres = gr;
     FN(tail_bwd_block)(s, z + t0 * K, c->bias, c->gates, gpre, g_post ? g_post + t0 * n : NULL, gres, da,
-                       hp, g_out ? hr : NULL, lanes, n, iters);
+                       hp, g_out && !ident ? hr : NULL, lanes, n, iters);
     memset(G, 0, sizeof(T) * SB * KP);
     for (int l = 0; l < lanes; l++) { /* gzr = gate da / r, sum_K gzr z; dbias, dalpha parts */
         const int64_t t = t0 + l;
@@ -958,7 +969,7 @@ static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, 
         if (gzr) memcpy(gzr + t * K, G + l * KP, sizeof(T) * K);
         if (gx)
             CALL_N(FN(coeffs_gx_tok), n, x + l * nC, gu ? gu + l * C : NULL,
-                   g_out ? g_out + l * nC : NULL, hp + l * n, hr + l * nn, cz / (-(T)nC * rt), 1,
+                   g_out ? g_out + l * nC : NULL, hp + l * n, ident ? NULL : hr + l * nn, cz / (-(T)nC * rt), 1,
                    gx + l * nC);
     }
     if (!c->phiT) return;

@@ -1,0 +1,142 @@
+"""The identity variant (h_res = I, the iHC ablation) on the compiled CPU kernels: the coefficient
+kernels with ``iters = cpu.IDENTITY`` (no logits for h_res, no h_res written) and HyperConnection's fused
+read / write-back pair with it (a write-back given ``h_res = None`` adds the streams unmixed). Checked
+against mhckit.reference (forward and every gradient), the separate ops and the PyTorch mirror."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from mhckit import functional as F
+from mhckit.ops import cpu
+from mhckit.ops.autograd import _tail_backward
+from mhckit.ops.carry import separate_ops
+from tests.ops.test_cpu_carry import _layer as carry_layer
+from tests.ops.test_cpu_carry import switched_off_between_forward_and_backward
+from tests.ops.test_cpu_lite import _close
+
+pytestmark = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="no C compiler: no compiled CPU kernels"
+)
+
+
+@pytest.fixture(autouse=True)
+def _kernels():
+    if not cpu.status()["active"]:
+        pytest.skip("compiled CPU kernels unavailable")
+
+
+def _layer(n, c, dt, seed=0):
+    """An identity-variant layer away from its start (random phi, bias, alpha)."""
+    return carry_layer(n, c, dt, seed, variant="identity")
+
+
+def _grads(hc, x, g):
+    for p in [x, *hc.parameters()]:
+        p.grad = None
+    out = hc(x)
+    out.backward(g)
+    return [out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in hc.parameters()]
+
+
+def _case(n, c, lead, dt, seed=0):
+    gen = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(*lead, n, c, generator=gen, dtype=torch.float64).to(dt).requires_grad_()
+    return _layer(n, c, dt, seed), x, torch.randn(*lead, n, c, generator=gen, dtype=torch.float64).to(dt)
+
+
+@pytest.mark.parametrize("dt", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_tail_kernel_gives_pre_and_post_and_no_h_res(dt, n, tokens):
+    """K = 2n logits: h_pre = sigmoid, h_post = 2 sigmoid, h_res None; dL/da against autograd, and the
+    PyTorch mirror's the same (tokens not a multiple of the 16-token blocks)."""
+    g = torch.Generator().manual_seed(n * 10 + tokens)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dt)  # noqa: E731
+    z, bias, gates = r(tokens, 2 * n).requires_grad_(), r(2 * n), r(3).abs() + 0.5
+    gp, gq = r(tokens, n), r(tokens, n)
+    h_pre, h_post, h_res = cpu.tail_fwd(z.detach(), bias, gates, n, cpu.IDENTITY)
+    assert h_res is None
+    gate = torch.cat([gates[0].expand(n), gates[1].expand(n)])
+    a = bias + z * gate
+    want = (torch.sigmoid(a[:, :n]), 2 * torch.sigmoid(a[:, n:]))
+    _close(h_pre, want[0].detach(), dt)
+    _close(h_post, want[1].detach(), dt)
+    (gz,) = torch.autograd.grad(want, z, [gp, gq])
+    g_res = r(tokens, n, n)  # no logits to take it: ignored
+    da = cpu.tail_bwd(z.detach(), bias, gates, gp, gq, g_res, n, cpu.IDENTITY)
+    assert da.shape == (tokens, 2 * n)
+    _close(da * gate, gz, dt)
+    _close(_tail_backward(z.detach(), bias, gate, n, cpu.IDENTITY, gp, gq, g_res), da, dt)
+
+
+def test_write_back_without_h_res_adds_the_streams_unmixed():
+    """``h_res = None``: x_new[k] = x[k] + h_post[k] y, not a product with a unit matrix (an Inf in one
+    stream stays in that stream: no 0 * Inf = NaN in the others)."""
+    x, y, hp = torch.randn(5, 4, 19, dtype=torch.float64), torch.randn(5, 19, dtype=torch.float64), torch.rand(5, 4,
+                                                                                                          dtype=torch.float64)
+    torch.testing.assert_close(cpu.post_res_fwd(x, y, hp, None), x + hp[..., None] * y[:, None], rtol=0, atol=1e-15)
+    x[0, 1, 3] = float("inf")
+    out = cpu.post_res_fwd(x, y, hp, None)
+    assert out[0, 1, 3] == float("inf")
+    assert torch.isfinite(out[0, [0, 2, 3]]).all() and torch.isfinite(out[1:]).all()
+
+
+@pytest.mark.parametrize("dt", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,c,lead", [(2, 8, (3,)), (3, 13, (2, 5)), (4, 64, (37,)), (8, 19, (5,))])
+def test_identity_layer_takes_the_pair_and_matches_the_reference(dt, n, c, lead, kernel_calls):
+    hc, x, g = _case(n, c, lead, dt)
+    carried = hc.coeffs.read_carry(x)
+    assert carried is not None and carried[3] is None  # the pair, with no h_res
+    kernel_calls.clear()
+    fast = _grads(hc, x, g)
+    assert [name for name, _ in kernel_calls] == ["mhc_coeffs_fwd", "mhc_post_res_fwd", "mhc_post_res_bwd",
+                                                  "mhc_coeffs_bwd"]
+    with separate_ops():
+        assert hc.coeffs.read_carry(x) is None
+        slow = _grads(hc, x, g)
+    hc.cfg = hc.coeffs.cfg = dataclasses.replace(hc.cfg, backend="reference")
+    assert hc.coeffs.read_carry(x) is None
+    ref = _grads(hc, x, g)
+    for a, b, r in zip(fast, slow, ref):
+        _close(a, b, dt)
+        _close(a, r, dt)
+    alpha = [name for name, _ in hc.named_parameters()].index("coeffs.alpha")
+    assert fast[2 + alpha][2] == 0 and fast[2 + alpha][:2].abs().min() > 0  # alpha_res scales no logits
+
+
+def test_identity_with_bfloat16_streams_is_as_close_to_float64_as_the_separate_ops():
+    """DESIGN.md's rule for reduced precision: the error against the float64 reference at most twice
+    that of the path it replaces (plus a float32-sized floor)."""
+    hc64, x64, g64 = _case(4, 64, (29,), torch.float64, seed=3)
+    truth = _grads(hc64, x64, g64)
+    hc = _layer(4, 64, torch.float64, seed=3).to(torch.bfloat16)
+    x = x64.detach().to(torch.bfloat16).requires_grad_()
+    g = g64.to(torch.bfloat16)
+    assert hc.coeffs.read_carry(x) is not None
+    fast = _grads(hc, x, g)
+    with separate_ops():
+        slow = _grads(hc, x, g)
+    for name, a, b, t in zip(["out", "x"] + [name for name, _ in hc.named_parameters()], fast, slow, truth):
+        err_fast = (a.double() - t).abs().max().item()
+        err_slow = (b.double() - t).abs().max().item()
+        assert err_fast <= 2 * err_slow + 1e-6 * t.abs().max().item(), (name, err_fast, err_slow)
+
+
+def test_identity_kernels_switched_off_between_forward_and_backward():
+    """The pair's PyTorch fallback (the mirror without h_res) gives the same gradients."""
+    hc, x, g = _case(3, 12, (7,), torch.float64, seed=2)
+    switched_off_between_forward_and_backward(hc, x, g, _grads(hc, x, g), _close)
+
+
+def test_identity_pair_refuses_triton_by_name():
+    x = torch.randn(2, 4, 8)
+    phi, bias, alpha = torch.zeros(32, 8), torch.zeros(8), torch.ones(3)
+    with pytest.raises(ValueError, match=r"^iters: the identity \(h_res = I\) runs on the CPU kernels, eager"):
+        F._mhc_read_carry(x, phi, bias, alpha, iters=cpu.IDENTITY, rms_eps=1e-6, triton=True)
+    with pytest.raises(ValueError, match=r"^phi"):  # a wrong shape is named (2n = 8 columns expected)
+        F._mhc_read_carry(x, torch.zeros(32, 24), torch.zeros(24), alpha, iters=cpu.IDENTITY, rms_eps=1e-6)
