@@ -1,12 +1,10 @@
 """The identity variant (h_res = I, the iHC ablation) on the compiled CPU kernels: the coefficient
 kernels with ``iters = cpu.IDENTITY`` (no logits for h_res, no h_res written) and HyperConnection's fused
 read / write-back pair with it (a write-back given ``h_res = None`` adds the streams unmixed). Checked
-against mhckit.reference (forward and every gradient), the separate ops and the PyTorch mirror."""
+against mhckit.reference (forward and every gradient), the separate ops and the PyTorch mirror (the
+kernels switched off between forward and backward: in test_cpu_lite.py, with mHC-lite's)."""
 
 from __future__ import annotations
-
-import dataclasses
-import shutil
 
 import pytest
 import torch
@@ -14,39 +12,16 @@ import torch
 from mhckit import functional as F
 from mhckit.ops import cpu
 from mhckit.ops.autograd import _tail_backward
-from mhckit.ops.carry import separate_ops
-from tests.ops.test_cpu_carry import _layer as carry_layer
-from tests.ops.test_cpu_carry import switched_off_between_forward_and_backward
-from tests.ops.test_cpu_lite import _close
+from tests.ops.test_cpu_lite import _case as lite_case
+from tests.ops.test_cpu_lite import (_close, bfloat16_pair_as_close_to_float64_as_the_separate_ops,
+                                     pair_matches_the_separate_ops_and_reference)
 
-pytestmark = pytest.mark.skipif(
-    not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="no C compiler: no compiled CPU kernels"
-)
-
-
-@pytest.fixture(autouse=True)
-def _kernels():
-    if not cpu.status()["active"]:
-        pytest.skip("compiled CPU kernels unavailable")
-
-
-def _layer(n, c, dt, seed=0):
-    """An identity-variant layer away from its start (random phi, bias, alpha)."""
-    return carry_layer(n, c, dt, seed, variant="identity")
-
-
-def _grads(hc, x, g):
-    for p in [x, *hc.parameters()]:
-        p.grad = None
-    out = hc(x)
-    out.backward(g)
-    return [out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in hc.parameters()]
+# the same skip (no compiler, kernels off) as the mHC-lite tests
+from tests.ops.test_cpu_lite import _kernels, pytestmark  # noqa: E402, F401
 
 
 def _case(n, c, lead, dt, seed=0):
-    gen = torch.Generator().manual_seed(seed + 100)
-    x = torch.randn(*lead, n, c, generator=gen, dtype=torch.float64).to(dt).requires_grad_()
-    return _layer(n, c, dt, seed), x, torch.randn(*lead, n, c, generator=gen, dtype=torch.float64).to(dt)
+    return lite_case(n, c, lead, dt, seed, variant="identity")
 
 
 @pytest.mark.parametrize("dt", [torch.float64, torch.float32])
@@ -92,45 +67,13 @@ def test_identity_layer_takes_the_pair_and_matches_the_reference(dt, n, c, lead,
     hc, x, g = _case(n, c, lead, dt)
     carried = hc.coeffs.read_carry(x)
     assert carried is not None and carried[3] is None  # the pair, with no h_res
-    kernel_calls.clear()
-    fast = _grads(hc, x, g)
-    assert [name for name, _ in kernel_calls] == ["mhc_coeffs_fwd", "mhc_post_res_fwd", "mhc_post_res_bwd",
-                                                  "mhc_coeffs_bwd"]
-    with separate_ops():
-        assert hc.coeffs.read_carry(x) is None
-        slow = _grads(hc, x, g)
-    hc.cfg = hc.coeffs.cfg = dataclasses.replace(hc.cfg, backend="reference")
-    assert hc.coeffs.read_carry(x) is None
-    ref = _grads(hc, x, g)
-    for a, b, r in zip(fast, slow, ref):
-        _close(a, b, dt)
-        _close(a, r, dt)
+    fast = pair_matches_the_separate_ops_and_reference(hc, x, g, kernel_calls)
     alpha = [name for name, _ in hc.named_parameters()].index("coeffs.alpha")
     assert fast[2 + alpha][2] == 0 and fast[2 + alpha][:2].abs().min() > 0  # alpha_res scales no logits
 
 
 def test_identity_with_bfloat16_streams_is_as_close_to_float64_as_the_separate_ops():
-    """DESIGN.md's rule for reduced precision: the error against the float64 reference at most twice
-    that of the path it replaces (plus a float32-sized floor)."""
-    hc64, x64, g64 = _case(4, 64, (29,), torch.float64, seed=3)
-    truth = _grads(hc64, x64, g64)
-    hc = _layer(4, 64, torch.float64, seed=3).to(torch.bfloat16)
-    x = x64.detach().to(torch.bfloat16).requires_grad_()
-    g = g64.to(torch.bfloat16)
-    assert hc.coeffs.read_carry(x) is not None
-    fast = _grads(hc, x, g)
-    with separate_ops():
-        slow = _grads(hc, x, g)
-    for name, a, b, t in zip(["out", "x"] + [name for name, _ in hc.named_parameters()], fast, slow, truth):
-        err_fast = (a.double() - t).abs().max().item()
-        err_slow = (b.double() - t).abs().max().item()
-        assert err_fast <= 2 * err_slow + 1e-6 * t.abs().max().item(), (name, err_fast, err_slow)
-
-
-def test_identity_kernels_switched_off_between_forward_and_backward():
-    """The pair's PyTorch fallback (the mirror without h_res) gives the same gradients."""
-    hc, x, g = _case(3, 12, (7,), torch.float64, seed=2)
-    switched_off_between_forward_and_backward(hc, x, g, _grads(hc, x, g), _close)
+    bfloat16_pair_as_close_to_float64_as_the_separate_ops("identity")
 
 
 def test_identity_pair_refuses_triton_by_name():
