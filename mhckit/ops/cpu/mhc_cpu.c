@@ -130,40 +130,48 @@ static int mhc_perm_table(int n, unsigned char pt[MAXP][MAXN_PERM]) {
 #include <immintrin.h>
 #define MHC_ZMM 1
 
-/* z rows (ld K) of 8 tokens (rows xr[0..8), ld nC) = (x @ phiP) / r over the 24 columns [kb, kb + 24)
- * of phiP (ld KP): per phi row one 16-lane and one 8-lane load and 8 broadcasts for 16 FMAs. */
+/* z rows (ld K) of 8 tokens (rows xr[0..8), ld nC) = (x @ phiP) / r over the NCOL = 24, 16 or 8 columns
+ * [kb, kb + NCOL) of phiP (ld KP): per phi row a 16-lane and / or an 8-lane load and 8 broadcasts for 8
+ * or 16 FMAs. The narrower blocks serve the last columns when K is not a multiple of 24 (mHC-lite's 32
+ * logits at n = 4: 24 + 8, not 2 x 24). */
 static inline __attribute__((always_inline)) void zmm_project8(const float *const xr[8], int64_t nC, const float *phiP,
                                                                 int KP, int kb, const float *rr, float *z, int K,
-                                                                int tokens) {
+                                                                int tokens, const int NCOL) {
+    const int wide = NCOL >= 16, narrow = NCOL != 16; /* a 16-lane and / or an 8-lane part */
     __m512 a[8];
     __m256 b[8];
     for (int t = 0; t < 8; t++) a[t] = _mm512_setzero_ps(), b[t] = _mm256_setzero_ps();
     const float *ph = phiP + kb;
     for (int64_t i = 0; i < nC; i++, ph += KP) {
-        const __m512 p0 = _mm512_loadu_ps(ph);
-        const __m256 p1 = _mm256_loadu_ps(ph + 16);
+        const __m512 p0 = wide ? _mm512_loadu_ps(ph) : _mm512_setzero_ps();
+        const __m256 p1 = narrow ? _mm256_loadu_ps(ph + (wide ? 16 : 0)) : _mm256_setzero_ps();
         for (int t = 0; t < 8; t++) {
             const __m512 v = _mm512_set1_ps(xr[t][i]);
-            a[t] = _mm512_fmadd_ps(v, p0, a[t]);
-            b[t] = _mm256_fmadd_ps(_mm512_castps512_ps256(v), p1, b[t]);
+            if (wide) a[t] = _mm512_fmadd_ps(v, p0, a[t]);
+            if (narrow) b[t] = _mm256_fmadd_ps(_mm512_castps512_ps256(v), p1, b[t]);
         }
     }
     for (int t = 0; t < tokens; t++) {
         float out[24] __attribute__((aligned(64)));
-        _mm512_store_ps(out, _mm512_div_ps(a[t], _mm512_set1_ps(rr[t])));
-        _mm256_store_ps(out + 16, _mm256_div_ps(b[t], _mm256_set1_ps(rr[t])));
-        for (int l = 0; l < 24 && kb + l < K; l++) z[t * K + kb + l] = out[l];
+        if (wide) _mm512_store_ps(out, _mm512_div_ps(a[t], _mm512_set1_ps(rr[t])));
+        if (narrow) _mm256_store_ps(out + (wide ? 16 : 0), _mm256_div_ps(b[t], _mm256_set1_ps(rr[t])));
+        for (int l = 0; l < NCOL && kb + l < K; l++) z[t * K + kb + l] = out[l];
     }
 }
 
-/* z rows of `lanes` tokens = (x rows @ phiP) / r, phiP [nC, KP] with KP a multiple of 24 */
+/* z rows of `lanes` tokens = (x rows @ phiP) / r, phiP [nC, KP] with KP a multiple of 24: blocks of 24
+ * columns, the last one 8 or 16 wide when that covers the rest of K */
 static void zmm_project(const float *x, int64_t nC, const float *phiP, int KP, const float *r, float *z, int K,
                         int lanes) {
     for (int t0 = 0; t0 < lanes; t0 += 8) {
         const float *xr[8];
         const int tokens = lanes - t0 < 8 ? lanes - t0 : 8;
         for (int t = 0; t < 8; t++) xr[t] = x + (t0 + (t < tokens ? t : tokens - 1)) * nC;
-        for (int kb = 0; kb < KP; kb += 24) zmm_project8(xr, nC, phiP, KP, kb, r + t0, z + t0 * K, K, tokens);
+        for (int kb = 0; kb < K; kb += 24) {
+            if (K - kb <= 8) zmm_project8(xr, nC, phiP, KP, kb, r + t0, z + t0 * K, K, tokens, 8);
+            else if (K - kb <= 16) zmm_project8(xr, nC, phiP, KP, kb, r + t0, z + t0 * K, K, tokens, 16);
+            else zmm_project8(xr, nC, phiP, KP, kb, r + t0, z + t0 * K, K, tokens, 24);
+        }
     }
 }
 
