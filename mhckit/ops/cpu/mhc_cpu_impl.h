@@ -763,8 +763,31 @@ static T *FN(pack_phi)(const T *phi, int64_t nC, int K, int *KP) {
     return p;
 }
 
+/* z rows of 4 tokens (xr) over the columns [kb, kb + NQ W) of phiP: NQ vectors of accumulators per token,
+ * one broadcast of x[t][i] per NQ FMAs */
+static inline __attribute__((always_inline)) void FN(project_cols)(const T *const xr[4], int64_t nC, const T *phiP,
+                                                                    int KP, int kb, const T *r, T *z, int K,
+                                                                    int tokens, const int NQ) {
+    VT acc[4][3] = {{{0}}};
+    const T *ph = phiP + kb;
+    for (int64_t i = 0; i < nC; i++, ph += KP) {
+        VT p[3];
+        for (int q = 0; q < NQ; q++) p[q] = VLD(ph + q * W);
+        for (int t = 0; t < 4; t++) {
+            const T v = xr[t][i];
+            for (int q = 0; q < NQ; q++) acc[t][q] += v * p[q];
+        }
+    }
+    for (int t = 0; t < tokens; t++)
+        for (int q = 0; q < NQ; q++) {
+            const VT zq = acc[t][q] / r[t];
+            for (int l = 0; l < W && kb + q * W + l < K; l++) z[t * K + kb + q * W + l] = zq[l];
+        }
+}
+
 /* z rows (ld K) of `lanes` tokens = (x rows (ld nC) @ phi) / r, with phiP from FN(pack_phi): for 4
- * tokens at a time, 12 vector accumulators over the nC axis (one broadcast of x[t][i] per 3 FMAs). */
+ * tokens at a time, 12 vector accumulators over the nC axis (one broadcast of x[t][i] per 3 FMAs);
+ * the last block of columns only as many vectors wide as the rest of K needs. */
 static void FN(project_block)(const T *x, int64_t nC, const T *phiP, int KP, const T *r, T *z, int K, int lanes) {
 #if ZMM
     zmm_project(x, nC, phiP, KP, r, z, K, lanes);
@@ -772,24 +795,13 @@ static void FN(project_block)(const T *x, int64_t nC, const T *phiP, int KP, con
 #endif
     for (int t0 = 0; t0 < lanes; t0 += 4) {
         const T *xr[4];
-        for (int t = 0; t < 4; t++) xr[t] = x + (t0 + t < lanes ? t0 + t : lanes - 1) * nC;
-        for (int kb = 0; kb < KP; kb += KB) {
-            VT acc[4][3] = {{{0}}};
-            const T *ph = phiP + kb;
-            for (int64_t i = 0; i < nC; i++, ph += KP) {
-                const VT p0 = VLD(ph), p1 = VLD(ph + W), p2 = VLD(ph + 2 * W);
-                for (int t = 0; t < 4; t++) {
-                    const T v = xr[t][i];
-                    acc[t][0] += v * p0;
-                    acc[t][1] += v * p1;
-                    acc[t][2] += v * p2;
-                }
-            }
-            for (int t = 0; t < 4 && t0 + t < lanes; t++)
-                for (int q = 0; q < 3; q++) {
-                    const VT zq = acc[t][q] / r[t0 + t];
-                    for (int l = 0; l < W && kb + q * W + l < K; l++) z[(t0 + t) * K + kb + q * W + l] = zq[l];
-                }
+        const int tokens = lanes - t0 < 4 ? lanes - t0 : 4;
+        for (int t = 0; t < 4; t++) xr[t] = x + (t0 + (t < tokens ? t : tokens - 1)) * nC;
+        for (int kb = 0; kb < K; kb += KB) {
+            const int rest = K - kb;
+            if (rest <= W) FN(project_cols)(xr, nC, phiP, KP, kb, r + t0, z + t0 * K, K, tokens, 1);
+            else if (rest <= 2 * W) FN(project_cols)(xr, nC, phiP, KP, kb, r + t0, z + t0 * K, K, tokens, 2);
+            else FN(project_cols)(xr, nC, phiP, KP, kb, r + t0, z + t0 * K, K, tokens, 3);
         }
     }
 }
@@ -840,23 +852,32 @@ int FN(mhc_coeffs_fwd)(const T *x, const T *phi, T *z, const T *bias, const T *g
     return 0;
 }
 
-/* dphi [nC, KP] += x rows^T @ G for 4 tokens (x rows ld nC; G rows ld KP, zero past K) */
-static void FN(rank4_update)(const T *const xr[4], const T *G, int KP, T *dphi, int64_t nC) {
-    for (int kb = 0; kb < KP; kb += KB) {
-        VT g[4][3];
-        for (int t = 0; t < 4; t++)
-            for (int q = 0; q < 3; q++) g[t][q] = VLD(G + t * KP + kb + q * W);
-        T *dp = dphi + kb;
-        for (int64_t i = 0; i < nC; i++, dp += KP) {
-            VT a0 = VLD(dp), a1 = VLD(dp + W), a2 = VLD(dp + 2 * W);
-            for (int t = 0; t < 4; t++) {
-                const T v = xr[t][i];
-                a0 += v * g[t][0];
-                a1 += v * g[t][1];
-                a2 += v * g[t][2];
-            }
-            VST(dp, a0), VST(dp + W, a1), VST(dp + 2 * W, a2);
+/* dphi columns [kb, kb + NQ W) += x rows^T @ G for 4 tokens */
+static inline __attribute__((always_inline)) void FN(rank4_cols)(const T *const xr[4], const T *G, int KP, T *dphi,
+                                                                  int64_t nC, int kb, const int NQ) {
+    VT g[4][3];
+    for (int t = 0; t < 4; t++)
+        for (int q = 0; q < NQ; q++) g[t][q] = VLD(G + t * KP + kb + q * W);
+    T *dp = dphi + kb;
+    for (int64_t i = 0; i < nC; i++, dp += KP) {
+        VT a[3];
+        for (int q = 0; q < NQ; q++) a[q] = VLD(dp + q * W);
+        for (int t = 0; t < 4; t++) {
+            const T v = xr[t][i];
+            for (int q = 0; q < NQ; q++) a[q] += v * g[t][q];
         }
+        for (int q = 0; q < NQ; q++) VST(dp + q * W, a[q]);
+    }
+}
+
+/* dphi [nC, KP] += x rows^T @ G for 4 tokens (x rows ld nC; G rows ld KP, zero past K): blocks of KB
+ * columns, the last one only as many vectors wide as the rest of K needs (the columns past it stay 0) */
+static void FN(rank4_update)(const T *const xr[4], const T *G, int KP, int K, T *dphi, int64_t nC) {
+    for (int kb = 0; kb < K; kb += KB) {
+        const int rest = K - kb;
+        if (rest <= W) FN(rank4_cols)(xr, G, KP, dphi, nC, kb, 1);
+        else if (rest <= 2 * W) FN(rank4_cols)(xr, G, KP, dphi, nC, kb, 2);
+        else FN(rank4_cols)(xr, G, KP, dphi, nC, kb, 3);
     }
 }
 
@@ -991,7 +1012,7 @@ static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, 
         const T *xr[4];
         T *gxr[4];
         for (int t = 0; t < 4; t++) xr[t] = l0 + t < lanes ? x + (l0 + t) * nC : zero;
-        if (dp) FN(rank4_update)(xr, G + l0 * KP, KP, dp, nC);
+        if (dp) FN(rank4_update)(xr, G + l0 * KP, KP, K, dp, nC);
         if (!gx) continue;
         for (int t = 0; t < 4; t++) gxr[t] = gx + (l0 + t < lanes ? l0 + t : l0) * nC;
         if (l0 + 4 <= lanes) FN(gx_matmul)(gxr, G + l0 * KP, KP, phiT, K, nC, 4);
