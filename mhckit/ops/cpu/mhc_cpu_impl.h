@@ -1313,23 +1313,21 @@ int FN(mhc_hc_bwd)(const T *x, const T *gu, const T *g_out, const T *z, const T 
                    z + t * n * m, r + t * n, WT, sp, sr, sa, sb, g_pre ? g_pre + t * n : NULL,
                    g_post ? g_post + t * n : NULL, g_res ? g_res + t * nn : NULL, gx ? gx + t * n * C : NULL, mine);
     }
-    /* over threads in a fixed order; part holds dWT [m, C], dsp, dspo, dsr, dsa, dsb */
-    const size_t count = width;
-    for (size_t i = 0; i < count; i++) {
+    /* each value summed over the threads in a fixed order; part holds dWT [m, C] (rows: w_pre, w_post,
+     * then w_res's columns), dsp [n], dspo [n], dsr [nn], dsa, dsb */
+    T *tail[2 * MAXN + MAXN * MAXN + 2];
+    for (int j = 0; j < n; j++) tail[j] = dsp + j, tail[n + j] = dspo + j;
+    for (int i = 0; i < nn; i++) tail[2 * n + i] = dsr + i;
+    tail[2 * n + nn] = dsa, tail[2 * n + nn + 1] = dsb;
+    for (size_t i = 0; i < width; i++) {
         T sum = 0;
         for (int th = 0; th < threads; th++) sum += part[stride * th + i];
-        if (i < (size_t)m * C) {
-            const int q = (int)(i / C);
-            const int64_t c = (int64_t)(i % C);
-            if (q == 0) dwp[c] = sum;
-            else if (q == 1) dwq[c] = sum;
-            else dwr[c * n + (q - 2)] = sum;
-        } else {
-            const size_t j = i - (size_t)m * C;
-            T *dst = j < (size_t)n ? dsp + j : j < 2 * (size_t)n ? dspo + (j - n) : j < 2 * (size_t)n + nn
-                         ? dsr + (j - 2 * n) : j == 2 * (size_t)n + nn ? dsa : dsb;
-            *dst = sum;
-        }
+        const int q = (int)(i / C);
+        const int64_t c = (int64_t)(i % C);
+        if (q >= m) *tail[i - (size_t)m * C] = sum;
+        else if (q == 0) dwp[c] = sum;
+        else if (q == 1) dwq[c] = sum;
+        else dwr[c * n + (q - 2)] = sum; /* dWT row 2 + k is column k of w_res [C, n] */
     }
     free(part), free(WT);
     return 0;
