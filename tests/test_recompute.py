@@ -85,7 +85,7 @@ def test_bad_values():
         StreamRecompute(0)
 
 
-@pytest.mark.parametrize("variant", ["mhc", "hc", "mhc-lite"])
+@pytest.mark.parametrize("variant", ["mhc", "hc", "mhc-lite", "identity"])
 def test_activation_checkpointing_of_a_hyper_connection(variant):
     """torch.utils.checkpoint (non-reentrant, what transformers uses) unpacks saved tensors once per
     node; every autograd Function must read ctx.saved_tensors a single time. Gradients match."""
