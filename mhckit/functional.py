@@ -223,15 +223,20 @@ def _as(t: Tensor, dt: torch.dtype) -> Tensor:
     return t if t.dtype is dt else t.to(dt)
 
 
-def _hc_carry_mode(x: Tensor, tensors: tuple[Tensor, ...], backend: str) -> bool:
+def _hc_carry_mode(x: Tensor, tensors: tuple[Tensor, ...], backend: str, halves: bool = False) -> bool:
     """Whether Hyper-Connections' pair runs on the C kernels: its dynamic coefficients with the read
-    (:func:`_hc_read_carry`, ``tensors`` its parameters) or the read of coefficients computed elsewhere
-    (:func:`_mhc_read_external`, ``tensors`` = ``(h_pre, h_res)``). Eager, the ``torch`` backend on the
-    CPU with the kernels on, float32 / float64 streams with ``tensors`` of their dtype, n <= 8, the pair
-    not switched off."""
-    return (pair_enabled() and x.is_cpu and backend in ("auto", "torch") and x.dtype in (torch.float32, torch.float64)
-            and all(t.dtype is x.dtype and t.is_cpu for t in tensors)
-            and cpu.streams_available(x, n=x.shape[-2]) and not torch.compiler.is_compiling())
+    (:func:`_hc_read_carry`, ``tensors`` its parameters, ``halves=True``) or the read of coefficients
+    computed elsewhere (:func:`_mhc_read_external`, ``tensors`` = ``(h_pre, h_res)``). Eager, the ``torch``
+    backend on the CPU with the kernels on, float32 / float64 streams with ``tensors`` of their dtype, or
+    (``halves``: the dynamic pair) bfloat16 / float16 streams with ``tensors`` of any float dtype but
+    float64 (computed in float32, as mHC's coefficients), n <= 8, the pair not switched off."""
+    if not (pair_enabled() and x.is_cpu and backend in ("auto", "torch") and not torch.compiler.is_compiling()):
+        return False
+    if x.dtype in (torch.float32, torch.float64):
+        ok = all(t.dtype is x.dtype and t.is_cpu for t in tensors)
+    else:
+        ok = halves and all(t.is_cpu and t.is_floating_point() and t.dtype is not torch.float64 for t in tensors)
+    return ok and cpu.streams_available(x, n=x.shape[-2])
 
 
 @finite_checked("x", "h_pre", "h_res", outputs=("u", "carrier"), op="mhc_pre")
@@ -253,8 +258,9 @@ def _hc_read_carry(x: Tensor, static_pre: Tensor, static_post: Tensor, static_re
     kernels (:class:`mhckit.ops.carry.HCCarryFunction`), whose write-back takes the carrier through
     :func:`_mhc_write_carry`. Only where :func:`_hc_carry_mode` says."""
     _check_hc_shapes(x, static_pre, static_post, static_res, w_pre, w_post, w_res, (scale_alpha, scale_beta))
-    return HCCarryFunction.apply(x if x.is_contiguous() else x.contiguous(), static_pre, static_post, static_res,
-                                 w_pre, w_post, w_res, scale_alpha, scale_beta, float(norm_eps))
+    dt = cpu.coef_dtype(x.dtype)  # float32 for 2-byte streams (a cast autograd takes back), else x's dtype
+    params = [_as(t, dt) for t in (static_pre, static_post, static_res, w_pre, w_post, w_res, scale_alpha, scale_beta)]
+    return HCCarryFunction.apply(x if x.is_contiguous() else x.contiguous(), *params, float(norm_eps))
 
 
 @finite_checked("x", "x", "y", "h_post", "h_res", outputs="x_new", op="mhc_post_res")  # the carrier is x

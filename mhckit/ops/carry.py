@@ -308,8 +308,9 @@ class HCCarryFunction(torch.autograd.Function):
     no autograd node for one) -> ``(u, h_pre, h_post, h_res, carrier)``. The backward makes every
     gradient, the write-back's ``dx`` and ``dh_res`` included, in one pass over the streams; a parameter
     that only reaches coefficients nobody differentiated gets no gradient (None, as autograd through
-    the reference gives). Eager, float32 / float64 streams with parameters of their dtype (the caller
-    checks)."""
+    the reference gives). Eager, float32 / float64 streams with parameters of their dtype, or bfloat16 /
+    float16 streams with float32 parameters (the caller checks and casts): u and dx of the streams' dtype,
+    the coefficients and the parameters' gradients of the parameters'."""
 
     @staticmethod
     def forward(ctx, x: Tensor, sp: Tensor, spo: Tensor, sr: Tensor, wp: Tensor, wq: Tensor, wr: Tensor, sa: Tensor,

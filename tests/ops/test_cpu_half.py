@@ -117,6 +117,31 @@ def test_read_and_write_back_kernels_are_the_float_kernels_rounded_once(dt, n, c
 
 
 @pytest.mark.parametrize("dt", HALF)
+@pytest.mark.parametrize("n,c,t", SHAPES)
+def test_hc_kernels_are_the_float_kernels_rounded_once(dt, n, c, t):
+    """Dynamic HC's coefficients with the read (mhc_hc_fwd / _bwd) on half streams: u and dx bitwise the
+    float32 kernels' rounded once, the coefficients and every parameter gradient bitwise equal."""
+    d = _inputs(n, c, t, dt, seed=2)
+    x, gu, g = d["x"], d["gu"], d["g_out"]
+    gen = torch.Generator().manual_seed(3)
+    params = [0.3 * torch.randn(*shape, generator=gen) for shape in ((c,), (c,), (c, n), (n,), (n,), (n, n))]
+    sa, sb = torch.rand((), generator=gen) + 0.5, torch.rand((), generator=gen) + 0.5
+    wp, wq, wr, sp, spo, sr = params
+    half = cpu.hc_fwd(x, wp, wq, wr, sp, spo, sr, sa, sb, 1e-6)
+    full = cpu.hc_fwd(x.float(), wp, wq, wr, sp, spo, sr, sa, sb, 1e-6)
+    _bitwise(half[0], full[0], dt, "u")
+    for name, a, b in zip(["h_pre", "h_post", "h_res", "z", "r"], half[1:], full[1:]):
+        _same(a, b, name)
+    g_post = d["g_post"]
+    hb = cpu.hc_bwd(x, gu, g, half[4], half[5], wp, wq, wr, sp, sr, sa, sb, None, g_post, None, True)
+    fb = cpu.hc_bwd(x.float(), gu.float(), g.float(), full[4], full[5], wp, wq, wr, sp, sr, sa, sb, None, g_post, None,
+                    True)
+    _bitwise(hb[0], fb[0], dt, "hc gx")
+    for name, a, b in zip(["dw_pre", "dw_post", "dw_res", "dsp", "dspo", "dsr", "dsa", "dsb"], hb[1:], fb[1:]):
+        _same(a, b, name)
+
+
+@pytest.mark.parametrize("dt", HALF)
 def test_rounding_ties_overflow_and_nan_as_pytorch_rounds(dt):
     """n = 1, h = 1: out = round(x + y) of two 2-byte values; their float sum often sits exactly half
     way between two 2-byte values (ties to even), and a large sum overflows to inf."""

@@ -194,9 +194,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"mhc_tail_fwd_{suf}").argtypes = [p, p, p, p, p, p, i64, i32, i32, i32]
         getattr(lib, f"mhc_tail_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, i64, i32, i32, i32]
         getattr(lib, f"mhc_read_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, i64, i32, i64, i32]
+    for suf in ("f32", "f64", *halves):  # the stream kernels (and HC's): also with 2-byte streams
         getattr(lib, f"mhc_hc_fwd_{suf}").argtypes = [p] * 9 + [ctypes.c_double] + [p] * 6 + [i64, i32, i64, i32]
         getattr(lib, f"mhc_hc_bwd_{suf}").argtypes = [p] * 24 + [i64, i32, i64, i32]
-    for suf in ("f32", "f64", *halves):  # the stream kernels: also with 2-byte streams
         getattr(lib, f"mhc_pre_fwd_{suf}").argtypes = [p, p, p, i64, i32, i64, i32]
         getattr(lib, f"mhc_pre_bwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
         getattr(lib, f"mhc_post_res_fwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
@@ -473,14 +473,16 @@ def hc_fwd(x: torch.Tensor, w_pre: torch.Tensor, w_post: torch.Tensor, w_res: to
     """``x [..., n, C]``, the dynamic weights ``w_pre``, ``w_post [C]``, ``w_res [C, n]``, the static
     terms ``sp``, ``spo [n]``, ``sr [n, n]`` and the scales ``sa`` (alpha), ``sb`` (beta) (one value each)
     -> ``(u [..., C], h_pre [..., n], h_post [..., n], h_res [..., n, n], z [T, n, n + 2], r [T, n])``
-    (float32 / float64, one dtype; the parameters as HCCoefficients holds them)."""
+    (the parameters as HCCoefficients holds them; float32 / float64 streams with everything of their
+    dtype, or 2-byte streams and u with float32 parameters and coefficients)."""
     lead, n, c, dt = x.shape[:-2], x.shape[-2], x.shape[-1], x.dtype
-    x, wp, wq, wr = _c(x, dt), _c(w_pre, dt), _c(w_post, dt), _c(w_res, dt)
-    sp, spo, sr, sa, sb = _c(sp, dt), _c(spo, dt), _c(sr, dt), _c(sa, dt), _c(sb, dt)
+    cd = _COEF[dt]
+    x, wp, wq, wr = _c(x, dt), _c(w_pre, cd), _c(w_post, cd), _c(w_res, cd)
+    sp, spo, sr, sa, sb = _c(sp, cd), _c(spo, cd), _c(sr, cd), _c(sa, cd), _c(sb, cd)
     t = _tokens(x)
-    z, r = torch.empty(t, n, n + 2, dtype=dt), torch.empty(t, n, dtype=dt)
-    h_pre, h_post = torch.empty(lead + (n,), dtype=dt), torch.empty(lead + (n,), dtype=dt)
-    h_res, u = torch.empty(lead + (n, n), dtype=dt), torch.empty(lead + (c,), dtype=dt)
+    z, r = torch.empty(t, n, n + 2, dtype=cd), torch.empty(t, n, dtype=cd)
+    h_pre, h_post = torch.empty(lead + (n,), dtype=cd), torch.empty(lead + (n,), dtype=cd)
+    h_res, u = torch.empty(lead + (n, n), dtype=cd), torch.empty(lead + (c,), dtype=dt)
     _call("mhc_hc_fwd", dt, _ptr(x), _ptr(wp), _ptr(wq), _ptr(wr), _ptr(sp), _ptr(spo), _ptr(sr), _ptr(sa), _ptr(sb),
           float(eps), _ptr(z), _ptr(r), _ptr(h_pre), _ptr(h_post), _ptr(h_res), _ptr(u), t, n, c,
           torch.get_num_threads())
@@ -491,15 +493,17 @@ def hc_bwd(x, gu, g_out, z, r, w_pre, w_post, w_res, sp, sr, sa, sb, g_pre, g_po
     """``(dx or None, dw_pre [C], dw_post [C], dw_res [C, n], dsp [n], dspo [n], dsr [n, n], dsa [], dsb [])``
     of :func:`hc_fwd` given the gradients of u (``gu``), of the coefficients and, with ``g_out``, the
     output gradient of the write-back ``h_res x + h_post y`` (whose ``dx`` and ``dh_res`` join here);
-    any may be None. The scales' gradients have ``sa``'s / ``sb``'s shape."""
+    any may be None. The scales' gradients have ``sa``'s / ``sb``'s shape; dtypes as in :func:`hc_fwd`
+    (stream gradients of the streams' dtype, the rest of the coefficients')."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
-    x, wp, wq, wr = _c(x, dt), _c(w_pre, dt), _c(w_post, dt), _c(w_res, dt)
-    sp, sr, sa, sb = _c(sp, dt), _c(sr, dt), _c(sa, dt), _c(sb, dt)
-    gu, g_out, g_pre, g_post, g_res = _c(gu, dt), _c(g_out, dt), _c(g_pre, dt), _c(g_post, dt), _c(g_res, dt)
+    cd = _COEF[dt]
+    x, wp, wq, wr = _c(x, dt), _c(w_pre, cd), _c(w_post, cd), _c(w_res, cd)
+    sp, sr, sa, sb = _c(sp, cd), _c(sr, cd), _c(sa, cd), _c(sb, cd)
+    gu, g_out, g_pre, g_post, g_res = _c(gu, dt), _c(g_out, dt), _c(g_pre, cd), _c(g_post, cd), _c(g_res, cd)
     gx = torch.empty(x.shape, dtype=dt) if need_x else None
-    dwp, dwq, dwr = torch.empty(c, dtype=dt), torch.empty(c, dtype=dt), torch.empty(c, n, dtype=dt)
-    dsp, dspo, dsr = torch.empty(n, dtype=dt), torch.empty(n, dtype=dt), torch.empty(n, n, dtype=dt)
-    dsa, dsb = torch.empty(sa.shape, dtype=dt), torch.empty(sb.shape, dtype=dt)
+    dwp, dwq, dwr = torch.empty(c, dtype=cd), torch.empty(c, dtype=cd), torch.empty(c, n, dtype=cd)
+    dsp, dspo, dsr = torch.empty(n, dtype=cd), torch.empty(n, dtype=cd), torch.empty(n, n, dtype=cd)
+    dsa, dsb = torch.empty(sa.shape, dtype=cd), torch.empty(sb.shape, dtype=cd)
     _call("mhc_hc_bwd", dt, _ptr(x), _ptr(gu), _ptr(g_out), _ptr(z), _ptr(r), _ptr(wp), _ptr(wq), _ptr(wr), _ptr(sp),
           _ptr(sr), _ptr(sa), _ptr(sb), _ptr(g_pre), _ptr(g_post), _ptr(g_res), _ptr(gx), _ptr(dwp), _ptr(dwq),
           _ptr(dwr), _ptr(dsp), _ptr(dspo), _ptr(dsr), _ptr(dsa), _ptr(dsb), _tokens(x), n, c,

@@ -156,6 +156,68 @@ int HF(mhc_post_res_bwd)(const uint16_t *x, const uint16_t *y, const float *hp, 
     });
 }
 
+/* ---- Hyper-Connections' dynamic coefficients with the read (mhc_hc_fwd / _bwd): half x, u, gu, g_out,
+ * gx; parameters, coefficients and their gradients float32 ---- */
+
+static int HF(hc_fwd_tokens)(const uint16_t *x, const float *WT, const float *sp, const float *spo, const float *sr,
+                             float sa, float sb, double eps, float *z, float *r, float *h_pre, float *h_post,
+                             float *h_res, uint16_t *u, int64_t tokens, int n, int64_t C, int threads) {
+    const int m = n + 2;
+    const int64_t nC = n * C, cp = (C + 15) & ~(int64_t)15;
+    PER_TOKEN(n * cp + cp, {
+        float *ub = buf, *xb = buf + cp;
+        CVT_IN(x + t * nC, xb, nC);
+        CALL_N(hc_fwd_tok_f32, n, xb, WT, sp, spo, sr, sa, sb, eps, z + t * n * m, r + t * n, h_pre + t * n,
+               h_post + t * n, h_res + t * n * n, u ? ub : NULL);
+        if (u) CVT_OUT(ub, u + t * C, C);
+    });
+}
+
+int HF(mhc_hc_fwd)(const uint16_t *x, const float *wp, const float *wq, const float *wr, const float *sp,
+                   const float *spo, const float *sr, const float *sa, const float *sb, double eps, float *z, float *r,
+                   float *h_pre, float *h_post, float *h_res, uint16_t *u, int64_t tokens, int n, int64_t C,
+                   int threads) {
+    if (n < 1 || n > MAXN) return 1;
+    float *WT = hc_pack_w_f32(wp, wq, wr, n, C);
+    if (!WT) return 2;
+    const int err = HF(hc_fwd_tokens)(x, WT, sp, spo, sr, *sa, *sb, eps, z, r, h_pre, h_post, h_res, u, tokens, n, C,
+                                      threads);
+    free(WT);
+    return err;
+}
+
+typedef struct {
+    const uint16_t *x, *gu, *g_out;
+    uint16_t *gx;
+} HF(hc_aux);
+
+/* one token: its stream rows converted into the thread's scratch (gu, x, g_out, gx rows on cache lines) */
+static void HF(hc_bwd_body)(const hc_bwd_ctx_f32 *c, int64_t t, float *mine, float *scratch, int n, int64_t C) {
+    const HF(hc_aux) *a = c->aux;
+    const int m = n + 2, nn = n * n;
+    const int64_t nC = n * C, cp = (C + 15) & ~(int64_t)15, np = (nC + 15) & ~(int64_t)15;
+    float *gub = scratch, *xb = scratch + cp, *gob = xb + np, *gxb = gob + np;
+    CVT_IN(a->x + t * nC, xb, nC);
+    if (a->gu) CVT_IN(a->gu + t * C, gub, C);
+    if (a->g_out) CVT_IN(a->g_out + t * nC, gob, nC);
+    CALL_N(hc_bwd_tok_f32, n, xb, a->gu ? gub : NULL, a->g_out ? gob : NULL, c->z + t * n * m, c->r + t * n, c->WT,
+           c->sp, c->sr, c->sa, c->sb, c->g_pre ? c->g_pre + t * n : NULL, c->g_post ? c->g_post + t * n : NULL,
+           c->g_res ? c->g_res + t * nn : NULL, a->gx ? gxb : NULL, mine);
+    if (a->gx) CVT_OUT(gxb, a->gx + t * nC, nC);
+}
+
+int HF(mhc_hc_bwd)(const uint16_t *x, const uint16_t *gu, const uint16_t *g_out, const float *z, const float *r,
+                   const float *wp, const float *wq, const float *wr, const float *sp, const float *sr,
+                   const float *sa, const float *sb, const float *g_pre, const float *g_post, const float *g_res,
+                   uint16_t *gx, float *dwp, float *dwq, float *dwr, float *dsp, float *dspo, float *dsr, float *dsa,
+                   float *dsb, int64_t tokens, int n, int64_t C, int threads) {
+    const HF(hc_aux) a = {x, gu, g_out, gx};
+    hc_bwd_ctx_f32 c = {NULL, NULL, NULL, z, r, NULL, sp, sr, g_pre, g_post, g_res, NULL, 0, 0, &a};
+    const int64_t cp = (C + 15) & ~(int64_t)15, np = ((int64_t)n * C + 15) & ~(int64_t)15;
+    return hc_bwd_run_f32(&c, wp, wq, wr, sa, sb, dwp, dwq, dwr, dsp, dspo, dsr, dsa, dsb, tokens, n, C, threads,
+                          (size_t)(cp + 3 * np), HF(hc_bwd_body));
+}
+
 #undef PER_TOKEN
 #undef HF
 #undef HSUF

@@ -1285,36 +1285,13 @@ static inline __attribute__((always_inline)) void FN(hc_bwd_tok)(
     }
 }
 
-/* Backward over the tokens; dwp / dwq [C], dwr [C, n] (as the parameters), dsp / dspo [n], dsr [n, n]
- * (as sr), dsa / dsb (one value each). */
-int FN(mhc_hc_bwd)(const T *x, const T *gu, const T *g_out, const T *z, const T *r, const T *wp, const T *wq,
-                   const T *wr, const T *sp, const T *sr, const T *sa_, const T *sb_, const T *g_pre, const T *g_post,
-                   const T *g_res, T *gx, T *dwp, T *dwq, T *dwr, T *dsp, T *dspo, T *dsr, T *dsa, T *dsb,
-                   int64_t tokens, int n, int64_t C, int threads) {
-    if (n < 1 || n > MAXN || threads < 1) return 1;
+/* The backward's per-thread sums (rows of `stride` values: dWT [m, C] (w_pre, w_post, then w_res's
+ * columns), dsp [n], dspo [n], dsr [n, n], dsa, dsb), each summed over the threads in a fixed order
+ * into the parameters' gradients, laid out as the parameters. */
+static void FN(hc_bwd_sums)(const T *part, size_t stride, int threads, int n, int64_t C, T *dwp, T *dwq, T *dwr,
+                            T *dsp, T *dspo, T *dsr, T *dsa, T *dsb) {
     const int m = HC_COLS(n), nn = n * n;
-    const size_t width = (size_t)m * C + 2 * n + nn + 2, stride = (width + 15) & ~(size_t)15;
-    T *part = mhc_alloc(sizeof(T) * stride * threads, 1), *WT = FN(hc_pack_w)(wp, wq, wr, n, C);
-    if (!part || !WT) {
-        free(part), free(WT);
-        return 2;
-    }
-    const T sa = *sa_, sb = *sb_;
-#pragma omp parallel num_threads(threads)
-    {
-#ifdef _OPENMP
-        T *mine = part + stride * omp_get_thread_num();
-#else
-        T *mine = part;
-#endif
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tokens; t++)
-            CALL_N(FN(hc_bwd_tok), n, x + t * n * C, gu ? gu + t * C : NULL, g_out ? g_out + t * n * C : NULL,
-                   z + t * n * m, r + t * n, WT, sp, sr, sa, sb, g_pre ? g_pre + t * n : NULL,
-                   g_post ? g_post + t * n : NULL, g_res ? g_res + t * nn : NULL, gx ? gx + t * n * C : NULL, mine);
-    }
-    /* each value summed over the threads in a fixed order; part holds dWT [m, C] (rows: w_pre, w_post,
-     * then w_res's columns), dsp [n], dspo [n], dsr [nn], dsa, dsb */
+    const size_t width = (size_t)m * C + 2 * n + nn + 2;
     T *tail[2 * MAXN + MAXN * MAXN + 2];
     for (int j = 0; j < n; j++) tail[j] = dsp + j, tail[n + j] = dspo + j;
     for (int i = 0; i < nn; i++) tail[2 * n + i] = dsr + i;
@@ -1329,8 +1306,69 @@ int FN(mhc_hc_bwd)(const T *x, const T *gu, const T *g_out, const T *z, const T 
         else if (q == 1) dwq[c] = sum;
         else dwr[c * n + (q - 2)] = sum; /* dWT row 2 + k is column k of w_res [C, n] */
     }
+}
+
+/* The backward's frame: WT from the parameters, per-thread sums, body(c, t, mine, scratch) for every
+ * token t (scratch: `extra` values per thread, for the half entry points' converted rows), then the
+ * sums into the parameters' gradients. c->WT, c->sa, c->sb are set here. */
+typedef struct {
+    const T *x, *gu, *g_out, *z, *r, *WT, *sp, *sr, *g_pre, *g_post, *g_res;
+    T *gx, sa, sb;
+    const void *aux; /* the half-precision entry points' stream pointers (mhc_cpu_half.h) */
+} FN(hc_bwd_ctx);
+typedef void (*FN(hc_tok_body))(const FN(hc_bwd_ctx) *c, int64_t t, T *mine, T *scratch, int n, int64_t C);
+
+static int FN(hc_bwd_run)(FN(hc_bwd_ctx) *c, const T *wp, const T *wq, const T *wr, const T *sa, const T *sb,
+                          T *dwp, T *dwq, T *dwr, T *dsp, T *dspo, T *dsr, T *dsa, T *dsb, int64_t tokens, int n,
+                          int64_t C, int threads, size_t extra, FN(hc_tok_body) body) {
+    if (n < 1 || n > MAXN || threads < 1) return 1;
+    const int m = HC_COLS(n), nn = n * n;
+    const size_t width = (size_t)m * C + 2 * n + nn + 2, stride = (width + 15) & ~(size_t)15;
+    T *part = mhc_alloc(sizeof(T) * stride * threads, 1), *WT = FN(hc_pack_w)(wp, wq, wr, n, C);
+    int err = !part || !WT ? 2 : 0;
+    c->WT = WT, c->sa = *sa, c->sb = *sb;
+    if (!err) {
+#pragma omp parallel num_threads(threads)
+        {
+#ifdef _OPENMP
+            T *mine = part + stride * omp_get_thread_num();
+#else
+            T *mine = part;
+#endif
+            T *scratch = extra ? mhc_alloc(sizeof(T) * extra, 0) : NULL;
+            if (extra && !scratch) {
+#pragma omp atomic write
+                err = 2;
+            }
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < tokens; t++)
+                if (!extra || scratch) body(c, t, mine, scratch, n, C);
+            free(scratch);
+        }
+    }
+    if (!err) FN(hc_bwd_sums)(part, stride, threads, n, C, dwp, dwq, dwr, dsp, dspo, dsr, dsa, dsb);
     free(part), free(WT);
-    return 0;
+    return err;
+}
+
+static void FN(hc_bwd_body)(const FN(hc_bwd_ctx) *c, int64_t t, T *mine, T *scratch, int n, int64_t C) {
+    const int m = HC_COLS(n), nn = n * n;
+    (void)scratch;
+    CALL_N(FN(hc_bwd_tok), n, c->x + t * n * C, c->gu ? c->gu + t * C : NULL, c->g_out ? c->g_out + t * n * C : NULL,
+           c->z + t * n * m, c->r + t * n, c->WT, c->sp, c->sr, c->sa, c->sb, c->g_pre ? c->g_pre + t * n : NULL,
+           c->g_post ? c->g_post + t * n : NULL, c->g_res ? c->g_res + t * nn : NULL,
+           c->gx ? c->gx + t * n * C : NULL, mine);
+}
+
+/* Backward over the tokens; dwp / dwq [C], dwr [C, n] (as the parameters), dsp / dspo [n], dsr [n, n]
+ * (as sr), dsa / dsb (one value each). */
+int FN(mhc_hc_bwd)(const T *x, const T *gu, const T *g_out, const T *z, const T *r, const T *wp, const T *wq,
+                   const T *wr, const T *sp, const T *sr, const T *sa, const T *sb, const T *g_pre, const T *g_post,
+                   const T *g_res, T *gx, T *dwp, T *dwq, T *dwr, T *dsp, T *dspo, T *dsr, T *dsa, T *dsb,
+                   int64_t tokens, int n, int64_t C, int threads) {
+    FN(hc_bwd_ctx) c = {x, gu, g_out, z, r, NULL, sp, sr, g_pre, g_post, g_res, gx, 0, 0, NULL};
+    return FN(hc_bwd_run)(&c, wp, wq, wr, sa, sb, dwp, dwq, dwr, dsp, dspo, dsr, dsa, dsb, tokens, n, C, threads, 0,
+                          FN(hc_bwd_body));
 }
 
 #undef KB
