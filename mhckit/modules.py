@@ -302,7 +302,9 @@ class HyperConnection(nn.Module):
                 out = F.mhc_post_res(x, y, h_post, h_res, backend=backend)
             rc = recompute.active()
             if rc is not None:  # only then build the replay recipe (nothing extra on the plain path)
-                if h_res is None:
+                if h_res is None and carrier is not None:  # the identity on the pair: its own write-back again
+                    rc.record(out, _identity_carry_replay, y.detach(), h_post.detach())
+                elif h_res is None:
                     rc.record(out, F.residual_update, y.detach(), h_post.detach())
                 else:
                     rc.record(out, _post_res_replay, y.detach(), h_post.detach(), h_res.detach(), backend)
@@ -333,6 +335,15 @@ def _post_res_op(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor | None) -> 
 
 def _post_res_replay(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, backend: str) -> Tensor:
     return F.mhc_post_res(x, y, h_post, h_res, backend=backend)
+
+
+def _identity_carry_replay(x: Tensor, y: Tensor, h_post: Tensor) -> Tensor:
+    """The identity variant's write-back as its pair computed it (the C kernel fuses ``h_post y + x``
+    into one rounding, :func:`mhckit.functional.residual_update` rounds twice): a recomputed stream is
+    then bitwise the stored one."""
+    from .ops.carry import _write
+
+    return _write(x, y, h_post, None)
 
 
 def expand_streams(x: Tensor, n: int) -> Tensor:

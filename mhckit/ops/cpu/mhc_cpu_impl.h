@@ -544,24 +544,27 @@ static inline __attribute__((always_inline)) void FN(post_res_tok)(const T *rest
                                                                     const T *restrict hp, const T *restrict hr,
                                                                     T *restrict o, const int n, const int64_t C) {
     int64_t c = 0;
+    if (!hr) { /* h_res = I: x[k] + h_post[k] y (a loop of its own: the general one below keeps its code) */
+        for (int k = 0; k < n; k++) {
+            for (c = 0; c + W <= C; c += W) VST(o + k * C + c, hp[k] * VLD(yt + c) + VLD(xt + k * C + c));
+            for (; c < C; c++) o[k * C + c] = hp[k] * yt[c] + xt[k * C + c];
+        }
+        return;
+    }
     for (; c + W <= C; c += W) {
         VT xv[MAXN];
         for (int j = 0; j < n; j++) xv[j] = VLD(xt + j * C + c);
         const VT yv = VLD(yt + c);
         for (int k = 0; k < n; k++) {
             VT acc = hp[k] * yv;
-            if (!hr) acc += xv[k]; /* h_res = I */
-            else
-                for (int j = 0; j < n; j++) acc += hr[k * n + j] * xv[j];
+            for (int j = 0; j < n; j++) acc += hr[k * n + j] * xv[j];
             VST(o + k * C + c, acc);
         }
     }
     for (; c < C; c++)
         for (int k = 0; k < n; k++) {
             T acc = hp[k] * yt[c];
-            if (!hr) acc += xt[k * C + c];
-            else
-                for (int j = 0; j < n; j++) acc += hr[k * n + j] * xt[j * C + c];
+            for (int j = 0; j < n; j++) acc += hr[k * n + j] * xt[j * C + c];
             o[k * C + c] = acc;
         }
 }
@@ -665,6 +668,21 @@ static inline __attribute__((always_inline)) void FN(coeffs_gx_tok)(const T *res
                                                                      const int withx, T *restrict gx, const int n,
                                                                      const int64_t C) {
     int64_t c = 0;
+    if (got && !hr) { /* h_res = I: g[j] itself (a loop of its own: the general one below keeps its code) */
+        for (int j = 0; j < n; j++) {
+            for (c = 0; c + W <= C; c += W) {
+                VT acc = withx ? VLD(xt + j * C + c) * coef : (VT){0};
+                if (gut) acc += hp[j] * VLD(gut + c);
+                VST(gx + j * C + c, acc + VLD(got + j * C + c));
+            }
+            for (; c < C; c++) {
+                T acc = withx ? xt[j * C + c] * coef : 0;
+                if (gut) acc += hp[j] * gut[c];
+                gx[j * C + c] = acc + got[j * C + c];
+            }
+        }
+        return;
+    }
     for (; c + W <= C; c += W) {
         VT gv[MAXN] = {{0}};
         if (got)
@@ -673,8 +691,7 @@ static inline __attribute__((always_inline)) void FN(coeffs_gx_tok)(const T *res
         for (int j = 0; j < n; j++) {
             VT acc = withx ? VLD(xt + j * C + c) * coef : (VT){0};
             if (gut) acc += hp[j] * u;
-            if (got && !hr) acc += gv[j]; /* h_res = I */
-            else if (got)
+            if (got)
                 for (int k = 0; k < n; k++) acc += hr[k * n + j] * gv[k];
             VST(gx + j * C + c, acc);
         }
@@ -683,8 +700,7 @@ static inline __attribute__((always_inline)) void FN(coeffs_gx_tok)(const T *res
         for (int j = 0; j < n; j++) {
             T acc = withx ? xt[j * C + c] * coef : 0;
             if (gut) acc += hp[j] * gut[c];
-            if (got && !hr) acc += got[j * C + c];
-            else if (got)
+            if (got)
                 for (int k = 0; k < n; k++) acc += hr[k * n + j] * got[k * C + c];
             gx[j * C + c] = acc;
         }
