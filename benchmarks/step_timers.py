@@ -9,7 +9,8 @@ alternately (as ``bench_model``) and times, per step of the variant, every compi
 write-back (which include the forward Functions). Prints medians per step and per sublayer, and how
 the variant's extra time over the residual splits into kernels, the Python around them and the rest.
 The timers themselves add a few
-microseconds per call. The kernels' time outside a training step (data in cache) is the C harness's
+microseconds per call and inflate the Python part (a sampling profiler, py-spy, puts ~1 ms per mHC step
+there where this reports ~3 ms; see the README). The kernels' time outside a training step (data in cache) is the C harness's
 business: see the README's Speed section.
 """
 
