@@ -334,7 +334,8 @@ class HCCarryFunction(torch.autograd.Function):
             grads = _hc_reference_backward(ctx.saved_tensors[:9], ctx.eps, g_u, g_pre, g_post, g_res, g_out)
         # which coefficients got a gradient: h_pre (through u or itself), h_post, h_res (itself or the write-back)
         pre, post, res = g_u is not None or g_pre is not None, g_post is not None, g_res is not None or g_out is not None
-        reach = (pre or res, pre, post, res, pre, post, res, pre or res, post)  # x, sp, spo, sr, wp, wq, wr, sa, sb
+        # x (through every coefficient and u), sp, spo, sr, wp, wq, wr, sa (h_pre and h_res), sb (h_post)
+        reach = (pre or post or res, pre, post, res, pre, post, res, pre or res, post)
         return (*(g if wanted and reached else None for g, wanted, reached in zip(grads, need, reach)), None)
 
 

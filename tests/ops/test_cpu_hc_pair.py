@@ -222,3 +222,35 @@ def test_hc_kernels_match_autograd_through_the_reference(dt, n, c, scale):
         # floor: float32 rounding of the projection's terms, which grow with the weights (z = <x_j, w> / r
         # sums terms ~scale times larger than z where they cancel)
         assert err <= 2 * err_ref + 1e-6 * (1 + scale) * t.abs().max().item(), (i, err, err_ref)
+
+
+@pytest.mark.parametrize("used", ["h_pre", "h_post", "h_res", "u"])
+def test_hc_pair_with_one_coefficient_differentiated(used):
+    """A loss on one output of the dynamic pair alone: every gradient that reaches (the streams' through
+    that coefficient too) as autograd through the reference, None where none reaches."""
+    from mhckit import functional as F
+
+    hc, x, _ = _case(3, 16, (5,), torch.float64, seed=6)
+    c = hc.coeffs
+    params = [c.static_pre, c.static_post, c.static_res, c.w_pre, c.w_post, c.w_res, c.scale_alpha, c.scale_beta]
+    gen = torch.Generator().manual_seed(7)
+
+    def run(fn):
+        for t in [x, *params]:
+            t.grad = None
+        outs = dict(zip(["u", "h_pre", "h_post", "h_res"], fn()))
+        (outs[used] * torch.randn(outs[used].shape, generator=gen.manual_seed(7), dtype=x.dtype)).sum().backward()
+        return [None if t.grad is None else t.grad.clone() for t in [x, *params]]
+
+    fast = run(lambda: F._hc_read_carry(x, *params, norm_eps=hc.cfg.rms_eps)[:4])
+
+    def reference_outputs():
+        h = reference.hc_coeffs(x, *params, norm_eps=hc.cfg.rms_eps)
+        return (reference.mhc_pre(x, h[0]), *h)
+
+    ref = run(reference_outputs)
+    assert [a is None for a in fast] == [b is None for b in ref]
+    assert fast[0] is not None  # the streams get a gradient through any coefficient
+    for a, b in zip(fast, ref):
+        if a is not None:
+            _close(a, b, torch.float64)
