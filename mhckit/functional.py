@@ -223,19 +223,19 @@ def _as(t: Tensor, dt: torch.dtype) -> Tensor:
     return t if t.dtype is dt else t.to(dt)
 
 
-def _hc_carry_mode(x: Tensor, tensors: tuple[Tensor, ...], backend: str, halves: bool = False) -> bool:
+def _hc_carry_mode(x: Tensor, tensors: tuple[Tensor, ...], backend: str) -> bool:
     """Whether Hyper-Connections' pair runs on the C kernels: its dynamic coefficients with the read
-    (:func:`_hc_read_carry`, ``tensors`` its parameters, ``halves=True``) or the read of coefficients
-    computed elsewhere (:func:`_mhc_read_external`, ``tensors`` = ``(h_pre, h_res)``). Eager, the ``torch``
-    backend on the CPU with the kernels on, float32 / float64 streams with ``tensors`` of their dtype, or
-    (``halves``: the dynamic pair) bfloat16 / float16 streams with ``tensors`` of any float dtype but
-    float64 (computed in float32, as mHC's coefficients), n <= 8, the pair not switched off."""
+    (:func:`_hc_read_carry`, ``tensors`` its parameters) or the read of coefficients computed elsewhere
+    (:func:`_mhc_read_external`, ``tensors`` = ``(h_pre, h_res)``). Eager, the ``torch`` backend on the
+    CPU with the kernels on, float32 / float64 streams with ``tensors`` of their dtype, or bfloat16 /
+    float16 streams with ``tensors`` of any float dtype but float64 (cast to float32, as mHC's
+    coefficients), n <= 8, the pair not switched off."""
     if not (pair_enabled() and x.is_cpu and backend in ("auto", "torch") and not torch.compiler.is_compiling()):
         return False
     if x.dtype in (torch.float32, torch.float64):
         ok = all(t.dtype is x.dtype and t.is_cpu for t in tensors)
     else:
-        ok = halves and all(t.is_cpu and t.is_floating_point() and t.dtype is not torch.float64 for t in tensors)
+        ok = all(t.is_cpu and t.is_floating_point() and t.dtype is not torch.float64 for t in tensors)
     return ok and cpu.streams_available(x, n=x.shape[-2])
 
 
@@ -247,7 +247,8 @@ def _mhc_read_external(x: Tensor, h_pre: Tensor, h_res: Tensor) -> tuple[Tensor,
     n, _ = check_streams(x, "x")
     check_coefficient(h_pre, "h_pre", x.shape[:-2] + (n,))
     check_coefficient(h_res, "h_res", x.shape[:-2] + (n, n))
-    return ReadCarryFunction.apply(x if x.is_contiguous() else x.contiguous(), h_pre, h_res)
+    dt = cpu.coef_dtype(x.dtype)  # float32 for 2-byte streams (a cast autograd takes back), else x's dtype
+    return ReadCarryFunction.apply(x if x.is_contiguous() else x.contiguous(), _as(h_pre, dt), _as(h_res, dt))
 
 
 @finite_checked("x", "static_pre", "static_post", "static_res", "w_pre", "w_post", "w_res", "scale_alpha",

@@ -173,7 +173,7 @@ class HCCoefficients(nn.Module):
             return None
         params = (self.static_pre, self.static_post, self.static_res, self.w_pre, self.w_post, self.w_res,
                   self.scale_alpha, self.scale_beta)
-        if not F._hc_carry_mode(x, params, cfg.backend, halves=True):
+        if not F._hc_carry_mode(x, params, cfg.backend):
             return None
         return (*F._hc_read_carry(x, *params, norm_eps=cfg.rms_eps), False)
 

@@ -264,8 +264,8 @@ class ReadCarryFunction(torch.autograd.Function):
     (:func:`mhckit.ops.cpu.read_bwd`), ``dx = h_pre[j] du + sum_k h_res[k, j] g[k]``, ``dh_pre`` and
     ``dh_res``: the read's and the write-back's stream gradients in one tensor (the separate ops write
     two and autograd adds them). A stream gradient of the coefficients themselves would join by
-    autograd. Eager, C kernels, float32 / float64 streams with coefficients of their dtype (the caller
-    checks)."""
+    autograd. Eager, C kernels, float32 / float64 streams with coefficients of their dtype, or bfloat16 /
+    float16 streams with float32 coefficients (the caller checks and casts)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, h_pre: Tensor, h_res: Tensor):

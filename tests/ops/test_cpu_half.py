@@ -142,6 +142,25 @@ def test_hc_kernels_are_the_float_kernels_rounded_once(dt, n, c, t):
 
 
 @pytest.mark.parametrize("dt", HALF)
+@pytest.mark.parametrize("n,c,t", SHAPES)
+def test_read_bwd_kernel_is_the_float_kernel_rounded_once(dt, n, c, t):
+    """Static HC's joined read / write-back backward (mhc_read_bwd) on half streams: dx bitwise the
+    float32 kernel's rounded once, dh_pre and dh_res bitwise equal; with only one of gu / g too."""
+    d = _inputs(n, c, t, dt, seed=4)
+    x, gu, g = d["x"], d["gu"], d["g_out"]
+    h_pre, h_res = torch.rand(t, n), torch.rand(t, n, n)
+    for a_gu, a_g in ((gu, g), (gu, None), (None, g)):
+        half = cpu.read_bwd(x, h_pre, h_res, a_gu, a_g, True, True, True)
+        full = cpu.read_bwd(x.float(), h_pre, h_res, None if a_gu is None else a_gu.float(),
+                            None if a_g is None else a_g.float(), True, True, True)
+        _bitwise(half[0], full[0], dt, "read gx")
+        for name, a, b in zip(["dh_pre", "dh_res"], half[1:], full[1:]):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                _same(a, b, name)
+
+
+@pytest.mark.parametrize("dt", HALF)
 def test_rounding_ties_overflow_and_nan_as_pytorch_rounds(dt):
     """n = 1, h = 1: out = round(x + y) of two 2-byte values; their float sum often sits exactly half
     way between two 2-byte values (ties to even), and a large sum overflows to inf."""

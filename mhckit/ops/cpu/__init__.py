@@ -193,8 +193,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"mhc_sinkhorn_bwd_{suf}").argtypes = [p, i64, p, p, i64, i64, i32, i32, i32]
         getattr(lib, f"mhc_tail_fwd_{suf}").argtypes = [p, p, p, p, p, p, i64, i32, i32, i32]
         getattr(lib, f"mhc_tail_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, i64, i32, i32, i32]
-        getattr(lib, f"mhc_read_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, i64, i32, i64, i32]
     for suf in ("f32", "f64", *halves):  # the stream kernels (and HC's): also with 2-byte streams
+        getattr(lib, f"mhc_read_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, i64, i32, i64, i32]
         getattr(lib, f"mhc_hc_fwd_{suf}").argtypes = [p] * 9 + [ctypes.c_double] + [p] * 6 + [i64, i32, i64, i32]
         getattr(lib, f"mhc_hc_bwd_{suf}").argtypes = [p] * 24 + [i64, i32, i64, i32]
         getattr(lib, f"mhc_pre_fwd_{suf}").argtypes = [p, p, p, i64, i32, i64, i32]
@@ -454,12 +454,14 @@ def read_bwd(x: torch.Tensor, h_pre: torch.Tensor, h_res: torch.Tensor, gu, g, n
     """``(dx, dh_pre, dh_res)`` (None where not needed or without a gradient to make it from) of the read
     ``u = sum_j h_pre[j] x[j]`` joined by its write-back's stream gradient ``h_res^T g`` (``g`` the
     write-back's output gradient, or None; ``gu`` the read's, or None): one pass over the tokens.
-    float32 / float64 streams with coefficients of their dtype."""
+    float32 / float64 streams with coefficients of their dtype, or 2-byte streams with float32
+    coefficients (dx of the streams' dtype, dh_pre / dh_res of the coefficients')."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
-    x, hp, hr, gu, g = _c(x, dt), _c(h_pre, dt), _c(h_res, dt), _c(gu, dt), _c(g, dt)
+    cd = _COEF[dt]
+    x, hp, hr, gu, g = _c(x, dt), _c(h_pre, cd), _c(h_res, cd), _c(gu, dt), _c(g, dt)
     gx = torch.empty(x.shape, dtype=dt) if need_x else None
-    gp = torch.empty(x.shape[:-1], dtype=dt) if need_pre and gu is not None else None
-    gr = torch.empty(x.shape[:-1] + (n,), dtype=dt) if need_res and g is not None else None
+    gp = torch.empty(x.shape[:-1], dtype=cd) if need_pre and gu is not None else None
+    gr = torch.empty(x.shape[:-1] + (n,), dtype=cd) if need_res and g is not None else None
     _call("mhc_read_bwd", dt, _ptr(x), _ptr(hp), _ptr(hr), _ptr(gu), _ptr(g), _ptr(gx), _ptr(gp), _ptr(gr),
           _tokens(x), n, c, torch.get_num_threads())
     return gx, gp, gr

@@ -156,6 +156,27 @@ int HF(mhc_post_res_bwd)(const uint16_t *x, const uint16_t *y, const float *hp, 
     });
 }
 
+/* The read's backward joined by its write-back's (HC's static coefficients; see mhc_read_bwd_f32): half
+ * x, gu, g, gx; float32 coefficients and their gradients. x is only converted for the dots. */
+int HF(mhc_read_bwd)(const uint16_t *x, const float *h_pre, const float *h_res, const uint16_t *gu, const uint16_t *g,
+                     uint16_t *gx, float *gh_pre, float *gh_res, int64_t tokens, int n, int64_t C, int threads) {
+    if (n < 1 || n > MAXN || (gh_pre && !gu) || (gh_res && !g)) return 1;
+    const int64_t nC = n * C, cp = (C + 15) & ~(int64_t)15, np = (nC + 15) & ~(int64_t)15;
+    PER_TOKEN(cp + 3 * np, {
+        float *gub = buf, *xb = buf + cp, *gb = xb + np, *gxb = gb + np;
+        if (gh_pre || gh_res) CVT_IN(x + t * nC, xb, nC);
+        if (gu) CVT_IN(gu + t * C, gub, C);
+        if (g) CVT_IN(g + t * nC, gb, nC);
+        if (gh_pre) CALL_N(pre_bwd_tok_f32, n, xb, NULL, gub, NULL, gh_pre + t * n);
+        if (gh_res) CALL_N(post_res_dots_tok_f32, n, xb, NULL, gb, NULL, gh_res + t * n * n);
+        if (gx) {
+            CALL_N(coeffs_gx_tok_f32, n, xb, gu ? gub : NULL, g ? gb : NULL, h_pre + t * n, h_res + t * n * n, 0, 0,
+                   gxb);
+            CVT_OUT(gxb, gx + t * nC, nC);
+        }
+    });
+}
+
 /* ---- Hyper-Connections' dynamic coefficients with the read (mhc_hc_fwd / _bwd): half x, u, gu, g_out,
  * gx; parameters, coefficients and their gradients float32 ---- */
 
