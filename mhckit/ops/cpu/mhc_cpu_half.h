@@ -207,14 +207,9 @@ int HF(mhc_hc_fwd)(const uint16_t *x, const float *wp, const float *wq, const fl
     return err;
 }
 
-typedef struct {
-    const uint16_t *x, *gu, *g_out;
-    uint16_t *gx;
-} HF(hc_aux);
-
 /* one token: its stream rows converted into the thread's scratch (gu, x, g_out, gx rows on cache lines) */
 static void HF(hc_bwd_body)(const hc_bwd_ctx_f32 *c, int64_t t, float *mine, float *scratch, int n, int64_t C) {
-    const HF(hc_aux) *a = c->aux;
+    const HF(bwd_aux) *a = c->aux; /* the stream pointers, as the coefficient backward's */
     const int m = n + 2, nn = n * n;
     const int64_t nC = n * C, cp = (C + 15) & ~(int64_t)15, np = (nC + 15) & ~(int64_t)15;
     float *gub = scratch, *xb = scratch + cp, *gob = xb + np, *gxb = gob + np;
@@ -232,7 +227,7 @@ int HF(mhc_hc_bwd)(const uint16_t *x, const uint16_t *gu, const uint16_t *g_out,
                    const float *sa, const float *sb, const float *g_pre, const float *g_post, const float *g_res,
                    uint16_t *gx, float *dwp, float *dwq, float *dwr, float *dsp, float *dspo, float *dsr, float *dsa,
                    float *dsb, int64_t tokens, int n, int64_t C, int threads) {
-    const HF(hc_aux) a = {x, gu, g_out, gx};
+    const HF(bwd_aux) a = {x, gu, g_out, gx};
     hc_bwd_ctx_f32 c = {NULL, NULL, NULL, z, r, NULL, sp, sr, g_pre, g_post, g_res, NULL, 0, 0, &a};
     const int64_t cp = (C + 15) & ~(int64_t)15, np = ((int64_t)n * C + 15) & ~(int64_t)15;
     return hc_bwd_run_f32(&c, wp, wq, wr, sa, sb, dwp, dwq, dwr, dsp, dspo, dsr, dsa, dsb, tokens, n, C, threads,
