@@ -45,8 +45,8 @@ from .ops.autograd import (
     PreFunction,
     SinkhornFunction,
 )
-from .ops.carry import (CoeffsCarryFunction, HCCarryFunction, PostCarryFunction, ReadCarryFunction, carry_read,
-                         carry_write, pair_enabled)
+from .ops.carry import CoeffsCarryFunction, HCCarryFunction, PostCarryFunction, ReadCarryFunction, pair_enabled
+from .ops.carry_ops import carry_read, carry_write
 from .reference import DEFAULT_RMS_EPS
 
 __all__ = [
@@ -212,7 +212,7 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
                          f"compiling={torch.compiler.is_compiling()})")
     dt = torch.float32 if triton else cpu.coef_dtype(x.dtype)
     x = x if x.is_contiguous() else x.contiguous()
-    if torch.compiler.is_compiling():  # the same pair as custom ops (see mhckit/ops/carry.py)
+    if torch.compiler.is_compiling():  # the same pair as custom ops (see mhckit/ops/carry_ops.py)
         u, h_pre, h_post, h_res, _, _, carrier = carry_read(x, _as(phi, dt), _as(bias, dt), _as(alpha, dt), iters,
                                                             float(rms_eps), triton)
         return u, h_pre, h_post, h_res, carrier

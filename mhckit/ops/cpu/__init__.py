@@ -16,7 +16,7 @@ The library is compiled on first use with the system C compiler (``$CC``, else `
 and flags, and loaded with :mod:`ctypes`: no Python or torch headers, ~1 s to build. Without a
 compiler, or with ``MHCKIT_CPU_KERNELS=0``, mhckit uses its PyTorch ops instead (same results to
 rounding; tests check both). A ctypes call cannot be traced: under ``torch.compile`` mhckit's ops
-become ``torch.library`` custom ops that call these kernels at run time (``mhckit/ops/carry.py``,
+become ``torch.library`` custom ops that call these kernels at run time (``mhckit/ops/carry_ops.py``,
 ``mhckit/ops/triton_autograd.py``; :func:`built` and :func:`compile_streams_ok` answer at trace time).
 
 The build targets what PyTorch itself dispatches to on this CPU: AVX2 + FMA, and where PyTorch uses
@@ -39,20 +39,12 @@ so both paths agree to a unit in the last place of the 2-byte format.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
-from pathlib import Path
 
 import torch
 
 from ..._compile import constant_result
+from ._library import _STATE, ISAS, _isa, _isa_flags, _load, status  # noqa: F401 (_isa*: tests)
 
 __all__ = [
     "available", "enabled", "status", "disabled", "sinkhorn_fwd", "sinkhorn_bwd", "tail_fwd", "tail_bwd",
@@ -71,156 +63,6 @@ PERMUTATIONS = -1
 # streams unmixed (x_new[k] = x[k] + h_post[k] y).
 IDENTITY = -2
 MAX_PERMUTATION_STREAMS = 4
-_SOURCE = Path(__file__).with_name("mhc_cpu.c")
-_SOURCES = (_SOURCE, _SOURCE.with_name("mhc_cpu_impl.h"), _SOURCE.with_name("mhc_cpu_half.h"))
-_ABI = 9
-_LOCK = threading.Lock()
-_STATE: dict[str, object] = {}  # "lib": CDLL | None, "why": str | None, "path": str
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("MHCKIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mhckit"
-    )
-    return Path(base) / "kernels"
-
-
-def _compiler() -> str | None:
-    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cand and shutil.which(cand):
-            return shutil.which(cand)
-    return None
-
-
-_FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu99", "-fno-fast-math", "-Wno-psabi"]
-
-
-ISAS = ("avx512", "avx2", "generic")
-
-
-def _isa() -> str:
-    """The instruction set the kernels are built for: ``$MHCKIT_CPU_ISA`` if set (one of :data:`ISAS`;
-    it can only narrow what the CPU has), else what PyTorch itself dispatches to here."""
-    try:
-        cap = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "generic")
-    except Exception:  # older torch
-        cap = "generic"
-    want = os.environ.get("MHCKIT_CPU_ISA", "").strip().lower()
-    if not want:
-        return cap
-    if want not in ISAS:
-        raise ValueError(f"MHCKIT_CPU_ISA: got {want!r}; expected one of {', '.join(ISAS)} (or unset)")
-    return ISAS[max(ISAS.index(want), ISAS.index(cap))]  # never more than the CPU has
-
-
-def _isa_flags() -> list[str]:
-    """AVX2 + FMA (+ F16C, float16 conversions) where PyTorch itself dispatches to AVX2 or AVX-512,
-    plus AVX-512 F / VL for the float32 matmul blocks where it dispatches to AVX-512 (part of the
-    cache key)."""
-    isa = _isa()
-    return {"avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl"],
-            "avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}[isa]
-
-
-def _build(cc: str, out: Path) -> str | None:
-    """Compile to ``out`` (atomically); None on success, else the compiler's complaint."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for extra in (["-fopenmp"], []):  # OpenMP when the compiler has it
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        cmd = [cc, *_FLAGS, *_isa_flags(), *extra, str(_SOURCE), "-o", tmp, "-lm"]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            res = None
-            errors.append(f"{' '.join(cmd)}: {e}")
-        if res is not None and res.returncode == 0:
-            os.replace(tmp, out)  # atomic: concurrent builders each write their own temp file
-            return None
-        if res is not None:
-            errors.append(f"{' '.join(cmd)}: {res.stderr.strip()[-500:]}")
-        Path(tmp).unlink(missing_ok=True)
-    return "; ".join(errors)
-
-
-def _load() -> ctypes.CDLL | None:
-    if "lib" in _STATE:
-        return _STATE["lib"]  # type: ignore[return-value]
-    with _LOCK:
-        if "lib" in _STATE:
-            return _STATE["lib"]  # type: ignore[return-value]
-        lib, why = None, None
-        if os.environ.get("MHCKIT_CPU_KERNELS", "1") == "0":
-            why = "disabled by MHCKIT_CPU_KERNELS=0"
-        elif (cc := _compiler()) is None:
-            why = "no C compiler found (set CC, or install gcc / clang)"
-        else:
-            _STATE["isa"] = _isa()
-            key = hashlib.sha256(
-                b"".join(f.read_bytes() for f in _SOURCES) + " ".join([cc, *_FLAGS, *_isa_flags(), sys.platform]).encode()
-            ).hexdigest()[:16]
-            path = _cache_root() / key / "libmhc_cpu.so"
-            _STATE["path"] = str(path)
-            if not path.exists():
-                try:
-                    why = _build(cc, path)
-                except OSError as e:  # e.g. a read-only cache directory
-                    why = f"cannot build in {path.parent}: {e} (set MHCKIT_CACHE to a writable directory)"
-            if why is None:
-                try:
-                    lib = ctypes.CDLL(str(path))
-                    if lib.mhc_abi_version() != _ABI:
-                        why, lib = f"{path}: ABI {lib.mhc_abi_version()}, expected {_ABI}", None
-                except OSError as e:
-                    why = f"{path}: {e}"
-        if lib is not None:
-            _declare(lib)
-        elif not why.startswith("disabled"):
-            warnings.warn(f"mhckit: compiled CPU kernels unavailable ({why}); using PyTorch ops", stacklevel=3)
-        _STATE["lib"], _STATE["why"] = lib, why
-        return lib
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    formats = lib.mhc_half_formats()
-    halves = [suf for bit, suf in ((1, "bf16"), (2, "f16")) if formats & bit]
-    _STATE["halves"] = {dt for dt, suf in ((torch.bfloat16, "bf16"), (torch.float16, "f16")) if suf in halves}
-    _STATE["zmm"] = bool(lib.mhc_avx512_matmuls())
-    for suf in ("f32", "f64"):
-        getattr(lib, f"mhc_sinkhorn_fwd_{suf}").argtypes = [p, i64, p, i64, i32, i32, i32]
-        getattr(lib, f"mhc_sinkhorn_bwd_{suf}").argtypes = [p, i64, p, p, i64, i64, i32, i32, i32]
-        getattr(lib, f"mhc_tail_fwd_{suf}").argtypes = [p, p, p, p, p, p, i64, i32, i32, i32]
-        getattr(lib, f"mhc_tail_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, i64, i32, i32, i32]
-    for suf in ("f32", "f64", *halves):  # the stream kernels (and HC's): also with 2-byte streams
-        getattr(lib, f"mhc_read_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, i64, i32, i64, i32]
-        getattr(lib, f"mhc_hc_fwd_{suf}").argtypes = [p] * 9 + [ctypes.c_double] + [p] * 6 + [i64, i32, i64, i32]
-        getattr(lib, f"mhc_hc_bwd_{suf}").argtypes = [p] * 24 + [i64, i32, i64, i32]
-        getattr(lib, f"mhc_pre_fwd_{suf}").argtypes = [p, p, p, i64, i32, i64, i32]
-        getattr(lib, f"mhc_pre_bwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
-        getattr(lib, f"mhc_post_res_fwd_{suf}").argtypes = [p, p, p, p, p, i64, i32, i64, i32]
-        getattr(lib, f"mhc_post_res_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, p, i64, i32, i64, i32]
-        getattr(lib, f"mhc_coeffs_fwd_{suf}").argtypes = [p, p, p, p, p, ctypes.c_double, p, p, p, p, p, i64, i32,
-                                                          i64, i32, i32]
-        getattr(lib, f"mhc_coeffs_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i64,
-                                                          i32, i64, i32, i32]
-
-
-def status() -> dict[str, object]:
-    """``{"active": bool, "why": reason when inactive, "path": the library, "openmp": bool,
-    "half_streams": the 2-byte stream dtypes the library takes, "isa": what it was built for,
-    "avx512_matmuls": bool}``."""
-    lib = _load()
-    return {
-        "active": lib is not None,
-        "why": _STATE.get("why"),
-        "path": _STATE.get("path"),
-        "openmp": bool(lib.mhc_openmp()) if lib is not None else False,
-        "half_streams": sorted(str(d) for d in _STATE.get("halves", ())) if lib is not None else [],
-        "isa": _STATE.get("isa"),
-        "avx512_matmuls": bool(_STATE.get("zmm")) if lib is not None else False,
-    }
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -467,7 +309,7 @@ def read_bwd(x: torch.Tensor, h_pre: torch.Tensor, h_res: torch.Tensor, gu, g, n
     return gx, gp, gr
 
 
-# ---- Hyper-Connections' dynamic coefficients with the read (arXiv 2409.19606; see mhc_cpu_impl.h) ----
+# ---- Hyper-Connections' dynamic coefficients with the read (arXiv 2409.19606; see mhc_cpu_hc.h) ----
 
 
 def hc_fwd(x: torch.Tensor, w_pre: torch.Tensor, w_post: torch.Tensor, w_res: torch.Tensor, sp: torch.Tensor,
@@ -585,7 +427,7 @@ def _project_here(n: int, c: int, k: int, dt: torch.dtype) -> bool:
 def coeffs_fwd(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor, rms_eps: float,
                iters: int, with_u: bool):
     """``x [..., n, C]`` -> ``(h_pre [..., n], h_post [..., n], h_res [..., n, n] (None for IDENTITY), r [T, 1],
-    z [T, K], u [..., C] or None)`` with ``z = (v @ phi) / r``; see ``mhc_cpu_impl.h``."""
+    z [T, K], u [..., C] or None)`` with ``z = (v @ phi) / r``; see ``mhc_cpu_coeffs.h``."""
     lead, n, c, dt = x.shape[:-2], x.shape[-2], x.shape[-1], x.dtype
     cd = _COEF[dt]  # the coefficients' dtype; u is of the streams'
     x, bias, gates, phi = _c(x, dt), _c(bias, cd), _c(gates, cd), _c(phi, cd)  # kept referenced until the call returns
@@ -608,7 +450,7 @@ def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, phi: torch
     """``(gx [..., n, C] or None, dphi [nC, K] or None, dbias [K], dalpha [3])`` of the coefficients of
     ``x [..., n, C]`` (and, with ``gu``, of the read ``u``; with ``g_out`` [..., n, C], the output
     gradient of the write-back ``h_res x + h_post y``, of that write-back's ``x`` and ``h_res``); the
-    gradients are laid out as the forward's outputs; see ``mhc_cpu_impl.h``."""
+    gradients are laid out as the forward's outputs; see ``mhc_cpu_coeffs.h``."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
     k, cd = z.shape[-1], _COEF[dt]  # stream tensors of dt, the rest of cd
     x, z, r, phi, bias, gates = _c(x, dt), _c(z, cd), _c(r, cd), _c(phi, cd), _c(bias, cd), _c(gates, cd)

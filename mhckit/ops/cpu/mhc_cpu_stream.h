@@ -1,0 +1,315 @@
+/* Part of mhc_cpu_impl.h, instantiated once per floating type (T, FN, W, SB, ... as mhc_cpu.c and the parts before
+ * this one define them): the stream read (h_pre x) and write-back (h_res x + h_post y), per token, and their
+ * backward. */
+
+/* ---- stream read and write-back: x [T, n, C], y / u [T, C], coefficients [T, n] / [T, n, n] ---- */
+/* Per token, the C axis is walked in vectors of W values (one load of each x[j] chunk serves every
+ * output), with a scalar loop for the C % W rest. n = 4 gets a compile-time-n copy (see *_tok). */
+
+#define VLD(p) (*(const VT *)(p))
+#define VST(p, v) (*(VT *)(p) = (v))
+
+/* the W lanes of v summed in a fixed order */
+static inline T FN(hsum)(VT v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+/* s[i] = hsum(a[i]) for 8 vectors at once: three levels of pairwise shuffles and adds (21 vector
+ * operations instead of 8 horizontal sums). GCC has __builtin_shuffle, Clang __builtin_shufflevector. */
+#if defined(__clang__)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (IV){__VA_ARGS__})
+#endif
+static inline VT FN(reduce8)(const VT *a) {
+    VT b[4], c[2];
+    for (int i = 0; i < 4; i++) /* b[i][2m] = a[2i][2m] + a[2i][2m+1], b[i][2m+1] = the same for a[2i+1] */
+        b[i] = SHUF(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; i++) /* c[i][4h + r] = lanes 4h..4h+3 of a[4i + r] summed */
+        c[i] = SHUF(b[2 * i], b[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) + SHUF(b[2 * i], b[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUF(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+/* out[i] = hsum(a[i]) for i < count (count <= 8 * ceil(count / 8) vectors are read: pad with zeros) */
+static inline void FN(reduce_many)(VT *a, int count, T *out) {
+    for (int i = 0; i < count; i += 8) {
+        for (int p = count; p < i + 8; p++) a[p] = (VT){0};
+        const VT s = FN(reduce8)(a + i);
+        for (int l = 0; l < 8 && i + l < count; l++) out[i + l] = s[l];
+    }
+}
+
+/* dot product with W independent partial sums (vectorised without -ffast-math) */
+static inline T FN(dot)(const T *a, const T *b, int64_t C) {
+    VT acc = {0};
+    int64_t c = 0;
+    for (; c + W <= C; c += W) acc += VLD(a + c) * VLD(b + c);
+    T s = FN(hsum)(acc);
+    for (; c < C; c++) s += a[c] * b[c];
+    return s;
+}
+
+/* u[c] = sum_j h[j] x[j, c] */
+static inline __attribute__((always_inline)) void FN(pre_tok)(const T *restrict xt, const T *restrict h,
+                                                               T *restrict u, const int n, const int64_t C) {
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+        VT acc = h[0] * VLD(xt + c);
+        for (int j = 1; j < n; j++) acc += h[j] * VLD(xt + j * C + c);
+        VST(u + c, acc);
+    }
+    for (; c < C; c++) {
+        T acc = h[0] * xt[c];
+        for (int j = 1; j < n; j++) acc += h[j] * xt[j * C + c];
+        u[c] = acc;
+    }
+}
+
+/* gx[j, c] = h[j] gu[c] (if gx); gh[j] = <gu, x[j]> (if gh) */
+static inline __attribute__((always_inline)) void FN(pre_bwd_tok)(const T *restrict xt, const T *restrict h,
+                                                                   const T *restrict gu, T *restrict gx,
+                                                                   T *restrict gh, const int n, const int64_t C) {
+    VT acc[MAXN + 8];
+    for (int j = 0; j < n; j++) acc[j] = (VT){0};
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+        const VT g = VLD(gu + c);
+        for (int j = 0; j < n; j++) {
+            if (gx) VST(gx + j * C + c, h[j] * g);
+            if (gh) acc[j] += g * VLD(xt + j * C + c);
+        }
+    }
+    if (gh) {
+        FN(reduce_many)(acc, n, gh);
+        for (int j = 0; j < n; j++)
+            for (int64_t r = c; r < C; r++) gh[j] += gu[r] * xt[j * C + r];
+    }
+    if (gx)
+        for (int j = 0; j < n; j++)
+            for (int64_t r = c; r < C; r++) gx[j * C + r] = h[j] * gu[r];
+}
+
+/* out[k, c] = h_post[k] y[c] + sum_j h_res[k, j] x[j, c] */
+static inline __attribute__((always_inline)) void FN(post_res_tok)(const T *restrict xt, const T *restrict yt,
+                                                                    const T *restrict hp, const T *restrict hr,
+                                                                    T *restrict o, const int n, const int64_t C) {
+    int64_t c = 0;
+    if (!hr) { /* h_res = I: x[k] + h_post[k] y (a loop of its own: the general one below keeps its code) */
+        for (int k = 0; k < n; k++) {
+            for (c = 0; c + W <= C; c += W) VST(o + k * C + c, hp[k] * VLD(yt + c) + VLD(xt + k * C + c));
+            for (; c < C; c++) o[k * C + c] = hp[k] * yt[c] + xt[k * C + c];
+        }
+        return;
+    }
+    for (; c + W <= C; c += W) {
+        VT xv[MAXN];
+        for (int j = 0; j < n; j++) xv[j] = VLD(xt + j * C + c);
+        const VT yv = VLD(yt + c);
+        for (int k = 0; k < n; k++) {
+            VT acc = hp[k] * yv;
+            for (int j = 0; j < n; j++) acc += hr[k * n + j] * xv[j];
+            VST(o + k * C + c, acc);
+        }
+    }
+    for (; c < C; c++)
+        for (int k = 0; k < n; k++) {
+            T acc = hp[k] * yt[c];
+            for (int j = 0; j < n; j++) acc += hr[k * n + j] * xt[j * C + c];
+            o[k * C + c] = acc;
+        }
+}
+
+/* gx[j] = sum_k h_res[k, j] g[k]; gy = sum_k h_post[k] g[k]  (each if not NULL) */
+static inline __attribute__((always_inline)) void FN(post_res_bwd_tok)(const T *restrict hp, const T *restrict hr,
+                                                                        const T *restrict gt, T *restrict gx,
+                                                                        T *restrict gy, const int n, const int64_t C) {
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+        VT gv[MAXN] = {{0}};
+        for (int k = 0; k < n; k++) gv[k] = VLD(gt + k * C + c);
+        if (gx)
+            for (int j = 0; j < n; j++) {
+                VT acc = hr[j] * gv[0];
+                for (int k = 1; k < n; k++) acc += hr[k * n + j] * gv[k];
+                VST(gx + j * C + c, acc);
+            }
+        if (gy) {
+            VT acc = hp[0] * gv[0];
+            for (int k = 1; k < n; k++) acc += hp[k] * gv[k];
+            VST(gy + c, acc);
+        }
+    }
+    for (; c < C; c++) {
+        if (gx)
+            for (int j = 0; j < n; j++) {
+                T acc = hr[j] * gt[c];
+                for (int k = 1; k < n; k++) acc += hr[k * n + j] * gt[k * C + c];
+                gx[j * C + c] = acc;
+            }
+        if (gy) {
+            T acc = hp[0] * gt[c];
+            for (int k = 1; k < n; k++) acc += hp[k] * gt[k * C + c];
+            gy[c] = acc;
+        }
+    }
+}
+
+/* gpost[k] = <g[k], y>; gres[k, j] = <g[k], x[j]> (row stride nx) for the n rows of g and nx <= MAXN + 2
+ * columns x[j] (ld C), with nx and hasy (gpost) known at compile time: one sweep over C per group of ks
+ * rows of g, the ks * m partial-sum vectors held in
+ * registers (m = nx + hasy columns: x[0..nx), then y; ks * m <= 12), then reduced together
+ * (FN(reduce_many)). Each dot sums its W lanes in the order of c, so the result does not depend on ks.
+ * (A runtime m left the partial sums in memory, one store-to-load chain per FMA: the write-back's
+ * backward took ~3x the time of its forward.) */
+static inline __attribute__((always_inline)) void FN(dots_tok)(const T *restrict xt, const T *restrict yt,
+                                                                const T *restrict gt, T *restrict gpost,
+                                                                T *restrict gres, const int n, const int64_t C,
+                                                                const int nx, const int hasy) {
+    const int m = nx + hasy;
+    const int ks = m * 4 <= 12 ? 4 : m * 2 <= 12 ? 2 : 1;
+    VT acc[MAXN * (MAXN + 3) + 8];
+    T sums[MAXN * (MAXN + 3)] ALIGNED;
+    const int64_t c0 = C - C % W;
+    for (int k0 = 0; k0 < n; k0 += ks) {
+        const int kn = n - k0 < ks ? n - k0 : ks;
+        VT a[4][MAXN + 3];
+        for (int q = 0; q < ks; q++)
+            for (int j = 0; j < m; j++) a[q][j] = (VT){0};
+        for (int64_t c = 0; c < c0; c += W) {
+            VT g[4];
+            for (int q = 0; q < ks; q++) g[q] = q < kn ? VLD(gt + (k0 + q) * C + c) : (VT){0};
+            for (int j = 0; j < m; j++) {
+                const VT v = j < nx ? VLD(xt + j * C + c) : VLD(yt + c);
+                for (int q = 0; q < ks; q++) a[q][j] += g[q] * v;
+            }
+        }
+        for (int q = 0; q < kn; q++)
+            for (int j = 0; j < m; j++) acc[(k0 + q) * m + j] = a[q][j];
+    }
+    FN(reduce_many)(acc, n * m, sums);
+    for (int k = 0; k < n; k++)
+        for (int j = 0; j < m; j++) {
+            const T *gk = gt + k * C, *v = j < nx ? xt + j * C : yt;
+            T s = sums[k * m + j];
+            for (int64_t r = c0; r < C; r++) s += gk[r] * v[r];
+            if (j < nx) gres[k * nx + j] = s;
+            else gpost[k] = s;
+        }
+}
+
+/* gpost[k] = <g[k], y>; gres[k, j] = <g[k], x[j]>  (each if not NULL; x / y are only read for the
+ * dots asked for) */
+static inline __attribute__((always_inline)) void FN(post_res_dots_tok)(const T *restrict xt, const T *restrict yt,
+                                                                         const T *restrict gt, T *restrict gpost,
+                                                                         T *restrict gres, const int n,
+                                                                         const int64_t C) {
+    if (gres && gpost) FN(dots_tok)(xt, yt, gt, gpost, gres, n, C, n, 1);
+    else if (gres) FN(dots_tok)(xt, NULL, gt, NULL, gres, n, C, n, 0);
+    else if (gpost) FN(dots_tok)(NULL, yt, gt, gpost, NULL, n, C, 0, 1);
+}
+
+/* The stream gradient of the coefficient backward, one token (gu, g may be NULL; hr NULL: h_res = I):
+ *     gx[j] = x[j] coef + h_pre[j] gu + sum_k h_res[k, j] g[k]
+ * (norm term, the read's term and, with g = the write-back's output gradient, its dx); withx 0 (a
+ * compile-time constant at the call) leaves the norm term out (x is then not read: no 0 * inf). */
+static inline __attribute__((always_inline)) void FN(coeffs_gx_tok)(const T *restrict xt, const T *restrict gut,
+                                                                     const T *restrict got, const T *restrict hp,
+                                                                     const T *restrict hr, const T coef,
+                                                                     const int withx, T *restrict gx, const int n,
+                                                                     const int64_t C) {
+    int64_t c = 0;
+    if (got && !hr) { /* h_res = I: g[j] itself (a loop of its own: the general one below keeps its code) */
+        for (int j = 0; j < n; j++) {
+            for (c = 0; c + W <= C; c += W) {
+                VT acc = withx ? VLD(xt + j * C + c) * coef : (VT){0};
+                if (gut) acc += hp[j] * VLD(gut + c);
+                VST(gx + j * C + c, acc + VLD(got + j * C + c));
+            }
+            for (; c < C; c++) {
+                T acc = withx ? xt[j * C + c] * coef : 0;
+                if (gut) acc += hp[j] * gut[c];
+                gx[j * C + c] = acc + got[j * C + c];
+            }
+        }
+        return;
+    }
+    for (; c + W <= C; c += W) {
+        VT gv[MAXN] = {{0}};
+        if (got)
+            for (int k = 0; k < n; k++) gv[k] = VLD(got + k * C + c);
+        const VT u = gut ? VLD(gut + c) : (VT){0};
+        for (int j = 0; j < n; j++) {
+            VT acc = withx ? VLD(xt + j * C + c) * coef : (VT){0};
+            if (gut) acc += hp[j] * u;
+            if (got)
+                for (int k = 0; k < n; k++) acc += hr[k * n + j] * gv[k];
+            VST(gx + j * C + c, acc);
+        }
+    }
+    for (; c < C; c++)
+        for (int j = 0; j < n; j++) {
+            T acc = withx ? xt[j * C + c] * coef : 0;
+            if (gut) acc += hp[j] * gut[c];
+            if (got)
+                for (int k = 0; k < n; k++) acc += hr[k * n + j] * got[k * C + c];
+            gx[j * C + c] = acc;
+        }
+}
+
+
+int FN(mhc_pre_fwd)(const T *x, const T *h, T *u, int64_t tokens, int n, int64_t C, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; t++) CALL_N(FN(pre_tok), n, x + t * n * C, h + t * n, u + t * C);
+    return 0;
+}
+
+/* The read's backward joined by its write-back's (HyperConnection's pair around coefficients computed
+ * elsewhere, e.g. HC's), one pass over the tokens: with g the write-back's output gradient,
+ *     gx[j] = h_pre[j] gu + sum_k h_res[k, j] g[k],  gh_pre[j] = <gu, x[j]>,  gh_res[k, j] = <g[k], x[j]>
+ * (gu or g NULL: no term from it; an output NULL: not computed; gh_pre needs gu, gh_res needs g). */
+int FN(mhc_read_bwd)(const T *x, const T *h_pre, const T *h_res, const T *gu, const T *g, T *gx, T *gh_pre,
+                     T *gh_res, int64_t tokens, int n, int64_t C, int threads) {
+    if (n < 1 || n > MAXN || (gh_pre && !gu) || (gh_res && !g)) return 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; t++) {
+        const T *xt = x + t * n * C, *gut = gu ? gu + t * C : NULL, *gt = g ? g + t * n * C : NULL;
+        if (gh_pre) CALL_N(FN(pre_bwd_tok), n, xt, NULL, gut, NULL, gh_pre + t * n);
+        if (gh_res) CALL_N(FN(post_res_dots_tok), n, xt, NULL, gt, NULL, gh_res + t * n * n);
+        if (gx) CALL_N(FN(coeffs_gx_tok), n, xt, gut, gt, h_pre + t * n, h_res + t * n * n, 0, 0, gx + t * n * C);
+    }
+    return 0;
+}
+
+int FN(mhc_pre_bwd)(const T *x, const T *h, const T *gu, T *gx, T *gh, int64_t tokens, int n, int64_t C, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; t++)
+        CALL_N(FN(pre_bwd_tok), n, x + t * n * C, h ? h + t * n : NULL, gu + t * C, gx ? gx + t * n * C : NULL,
+               gh ? gh + t * n : NULL);
+    return 0;
+}
+
+int FN(mhc_post_res_fwd)(const T *x, const T *y, const T *hp, const T *hr, T *out, int64_t tokens, int n, int64_t C,
+                         int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; t++) {
+        if (t + PF_TOKENS < tokens) {
+            mhc_prefetch(x + (t + PF_TOKENS) * n * C, sizeof(T) * n * C);
+            mhc_prefetch_w(out + (t + PF_TOKENS) * n * C, sizeof(T) * n * C);
+        }
+        CALL_N(FN(post_res_tok), n, x + t * n * C, y + t * C, hp + t * n, hr ? hr + t * n * n : NULL, out + t * n * C);
+    }
+    return 0;
+}
+
+int FN(mhc_post_res_bwd)(const T *x, const T *y, const T *hp, const T *hr, const T *g, T *gx, T *gy, T *gpost, T *gres,
+                         int64_t tokens, int n, int64_t C, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tokens; t++) {
+        const T *gt = g + t * n * C;
+        if (gx || gy)
+            CALL_N(FN(post_res_bwd_tok), n, hp + t * n, gx ? hr + t * n * n : NULL, gt, gx ? gx + t * n * C : NULL,
+                   gy ? gy + t * C : NULL);
+        if (gpost || gres)
+            CALL_N(FN(post_res_dots_tok), n, gres ? x + t * n * C : NULL, gpost ? y + t * C : NULL, gt,
+                   gpost ? gpost + t * n : NULL, gres ? gres + t * n * n : NULL);
+    }
+    return 0;
+}
