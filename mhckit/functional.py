@@ -46,7 +46,7 @@ from .ops.autograd import (
     SinkhornFunction,
 )
 from .ops.carry import CoeffsCarryFunction, HCCarryFunction, PostCarryFunction, ReadCarryFunction, pair_enabled
-from .ops.carry_ops import carry_read, carry_write
+from .ops.carry_ops import carry_hc_read, carry_read, carry_write
 from .reference import DEFAULT_RMS_EPS
 
 __all__ = [
@@ -223,19 +223,25 @@ def _as(t: Tensor, dt: torch.dtype) -> Tensor:
     return t if t.dtype is dt else t.to(dt)
 
 
-def _hc_carry_mode(x: Tensor, tensors: tuple[Tensor, ...], backend: str) -> bool:
+def _hc_carry_mode(x: Tensor, tensors: tuple[Tensor, ...], backend: str, *, traced: bool = False) -> bool:
     """Whether Hyper-Connections' pair runs on the C kernels: its dynamic coefficients with the read
-    (:func:`_hc_read_carry`, ``tensors`` its parameters) or the read of coefficients computed elsewhere
-    (:func:`_mhc_read_external`, ``tensors`` = ``(h_pre, h_res)``). Eager, the ``torch`` backend on the
-    CPU with the kernels on, float32 / float64 streams with ``tensors`` of their dtype, or bfloat16 /
-    float16 streams with ``tensors`` of any float dtype but float64 (cast to float32, as mHC's
-    coefficients), n <= 8, the pair not switched off."""
-    if not (pair_enabled() and x.is_cpu and backend in ("auto", "torch") and not torch.compiler.is_compiling()):
+    (:func:`_hc_read_carry`, ``tensors`` its parameters; ``traced=True``: also while ``torch.compile``
+    traces, as the custom ops of :mod:`mhckit.ops.carry_ops`) or, eager only, the read of coefficients
+    computed elsewhere (:func:`_mhc_read_external`, ``tensors`` = ``(h_pre, h_res)``). The ``torch``
+    backend on the CPU with the kernels on (or built, while tracing), float32 / float64 streams with
+    ``tensors`` of their dtype, or bfloat16 / float16 streams with ``tensors`` of any float dtype but
+    float64 (cast to float32, as mHC's coefficients), n <= 8, the pair not switched off."""
+    if not (pair_enabled() and x.is_cpu and backend in ("auto", "torch")):
+        return False
+    compiling = torch.compiler.is_compiling()
+    if compiling and not traced:
         return False
     if x.dtype in (torch.float32, torch.float64):
         ok = all(t.dtype is x.dtype and t.is_cpu for t in tensors)
     else:
         ok = all(t.is_cpu and t.is_floating_point() and t.dtype is not torch.float64 for t in tensors)
+    if compiling:
+        return ok and x.shape[-2] <= cpu.MAX_STREAMS and _compile_cpu(x) and cpu.compile_streams_ok(x.dtype)
     return ok and cpu.streams_available(x, n=x.shape[-2])
 
 
@@ -256,12 +262,17 @@ def _mhc_read_external(x: Tensor, h_pre: Tensor, h_res: Tensor) -> tuple[Tensor,
 def _hc_read_carry(x: Tensor, static_pre: Tensor, static_post: Tensor, static_res: Tensor, w_pre: Tensor,
                    w_post: Tensor, w_res: Tensor, scale_alpha: Tensor, scale_beta: Tensor, *, norm_eps: float):
     """``(u, h_pre, h_post, h_res, carrier)``: :func:`hc_coeffs` (dynamic) and :func:`mhc_pre` on the C
-    kernels (:class:`mhckit.ops.carry.HCCarryFunction`), whose write-back takes the carrier through
-    :func:`_mhc_write_carry`. Only where :func:`_hc_carry_mode` says."""
+    kernels (:class:`mhckit.ops.carry.HCCarryFunction`; while ``torch.compile`` traces, the custom op
+    ``mhckit::carry_hc_read``), whose write-back takes the carrier through :func:`_mhc_write_carry`.
+    Only where :func:`_hc_carry_mode` says."""
     _check_hc_shapes(x, static_pre, static_post, static_res, w_pre, w_post, w_res, (scale_alpha, scale_beta))
     dt = cpu.coef_dtype(x.dtype)  # float32 for 2-byte streams (a cast autograd takes back), else x's dtype
     params = [_as(t, dt) for t in (static_pre, static_post, static_res, w_pre, w_post, w_res, scale_alpha, scale_beta)]
-    return HCCarryFunction.apply(x if x.is_contiguous() else x.contiguous(), *params, float(norm_eps))
+    x = x if x.is_contiguous() else x.contiguous()
+    if torch.compiler.is_compiling():  # the same pair as custom ops (see mhckit/ops/carry_ops.py)
+        u, h_pre, h_post, h_res, _, _, carrier = carry_hc_read(x, *params, float(norm_eps))
+        return u, h_pre, h_post, h_res, carrier
+    return HCCarryFunction.apply(x, *params, float(norm_eps))
 
 
 @finite_checked("x", "x", "y", "h_post", "h_res", outputs="x_new", op="mhc_post_res")  # the carrier is x

@@ -166,14 +166,15 @@ class HCCoefficients(nn.Module):
 
     def read_carry(self, x: Tensor):
         """``(u, h_pre, h_post, h_res, carrier, False)`` when the dynamic coefficients and the read run on
-        the compiled CPU kernels (one call each way; the write-back then takes ``carrier`` and its stream
-        gradient joins the coefficient backward, see :mod:`mhckit.ops.carry`), else None."""
+        the compiled CPU kernels (one call each way, eager or as custom ops under ``torch.compile``; the
+        write-back then takes ``carrier`` and its stream gradient joins the coefficient backward, see
+        :mod:`mhckit.ops.carry`), else None."""
         cfg = self.cfg
         if not cfg.hc_dynamic:
             return None
         params = (self.static_pre, self.static_post, self.static_res, self.w_pre, self.w_post, self.w_res,
                   self.scale_alpha, self.scale_beta)
-        if not F._hc_carry_mode(x, params, cfg.backend):
+        if not F._hc_carry_mode(x, params, cfg.backend, traced=True):
             return None
         return (*F._hc_read_carry(x, *params, norm_eps=cfg.rms_eps), False)
 

@@ -1,5 +1,6 @@
 """The fused pair of :mod:`mhckit.ops.carry` as ``torch.library`` custom ops, for ``torch.compile``
-(``mhckit::carry_read``, ``mhckit::carry_write`` and their backward ops): :class:`mhckit.HyperConnection`
+(``mhckit::carry_read``, ``mhckit::carry_write`` and their backward ops; ``mhckit::carry_hc_read`` for
+dynamic Hyper-Connections, with the same write-back): :class:`mhckit.HyperConnection`
 calls them (through :mod:`mhckit.functional`) while ``torch.compile`` traces, the autograd Functions of
 :mod:`mhckit.ops.carry` otherwise.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import cpu
 from .carry import _read, _read_backward, _triton_write_backward, _write, _write_backward
 from .triton_autograd import _like
 
@@ -121,3 +123,118 @@ def _carry_write_grad(ctx, g):
 
 
 carry_write.register_autograd(_carry_write_grad, setup_context=_carry_write_setup)
+
+
+# ---- dynamic Hyper-Connections' read (HCCarryFunction's C calls) as custom ops ---------------------
+
+
+def _hc_read(x, sp, spo, sr, wp, wq, wr, sa, sb, eps: float):
+    """``(u, h_pre, h_post, h_res, r [T, n], z [T, n, n + 2])`` as :func:`mhckit.ops.cpu.hc_fwd` makes them;
+    with the kernels switched off at run time, the same values in PyTorch ops (the reference's
+    coefficients and read; ``r`` and ``z``, the per-stream RMS and the projections before tanh, which
+    the kernels' backward reads, in the kernels' definition)."""
+    if cpu.enabled():
+        u, h_pre, h_post, h_res, z, r = cpu.hc_fwd(x, wp, wq, wr, sp, spo, sr, sa, sb, eps)
+        return u, h_pre, h_post, h_res, r, z
+    from .. import reference
+
+    n, c, cd = x.shape[-2], x.shape[-1], sp.dtype
+    h_pre, h_post, h_res = reference.hc_coeffs(x, sp, spo, sr, wp, wq, wr, sa, sb, norm_eps=eps)
+    xs = x.to(cd).reshape(-1, n, c)
+    r = reference.rms(xs, eps)  # [T, n, 1]
+    z = (xs @ torch.cat([wp.unsqueeze(-1), wq.unsqueeze(-1), wr], dim=-1)) / r  # [T, n, n + 2]
+    return reference.mhc_pre(x, h_pre.to(cd)).to(x.dtype), h_pre, h_post, h_res, r.reshape(-1, n), z
+
+
+@torch.library.custom_op("mhckit::carry_hc_read", mutates_args=())
+def carry_hc_read(
+    x: Tensor, sp: Tensor, spo: Tensor, sr: Tensor, wp: Tensor, wq: Tensor, wr: Tensor, sa: Tensor, sb: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(u, h_pre, h_post, h_res, r [T, n], z [T, n, n + 2], carrier)`` of dynamic HC
+    (:class:`mhckit.ops.carry.HCCarryFunction`'s forward); x contiguous streams ``[..., n, C]``, the
+    parameters of the kernels' coefficient dtype (the caller casts). Its write-back is
+    :func:`carry_write`, whose output gradient reaches :func:`carry_hc_read_backward` along the carrier."""
+    return *_hc_read(x, sp, spo, sr, wp, wq, wr, sa, sb, eps), x.new_zeros(()).expand(x.shape)
+
+
+@carry_hc_read.register_fake
+def _(x, sp, spo, sr, wp, wq, wr, sa, sb, eps):
+    lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+    t, cd = x.numel() // (n * c), sp.dtype
+    e = lambda *shape: x.new_empty(shape, dtype=cd)  # noqa: E731
+    return (x.new_empty(lead + (c,)), e(*lead, n), e(*lead, n), e(*lead, n, n), e(t, n), e(t, n, n + 2),
+            x.new_empty(()).expand(x.shape))
+
+
+@torch.library.custom_op("mhckit::carry_hc_read_backward", mutates_args=())
+def carry_hc_read_backward(
+    x: Tensor, r: Tensor, z: Tensor, sp: Tensor, spo: Tensor, sr: Tensor, wp: Tensor, wq: Tensor, wr: Tensor,
+    sa: Tensor, sb: Tensor, g_u: Tensor | None, g_pre: Tensor | None, g_post: Tensor | None, g_res: Tensor | None,
+    g_out: Tensor | None, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The gradients of ``(x, sp, spo, sr, wp, wq, wr, sa, sb)`` (all of them: a custom op returns
+    tensors; zeros where no gradient reaches, e.g. with the kernels switched off)."""
+    if cpu.enabled():
+        gx, dwp, dwq, dwr, dsp, dspo, dsr, dsa, dsb = cpu.hc_bwd(x, g_u, g_out, z, r, wp, wq, wr, sp, sr, sa, sb,
+                                                                 g_pre, g_post, g_res, True)
+        return gx, dsp, dspo, dsr, dwp, dwq, dwr, dsa, dsb
+    return _hc_backward_torch(x, r, z, sp, sr, wp, wq, wr, sa, sb, g_u, g_pre, g_post, g_res, g_out)
+
+
+def _hc_backward_torch(x, r, z, sp, sr, wp, wq, wr, sa, sb, g_u, g_pre, g_post, g_res, g_out):
+    """:func:`carry_hc_read_backward` in PyTorch ops (the kernels switched off at run time; autograd does
+    not record inside a custom op, so the chain rule is written out, as in ``mhc_cpu_hc.h``): with
+    ``t = tanh(z)``, ``dh_pre[j] = g_pre[j] + <g_u, x_j>``, ``dh_res[k, j] = g_res[k, j] + <g_out[k], x_j>``,
+    ``dz = (1 - t^2) * (sa dh_pre | sb g_post | sa dh_res^T)``; then :class:`HCDynamicFunction`'s
+    backward for ``z = (x @ W) / r`` plus the read's and the write-back's ``dx``."""
+    n, c, cd = x.shape[-2], x.shape[-1], sp.dtype
+    xs = x.to(cd).reshape(-1, n, c)  # [T, n, C]
+    t = torch.tanh(z)  # [T, n, n + 2]
+    zeros = xs.new_zeros(xs.shape[0], n)
+    dpre = zeros if g_pre is None else g_pre.reshape(-1, n).to(cd)
+    if g_u is not None:
+        dpre = dpre + (xs * g_u.reshape(-1, 1, c).to(cd)).sum(-1)
+    dpost = zeros if g_post is None else g_post.reshape(-1, n).to(cd)
+    dres = xs.new_zeros(xs.shape[0], n, n) if g_res is None else g_res.reshape(-1, n, n).to(cd)  # [T, k, j]
+    if g_out is not None:
+        dres = dres + g_out.reshape(-1, n, c).to(cd) @ xs.transpose(-1, -2)
+    dt = torch.cat([(sa * dpre).unsqueeze(-1), (sb * dpost).unsqueeze(-1), sa * dres.transpose(-1, -2)], -1)
+    dsa = (t[..., 0] * dpre).sum() + (t[..., 2:] * dres.transpose(-1, -2)).sum()
+    dsb = (t[..., 1] * dpost).sum()
+    gz = dt * (1 - t * t)  # [T, n, n + 2]
+    rr = r.reshape(-1, n, 1)
+    gzr = gz / rr
+    w = torch.cat([wp.unsqueeze(-1), wq.unsqueeze(-1), wr], dim=-1)  # [C, n + 2]
+    dwt = gzr.reshape(-1, n + 2).t() @ xs.reshape(-1, c)  # [n + 2, C]: dW^T
+    gx = gzr @ w.t() + xs * ((gz * z).sum(-1, keepdim=True) / (-c * rr * rr))
+    h_pre = sp + sa * t[..., 0]  # [T, n]
+    h_res = sr + sa * t[..., 2:]  # [T, j, k]: h_res[k, j] transposed
+    if g_u is not None:
+        gx = gx + h_pre.unsqueeze(-1) * g_u.reshape(-1, 1, c).to(cd)
+    if g_out is not None:
+        gx = gx + h_res @ g_out.reshape(-1, n, c).to(cd)  # sum_k h_res[k, j] g_out[k]
+    return (gx.reshape(x.shape).to(x.dtype), dpre.sum(0), dpost.sum(0), dres.sum(0).t().contiguous(),
+            dwt[0].clone(), dwt[1].clone(), dwt[2:].t().contiguous(), dsa.reshape(sa.shape),  # no two alias
+            dsb.reshape(sb.shape))
+
+
+@carry_hc_read_backward.register_fake
+def _(x, r, z, sp, spo, sr, wp, wq, wr, sa, sb, g_u, g_pre, g_post, g_res, g_out, eps):
+    return tuple(_like(t) for t in (x, sp, spo, sr, wp, wq, wr, sa, sb))
+
+
+def _carry_hc_read_setup(ctx, inputs, output):
+    *params, eps = inputs
+    ctx.save_for_backward(*params, output[4], output[5])
+    ctx.eps = eps
+
+
+def _carry_hc_read_grad(ctx, g_u, g_pre, g_post, g_res, _g_r, _g_z, g_out):
+    x, sp, spo, sr, wp, wq, wr, sa, sb, r, z = ctx.saved_tensors
+    grads = carry_hc_read_backward(x, r, z, sp, spo, sr, wp, wq, wr, sa, sb, g_u, g_pre, g_post, g_res, g_out,
+                                   ctx.eps)
+    return *grads, None
+
+
+carry_hc_read.register_autograd(_carry_hc_read_grad, setup_context=_carry_hc_read_setup)

@@ -4,7 +4,8 @@ write-back's dx and dh_res in the same backward pass). Static HC: the read of it
 (ReadCarryFunction) carries the write-back's output gradient and one pass makes both stream gradients
 (mhckit.ops.cpu.read_bwd). Checked against the separate ops and mhckit.reference, every gradient;
 dynamic HC also with bf16 / fp16 streams (the half kernels; tests/ops/test_cpu_half.py checks them
-bitwise against the float32 kernels)."""
+bitwise against the float32 kernels), and under torch.compile as the custom ops mhckit::carry_hc_read /
+carry_write (their PyTorch path, for the kernels switched off at run time, against the kernels)."""
 
 from __future__ import annotations
 
@@ -249,3 +250,89 @@ def test_hc_pair_with_one_coefficient_differentiated(used):
     for a, b in zip(fast, ref):
         if a is not None:
             _close(a, b, torch.float64)
+
+
+def _hc_gpt(dt, dynamic=True):
+    from mhckit import MHCConfig
+    from mhckit.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    hc = MHCConfig(variant="hc", hc_dynamic=dynamic)
+    m = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32, hc=hc))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m.to(dt)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64, torch.bfloat16])
+def test_compiled_dynamic_hc_gpt_runs_the_pair_as_custom_ops(dt, kernel_calls):
+    """Under torch.compile dynamic HC's read is mhckit::carry_hc_read (the C calls of HCCarryFunction)
+    and its write-back mhckit::carry_write, one graph without breaks; the compiled step calls the same
+    kernels as eager and gives bitwise its loss and gradients. Static HC keeps its separate ops."""
+    import re
+
+    import torch._dynamo as dynamo
+
+    tok = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    dynamo.reset()
+    explained = dynamo.explain(_hc_gpt(dt))(tok[:, :-1], tok[:, 1:])
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    assert set(re.findall(r"torch\.ops\.mhckit\.(\w+)", explained.graphs[0].code)) == {"carry_hc_read", "carry_write"}
+    dynamo.reset()
+    static = dynamo.explain(_hc_gpt(dt, dynamic=False))(tok[:, :-1], tok[:, 1:]).graphs[0].code
+    assert "carry_hc_read" not in static and "carry_write" not in static
+
+    dynamo.reset()
+    model, eager = _hc_gpt(dt), _hc_gpt(dt)
+    kernel_calls.clear()
+    _, loss_c = torch.compile(model, fullgraph=True, backend="aot_eager")(tok[:, :-1], tok[:, 1:])
+    loss_c.backward()
+    compiled_calls = sorted({name for name, _ in kernel_calls})
+    assert compiled_calls == sorted(DYNAMIC), compiled_calls
+    _, loss_e = eager(tok[:, :-1], tok[:, 1:])
+    loss_e.backward()
+    assert torch.equal(loss_c, loss_e)
+    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
+def test_compiled_dynamic_hc_with_the_kernels_switched_off_at_run_time():
+    """Traced with the kernels built, run inside cpu.disabled(): the custom ops do the same sums in
+    PyTorch ops (the chain rule written out in carry_ops._hc_backward_torch), as eager without kernels."""
+    from tests.conftest import compiled_step_matches_eager
+
+    tok = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    with cpu.disabled():
+        compiled_step_matches_eager(_hc_gpt(torch.float64), _hc_gpt(torch.float64), tok, atol=1e-12)
+
+
+@pytest.mark.parametrize("none", [(), ("g_u",), ("g_pre", "g_res"), ("g_out",), ("g_u", "g_pre", "g_post", "g_out")])
+@pytest.mark.parametrize("n,c", [(1, 7), (3, 13), (4, 64), (8, 20)])
+def test_hc_custom_ops_pytorch_path_matches_the_kernels(n, c, none):
+    """The custom ops' PyTorch path (kernels off at run time) against the kernels in float64, forward
+    (u, the coefficients, and r, z, which the kernels' backward reads) and every gradient, with any of
+    the incoming gradients absent."""
+    from mhckit.ops import carry_ops
+
+    gen = torch.Generator().manual_seed(n * 7 + c)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = r(5, 3, n, c)
+    sp, spo, sr, wp, wq, wr, sa, sb = r(n), r(n), r(n, n), r(c), r(c), r(c, n), r(()).abs() + 0.5, r(()).abs() + 0.5
+    args = (x, sp, spo, sr, wp, wq, wr, sa, sb, 1e-6)
+    fast = carry_ops._hc_read(*args)
+    with cpu.disabled():
+        slow = carry_ops._hc_read(*args)
+    for a, b in zip(fast, slow):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    _, _, _, _, rr, z = fast
+    grads = {"g_u": r(5, 3, c), "g_pre": r(5, 3, n), "g_post": r(5, 3, n), "g_res": r(5, 3, n, n), "g_out": r(5, 3, n, c)}
+    grads = {k: (None if k in none else v) for k, v in grads.items()}
+    bwd = (x, rr, z, sp, spo, sr, wp, wq, wr, sa, sb, *grads.values(), 1e-6)
+    fast = carry_ops.carry_hc_read_backward(*bwd)
+    with cpu.disabled():
+        slow = carry_ops.carry_hc_read_backward(*bwd)
+    for a, b, p in zip(fast, slow, (x, sp, spo, sr, wp, wq, wr, sa, sb)):
+        assert a.shape == b.shape == p.shape
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
