@@ -189,7 +189,7 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
     ``"triton"``; x: streams [..., n, C]). ``iters = cpu.PERMUTATIONS``: mHC-lite's permutation mixture
     for ``h_res`` (``n! `` logits, n <= ``cpu.MAX_PERMUTATION_STREAMS``; the C kernels only) instead of
     the Sinkhorn projection; ``iters = cpu.IDENTITY``: the identity variant (no logits for ``h_res``,
-    which comes back as None; the C kernels, eager only)."""
+    which comes back as None; the C kernels, eager or as the custom ops)."""
     n, c = x.shape[-2], x.shape[-1]
     perms = type(iters) is int and iters == cpu.PERMUTATIONS
     ident = type(iters) is int and iters == cpu.IDENTITY
@@ -207,15 +207,14 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
     if perms and (triton or n > cpu.MAX_PERMUTATION_STREAMS):
         raise ValueError(f"n_streams: the permutation mixture runs on the CPU kernels with n <= "
                          f"{cpu.MAX_PERMUTATION_STREAMS} (got n={n}, triton={triton})")
-    if ident and (triton or torch.compiler.is_compiling()):
-        raise ValueError(f"iters: the identity (h_res = I) runs on the CPU kernels, eager (got triton={triton}, "
-                         f"compiling={torch.compiler.is_compiling()})")
+    if ident and triton:
+        raise ValueError(f"iters: the identity (h_res = I) runs on the CPU kernels (got triton={triton})")
     dt = torch.float32 if triton else cpu.coef_dtype(x.dtype)
     x = x if x.is_contiguous() else x.contiguous()
     if torch.compiler.is_compiling():  # the same pair as custom ops (see mhckit/ops/carry_ops.py)
         u, h_pre, h_post, h_res, _, _, carrier = carry_read(x, _as(phi, dt), _as(bias, dt), _as(alpha, dt), iters,
                                                             float(rms_eps), triton)
-        return u, h_pre, h_post, h_res, carrier
+        return u, h_pre, h_post, None if ident else h_res, carrier  # the identity's h_res: an empty stand-in
     return CoeffsCarryFunction.apply(x, _as(phi, dt), _as(bias, dt), _as(alpha, dt), iters, rms_eps, triton)
 
 

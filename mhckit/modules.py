@@ -100,7 +100,7 @@ class DynamicCoefficients(nn.Module):
 
     def read_carry(self, x: Tensor):
         """``(u, h_pre, h_post, h_res, carrier, triton)`` when mHC runs on the compiled CPU kernels or
-        the Triton kernels, or mHC-lite (n <= 4) or the identity variant (``h_res`` None; eager) on the
+        the Triton kernels, or mHC-lite (n <= 4) or the identity variant (``h_res`` None) on the
         compiled CPU kernels (the write-back then takes ``carrier`` and ``triton``, and its stream
         gradient joins the coefficient backward; see :mod:`mhckit.ops.carry`), else None."""
         cfg = self.cfg
@@ -108,8 +108,8 @@ class DynamicCoefficients(nn.Module):
             iters = cfg.sinkhorn_iters
         elif isinstance(self.constraint, PermutationMixture) and self.n_streams <= cpu.MAX_PERMUTATION_STREAMS:
             iters = cpu.PERMUTATIONS  # mHC-lite: the C kernels' permutation-mixture tail
-        elif isinstance(self.constraint, IdentityConstraint) and not torch.compiler.is_compiling():
-            iters = cpu.IDENTITY  # h_res = I (eager: the compiled pair's custom ops return an h_res tensor)
+        elif isinstance(self.constraint, IdentityConstraint):
+            iters = cpu.IDENTITY  # h_res = I: no logits, h_res None
         else:
             return None
         mode = F._carry_mode(x, self.phi, self.bias, self.alpha, cfg.backend)

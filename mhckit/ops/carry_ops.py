@@ -26,8 +26,12 @@ def carry_read(
     x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int, rms_eps: float, triton: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(u, h_pre, h_post, h_res, r [T, 1], z [T, K], carrier)``; x contiguous streams ``[..., n, C]``,
-    phi / bias / alpha of the kernels' coefficient dtype (the caller casts)."""
-    return *_read(x, phi, bias, alpha, iters, rms_eps, triton), x.new_zeros(()).expand(x.shape)
+    phi / bias / alpha of the kernels' coefficient dtype (the caller casts). The identity variant
+    (``iters = cpu.IDENTITY``) has no ``h_res``: an empty stand-in (a custom op returns tensors)."""
+    u, h_pre, h_post, h_res, r, z = _read(x, phi, bias, alpha, iters, rms_eps, triton)
+    if h_res is None:
+        h_res = phi.new_empty(0)
+    return u, h_pre, h_post, h_res, r, z, x.new_zeros(()).expand(x.shape)
 
 
 @carry_read.register_fake
@@ -35,8 +39,8 @@ def _(x, phi, bias, alpha, iters, rms_eps, triton):
     lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
     t, k, cd = x.numel() // (n * c), phi.shape[1], phi.dtype
     e = lambda *shape: x.new_empty(shape, dtype=cd)  # noqa: E731
-    return (x.new_empty(lead + (c,)), e(*lead, n), e(*lead, n), e(*lead, n, n), e(t, 1), e(t, k),
-            x.new_empty(()).expand(x.shape))
+    h_res = e(0) if iters == cpu.IDENTITY else e(*lead, n, n)
+    return (x.new_empty(lead + (c,)), e(*lead, n), e(*lead, n), h_res, e(t, 1), e(t, k), x.new_empty(()).expand(x.shape))
 
 
 @torch.library.custom_op("mhckit::carry_read_backward", mutates_args=())
@@ -64,6 +68,8 @@ def _carry_read_grad(ctx, g_u, g_pre, g_post, g_res, _g_r, _g_z, g_out):
     saved = ctx.saved_tensors
     x, phi, bias, alpha, r, z = saved[:6]
     h_pre = saved[6] if ctx.triton else None
+    if ctx.iters == cpu.IDENTITY:
+        g_res = None  # the stand-in's
     grads = carry_read_backward(x, phi, bias, alpha, r, z, h_pre, g_u, g_pre, g_post, g_res, g_out, ctx.iters,
                                 ctx.rms_eps, ctx.triton)
     return *grads, None, None, None
@@ -73,8 +79,9 @@ carry_read.register_autograd(_carry_read_grad, setup_context=_carry_read_setup)
 
 
 @torch.library.custom_op("mhckit::carry_write", mutates_args=())
-def carry_write(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, triton: bool) -> Tensor:
-    """``h_res x + h_post y`` (``carrier``: :func:`carry_read`'s, only for the gradient)."""
+def carry_write(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor | None, triton: bool) -> Tensor:
+    """``h_res x + h_post y`` (``carrier``: :func:`carry_read`'s, only for the gradient; ``h_res`` None:
+    the identity, ``x + h_post y``)."""
     return _write(x, y, h_post, h_res, triton)
 
 

@@ -2,7 +2,8 @@
 kernels with ``iters = cpu.IDENTITY`` (no logits for h_res, no h_res written) and HyperConnection's fused
 read / write-back pair with it (a write-back given ``h_res = None`` adds the streams unmixed). Checked
 against mhckit.reference (forward and every gradient), the separate ops and the PyTorch mirror (the
-kernels switched off between forward and backward: in test_cpu_lite.py, with mHC-lite's)."""
+kernels switched off between forward and backward: in test_cpu_lite.py, with mHC-lite's); under
+torch.compile as mHC's custom ops, bitwise the eager step."""
 
 from __future__ import annotations
 
@@ -79,7 +80,56 @@ def test_identity_with_bfloat16_streams_is_as_close_to_float64_as_the_separate_o
 def test_identity_pair_refuses_triton_by_name():
     x = torch.randn(2, 4, 8)
     phi, bias, alpha = torch.zeros(32, 8), torch.zeros(8), torch.ones(3)
-    with pytest.raises(ValueError, match=r"^iters: the identity \(h_res = I\) runs on the CPU kernels, eager"):
+    with pytest.raises(ValueError, match=r"^iters: the identity \(h_res = I\) runs on the CPU kernels \(got triton=True\)"):
         F._mhc_read_carry(x, phi, bias, alpha, iters=cpu.IDENTITY, rms_eps=1e-6, triton=True)
     with pytest.raises(ValueError, match=r"^phi"):  # a wrong shape is named (2n = 8 columns expected)
         F._mhc_read_carry(x, torch.zeros(32, 24), torch.zeros(24), alpha, iters=cpu.IDENTITY, rms_eps=1e-6)
+
+
+def _identity_gpt(dt):
+    from mhckit import MHCConfig
+    from mhckit.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32, hc=MHCConfig(variant="identity")))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m.to(dt)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64, torch.bfloat16])
+def test_compiled_identity_gpt_runs_the_pair_as_custom_ops(dt, kernel_calls):
+    """Under torch.compile the identity runs on mHC's custom ops (mhckit::carry_read with an empty
+    stand-in for h_res, carry_write without h_res), one graph without breaks, the same kernels as eager
+    and bitwise its loss and gradients."""
+    import re
+
+    import torch._dynamo as dynamo
+
+    tok = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    dynamo.reset()
+    explained = dynamo.explain(_identity_gpt(dt))(tok[:, :-1], tok[:, 1:])
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    assert set(re.findall(r"torch\.ops\.mhckit\.(\w+)", explained.graphs[0].code)) == {"carry_read", "carry_write"}
+    dynamo.reset()
+    model, eager = _identity_gpt(dt), _identity_gpt(dt)
+    kernel_calls.clear()
+    _, loss_c = torch.compile(model, fullgraph=True, backend="aot_eager")(tok[:, :-1], tok[:, 1:])
+    loss_c.backward()
+    names = sorted({name for name, _ in kernel_calls})
+    assert names == ["mhc_coeffs_bwd", "mhc_coeffs_fwd", "mhc_post_res_bwd", "mhc_post_res_fwd"], names
+    _, loss_e = eager(tok[:, :-1], tok[:, 1:])
+    loss_e.backward()
+    assert torch.equal(loss_c, loss_e)
+    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
+def test_compiled_identity_with_the_kernels_switched_off_at_run_time():
+    """Traced with the kernels built, run inside cpu.disabled(): the custom ops' PyTorch path, as eager."""
+    from tests.conftest import compiled_step_matches_eager
+
+    tok = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    with cpu.disabled():
+        compiled_step_matches_eager(_identity_gpt(torch.float64), _identity_gpt(torch.float64), tok, atol=1e-12)
