@@ -40,7 +40,8 @@ def _(x, phi, bias, alpha, iters, rms_eps, triton):
     t, k, cd = x.numel() // (n * c), phi.shape[1], phi.dtype
     e = lambda *shape: x.new_empty(shape, dtype=cd)  # noqa: E731
     h_res = e(0) if iters == cpu.IDENTITY else e(*lead, n, n)
-    return (x.new_empty(lead + (c,)), e(*lead, n), e(*lead, n), h_res, e(t, 1), e(t, k), x.new_empty(()).expand(x.shape))
+    return (x.new_empty(lead + (c,)), e(*lead, n), e(*lead, n), h_res, e(t, 1), e(t, k),
+            x.new_empty(()).expand(x.shape))
 
 
 @torch.library.custom_op("mhckit::carry_read_backward", mutates_args=())

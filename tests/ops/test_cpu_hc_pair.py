@@ -327,7 +327,8 @@ def test_hc_custom_ops_pytorch_path_matches_the_kernels(n, c, none):
         assert a.shape == b.shape and a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     _, _, _, _, rr, z = fast
-    grads = {"g_u": r(5, 3, c), "g_pre": r(5, 3, n), "g_post": r(5, 3, n), "g_res": r(5, 3, n, n), "g_out": r(5, 3, n, c)}
+    grads = {"g_u": r(5, 3, c), "g_pre": r(5, 3, n), "g_post": r(5, 3, n), "g_res": r(5, 3, n, n),
+             "g_out": r(5, 3, n, c)}
     grads = {k: (None if k in none else v) for k, v in grads.items()}
     bwd = (x, rr, z, sp, spo, sr, wp, wq, wr, sa, sb, *grads.values(), 1e-6)
     fast = carry_ops.carry_hc_read_backward(*bwd)
