@@ -74,6 +74,10 @@ VARIANTS = {
     # separate ops (logits, read, x + h_post y: what it ran before the pair took it)
     "identity": dict(variant="identity", recompute=0),
     "identity-separate": dict(variant="identity", recompute=0, separate=True),
+    # static HC (no input-dependent terms): its read on the pair (ReadCarryFunction / carry_pre_read), and
+    # as separate ops
+    "hc-static": dict(variant="hc", recompute=0, hc_dynamic=False),
+    "hc-static-separate": dict(variant="hc", recompute=0, hc_dynamic=False, separate=True),
 }
 
 
@@ -101,7 +105,7 @@ def build(preset: dict, spec: dict, device: str, backend: str,
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=preset["vocab"], seq_len=preset["seq_len"], n_layer=preset["n_layer"],
                     n_head=preset["n_head"], d_model=preset["d_model"], recompute=spec["recompute"],
-                    hc=MHCConfig(variant=spec["variant"], backend=backend))
+                    hc=MHCConfig(variant=spec["variant"], backend=backend, hc_dynamic=spec.get("hc_dynamic", True)))
     model = GPT(cfg).to(device, dtype)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
 

@@ -46,7 +46,7 @@ from .ops.autograd import (
     SinkhornFunction,
 )
 from .ops.carry import CoeffsCarryFunction, HCCarryFunction, PostCarryFunction, ReadCarryFunction, pair_enabled
-from .ops.carry_ops import carry_hc_read, carry_read, carry_write
+from .ops.carry_ops import carry_hc_read, carry_pre_read, carry_read, carry_write
 from .reference import DEFAULT_RMS_EPS
 
 __all__ = [
@@ -224,9 +224,9 @@ def _as(t: Tensor, dt: torch.dtype) -> Tensor:
 
 def _hc_carry_mode(x: Tensor, tensors: tuple[Tensor, ...], backend: str, *, traced: bool = False) -> bool:
     """Whether Hyper-Connections' pair runs on the C kernels: its dynamic coefficients with the read
-    (:func:`_hc_read_carry`, ``tensors`` its parameters; ``traced=True``: also while ``torch.compile``
-    traces, as the custom ops of :mod:`mhckit.ops.carry_ops`) or, eager only, the read of coefficients
-    computed elsewhere (:func:`_mhc_read_external`, ``tensors`` = ``(h_pre, h_res)``). The ``torch``
+    (:func:`_hc_read_carry`, ``tensors`` its parameters) or the read of coefficients computed elsewhere
+    (:func:`_mhc_read_external`, ``tensors`` = ``(h_pre, h_res)``); ``traced=True``: also while
+    ``torch.compile`` traces, as the custom ops of :mod:`mhckit.ops.carry_ops`. The ``torch``
     backend on the CPU with the kernels on (or built, while tracing), float32 / float64 streams with
     ``tensors`` of their dtype, or bfloat16 / float16 streams with ``tensors`` of any float dtype but
     float64 (cast to float32, as mHC's coefficients), n <= 8, the pair not switched off."""
@@ -246,14 +246,18 @@ def _hc_carry_mode(x: Tensor, tensors: tuple[Tensor, ...], backend: str, *, trac
 
 @finite_checked("x", "h_pre", "h_res", outputs=("u", "carrier"), op="mhc_pre")
 def _mhc_read_external(x: Tensor, h_pre: Tensor, h_res: Tensor) -> tuple[Tensor, Tensor]:
-    """``(u, carrier)``: :func:`mhc_pre` on the pair (:class:`mhckit.ops.carry.ReadCarryFunction`), whose
-    write-back takes the carrier through :func:`_mhc_write_carry` and whose backward also makes that
-    write-back's ``dx`` and ``dh_res``. Only where :func:`_hc_carry_mode` says."""
+    """``(u, carrier)``: :func:`mhc_pre` on the pair (:class:`mhckit.ops.carry.ReadCarryFunction`; while
+    ``torch.compile`` traces, the custom op ``mhckit::carry_pre_read``), whose write-back takes the
+    carrier through :func:`_mhc_write_carry` and whose backward also makes that write-back's ``dx`` and
+    ``dh_res``. Only where :func:`_hc_carry_mode` says."""
     n, _ = check_streams(x, "x")
     check_coefficient(h_pre, "h_pre", x.shape[:-2] + (n,))
     check_coefficient(h_res, "h_res", x.shape[:-2] + (n, n))
     dt = cpu.coef_dtype(x.dtype)  # float32 for 2-byte streams (a cast autograd takes back), else x's dtype
-    return ReadCarryFunction.apply(x if x.is_contiguous() else x.contiguous(), _as(h_pre, dt), _as(h_res, dt))
+    x = x if x.is_contiguous() else x.contiguous()
+    if torch.compiler.is_compiling():  # the same pair as custom ops (see mhckit/ops/carry_ops.py)
+        return carry_pre_read(x, _as(h_pre, dt), _as(h_res, dt))
+    return ReadCarryFunction.apply(x, _as(h_pre, dt), _as(h_res, dt))
 
 
 @finite_checked("x", "static_pre", "static_post", "static_res", "w_pre", "w_post", "w_res", "scale_alpha",

@@ -285,7 +285,7 @@ class HyperConnection(nn.Module):
             u, h_pre, h_post, h_res = self.coeffs.read(x)
         else:
             h_pre, h_post, h_res = self.coeffs(x)
-            if h_res is not None and F._hc_carry_mode(x, (h_pre, h_res), backend):
+            if h_res is not None and F._hc_carry_mode(x, (h_pre, h_res), backend, traced=True):
                 u, carrier = F._mhc_read_external(x, h_pre, h_res)  # HC: read and write-back as the pair
             else:
                 u = F.mhc_pre(x, h_pre, backend=backend)

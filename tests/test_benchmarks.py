@@ -146,6 +146,25 @@ def test_model_benchmark_times_mhc_lite_on_the_pair_and_as_separate_ops(tmp_path
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
+def test_model_benchmark_times_static_hc_on_the_pair_and_as_separate_ops(tmp_path, monkeypatch):
+    """``hc-static`` builds HC without its dynamic terms and runs its read on the pair
+    (ReadCarryFunction), ``hc-static-separate`` does not; neither runs the dynamic HC kernels."""
+    from benchmarks import bench_model
+
+    called = []
+    real = cpu._call
+    monkeypatch.setattr(cpu, "_call", lambda name, dt, *args: (called.append(name), real(name, dt, *args))[1])
+    assert bench_model.main(["--variants", "hc-static-separate", "--steps", "1", "--warmup", "0",
+                             "--out", str(tmp_path / "sep")]) == 0
+    assert "mhc_read_bwd" not in called and "mhc_hc_fwd" not in called
+    called.clear()
+    assert bench_model.main(["--variants", "hc-static", "--steps", "1", "--warmup", "0",
+                             "--out", str(tmp_path / "pair")]) == 0
+    assert "mhc_read_bwd" in called and "mhc_hc_fwd" not in called
+    assert "hc-static" in (tmp_path / "pair.md").read_text()
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
 def test_route_benchmark_times_both_routes(tmp_path, monkeypatch):
     """``bench_route`` times the coefficient op with its matmuls forced into the kernel and into BLAS
     (where ``PROJECT_MAX_COLUMNS``' default comes from), restores the thresholds, names the default route."""

@@ -277,27 +277,31 @@ class ReadCarryFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_u: Tensor, g_out: Tensor):
         x, h_pre, h_res = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if cpu.enabled():
-            return cpu.read_bwd(x, h_pre, h_res, g_u, g_out, *need)
-        # the kernels were switched off between forward and backward: the same sums in PyTorch ops
-        n, c = x.shape[-2], x.shape[-1]
-        x3, dt = x.reshape(-1, n, c), x.dtype
-        gu = None if g_u is None else g_u.reshape(-1, 1, c)
-        g3 = None if g_out is None else g_out.reshape(-1, n, c)
-        grad_x = grad_pre = grad_res = None
-        if need[0]:
-            grad_x = torch.zeros_like(x3)
-            if gu is not None:
-                grad_x.addcmul_(h_pre.reshape(-1, n, 1).to(dt), gu)
-            if g3 is not None:
-                grad_x = _mix(h_res.reshape(-1, n, n).transpose(-1, -2).to(dt), g3, grad_x)
-            grad_x = grad_x.reshape(x.shape)
-        if need[1] and gu is not None:
-            grad_pre = _contract(gu, *x3.unbind(-2)).reshape(h_pre.shape)
-        if need[2] and g3 is not None:
-            grad_res = _contract(g3, *x3.unbind(-2)).reshape(h_res.shape)
-        return grad_x, grad_pre, grad_res
+        return _read_external_backward(x, h_pre, h_res, g_u, g_out, ctx.needs_input_grad)
+
+
+def _read_external_backward(x: Tensor, h_pre: Tensor, h_res: Tensor, g_u, g_out, need) -> tuple:
+    """:class:`ReadCarryFunction`'s ``(dx, dh_pre, dh_res)`` (None where not needed or nothing reaches):
+    :func:`mhckit.ops.cpu.read_bwd`, or with the kernels switched off the same sums in PyTorch ops."""
+    if cpu.enabled():
+        return cpu.read_bwd(x, h_pre, h_res, g_u, g_out, *need)
+    n, c = x.shape[-2], x.shape[-1]
+    x3, dt = x.reshape(-1, n, c), x.dtype
+    gu = None if g_u is None else g_u.reshape(-1, 1, c)
+    g3 = None if g_out is None else g_out.reshape(-1, n, c)
+    grad_x = grad_pre = grad_res = None
+    if need[0]:
+        grad_x = torch.zeros_like(x3)
+        if gu is not None:
+            grad_x.addcmul_(h_pre.reshape(-1, n, 1).to(dt), gu)
+        if g3 is not None:
+            grad_x = _mix(h_res.reshape(-1, n, n).transpose(-1, -2).to(dt), g3, grad_x)
+        grad_x = grad_x.reshape(x.shape)
+    if need[1] and gu is not None:
+        grad_pre = _contract(gu, *x3.unbind(-2)).reshape(h_pre.shape)
+    if need[2] and g3 is not None:
+        grad_res = _contract(g3, *x3.unbind(-2)).reshape(h_res.shape)
+    return grad_x, grad_pre, grad_res
 
 
 class HCCarryFunction(torch.autograd.Function):

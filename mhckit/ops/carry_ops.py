@@ -1,8 +1,8 @@
 """The fused pair of :mod:`mhckit.ops.carry` as ``torch.library`` custom ops, for ``torch.compile``
 (``mhckit::carry_read``, ``mhckit::carry_write`` and their backward ops; ``mhckit::carry_hc_read`` for
-dynamic Hyper-Connections, with the same write-back): :class:`mhckit.HyperConnection`
-calls them (through :mod:`mhckit.functional`) while ``torch.compile`` traces, the autograd Functions of
-:mod:`mhckit.ops.carry` otherwise.
+dynamic Hyper-Connections and ``mhckit::carry_pre_read`` for static ones, with the same write-back):
+:class:`mhckit.HyperConnection` calls them (through :mod:`mhckit.functional`) while ``torch.compile``
+traces, the autograd Functions of :mod:`mhckit.ops.carry` otherwise.
 
 A ctypes call cannot be traced, and an autograd.Function output that aliases its input (the carrier)
 cannot be a custom op's. So under torch.compile the read returns a stand-in carrier: a one-element tensor
@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from . import cpu
-from .carry import _read, _read_backward, _triton_write_backward, _write, _write_backward
+from .carry import (_read, _read_backward, _read_external_backward, _triton_write_backward, _write,
+                    _write_backward)
 from .triton_autograd import _like
 
 
@@ -246,3 +247,51 @@ def _carry_hc_read_grad(ctx, g_u, g_pre, g_post, g_res, _g_r, _g_z, g_out):
 
 
 carry_hc_read.register_autograd(_carry_hc_read_grad, setup_context=_carry_hc_read_setup)
+
+
+# ---- static Hyper-Connections' read (ReadCarryFunction) as custom ops ------------------------------
+
+
+@torch.library.custom_op("mhckit::carry_pre_read", mutates_args=())
+def carry_pre_read(x: Tensor, h_pre: Tensor, h_res: Tensor) -> tuple[Tensor, Tensor]:
+    """``(u, carrier)``: the read ``u = sum_j h_pre[j] x[j]`` of coefficients computed elsewhere
+    (:class:`mhckit.ops.carry.ReadCarryFunction`'s forward; ``h_res`` is kept for the backward, which
+    also makes the write-back's ``dx`` and ``dh_res`` from the output gradient sent along the carrier)."""
+    if cpu.enabled():
+        u = cpu.pre_fwd(x, h_pre)
+    else:
+        from .. import reference
+
+        u = reference.mhc_pre(x, h_pre)
+    return u, x.new_zeros(()).expand(x.shape)
+
+
+@carry_pre_read.register_fake
+def _(x, h_pre, h_res):
+    return x.new_empty(x.shape[:-2] + x.shape[-1:]), x.new_empty(()).expand(x.shape)
+
+
+@torch.library.custom_op("mhckit::carry_pre_read_backward", mutates_args=())
+def carry_pre_read_backward(
+    x: Tensor, h_pre: Tensor, h_res: Tensor, g_u: Tensor | None, g_out: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dh_pre, dh_res)`` of :func:`carry_pre_read` and its write-back (zeros where nothing reaches:
+    a custom op returns tensors)."""
+    grads = _read_external_backward(x, h_pre, h_res, g_u, g_out, (True, True, True))
+    return tuple(_like(t).zero_() if g is None else g.contiguous() for g, t in zip(grads, (x, h_pre, h_res)))
+
+
+@carry_pre_read_backward.register_fake
+def _(x, h_pre, h_res, g_u, g_out):
+    return _like(x), _like(h_pre), _like(h_res)
+
+
+def _carry_pre_read_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _carry_pre_read_grad(ctx, g_u, g_out):
+    return carry_pre_read_backward(*ctx.saved_tensors, g_u, g_out)
+
+
+carry_pre_read.register_autograd(_carry_pre_read_grad, setup_context=_carry_pre_read_setup)

@@ -4,8 +4,9 @@ write-back's dx and dh_res in the same backward pass). Static HC: the read of it
 (ReadCarryFunction) carries the write-back's output gradient and one pass makes both stream gradients
 (mhckit.ops.cpu.read_bwd). Checked against the separate ops and mhckit.reference, every gradient;
 dynamic HC also with bf16 / fp16 streams (the half kernels; tests/ops/test_cpu_half.py checks them
-bitwise against the float32 kernels), and under torch.compile as the custom ops mhckit::carry_hc_read /
-carry_write (their PyTorch path, for the kernels switched off at run time, against the kernels)."""
+bitwise against the float32 kernels), and under torch.compile as the custom ops mhckit::carry_hc_read
+(dynamic) / carry_pre_read (static) and carry_write (their PyTorch path, for the kernels switched off at
+run time, against the kernels)."""
 
 from __future__ import annotations
 
@@ -265,31 +266,31 @@ def _hc_gpt(dt, dynamic=True):
     return m.to(dt)
 
 
+@pytest.mark.parametrize("dynamic", [True, False])
 @pytest.mark.parametrize("dt", [torch.float32, torch.float64, torch.bfloat16])
-def test_compiled_dynamic_hc_gpt_runs_the_pair_as_custom_ops(dt, kernel_calls):
-    """Under torch.compile dynamic HC's read is mhckit::carry_hc_read (the C calls of HCCarryFunction)
-    and its write-back mhckit::carry_write, one graph without breaks; the compiled step calls the same
-    kernels as eager and gives bitwise its loss and gradients. Static HC keeps its separate ops."""
+def test_compiled_hc_gpt_runs_the_pair_as_custom_ops(dt, dynamic, kernel_calls):
+    """Under torch.compile HC's read is a custom op, mhckit::carry_hc_read (dynamic: the C calls of
+    HCCarryFunction) or mhckit::carry_pre_read (static: ReadCarryFunction's), and its write-back
+    mhckit::carry_write, one graph without breaks; the compiled step calls the same kernels as eager
+    and gives bitwise its loss and gradients."""
     import re
 
     import torch._dynamo as dynamo
 
     tok = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
     dynamo.reset()
-    explained = dynamo.explain(_hc_gpt(dt))(tok[:, :-1], tok[:, 1:])
+    explained = dynamo.explain(_hc_gpt(dt, dynamic))(tok[:, :-1], tok[:, 1:])
     assert explained.graph_count == 1 and explained.graph_break_count == 0
-    assert set(re.findall(r"torch\.ops\.mhckit\.(\w+)", explained.graphs[0].code)) == {"carry_hc_read", "carry_write"}
-    dynamo.reset()
-    static = dynamo.explain(_hc_gpt(dt, dynamic=False))(tok[:, :-1], tok[:, 1:]).graphs[0].code
-    assert "carry_hc_read" not in static and "carry_write" not in static
+    read = "carry_hc_read" if dynamic else "carry_pre_read"
+    assert set(re.findall(r"torch\.ops\.mhckit\.(\w+)", explained.graphs[0].code)) == {read, "carry_write"}
 
     dynamo.reset()
-    model, eager = _hc_gpt(dt), _hc_gpt(dt)
+    model, eager = _hc_gpt(dt, dynamic), _hc_gpt(dt, dynamic)
     kernel_calls.clear()
     _, loss_c = torch.compile(model, fullgraph=True, backend="aot_eager")(tok[:, :-1], tok[:, 1:])
     loss_c.backward()
     compiled_calls = sorted({name for name, _ in kernel_calls})
-    assert compiled_calls == sorted(DYNAMIC), compiled_calls
+    assert compiled_calls == sorted(DYNAMIC if dynamic else STATIC), compiled_calls
     _, loss_e = eager(tok[:, :-1], tok[:, 1:])
     loss_e.backward()
     assert torch.equal(loss_c, loss_e)
@@ -297,14 +298,42 @@ def test_compiled_dynamic_hc_gpt_runs_the_pair_as_custom_ops(dt, kernel_calls):
         assert torch.equal(a.grad, b.grad), name
 
 
-def test_compiled_dynamic_hc_with_the_kernels_switched_off_at_run_time():
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_compiled_hc_with_the_kernels_switched_off_at_run_time(dynamic):
     """Traced with the kernels built, run inside cpu.disabled(): the custom ops do the same sums in
-    PyTorch ops (the chain rule written out in carry_ops._hc_backward_torch), as eager without kernels."""
+    PyTorch ops (dynamic: the chain rule written out in carry_ops._hc_backward_torch), as eager without
+    kernels."""
     from tests.conftest import compiled_step_matches_eager
 
     tok = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
     with cpu.disabled():
-        compiled_step_matches_eager(_hc_gpt(torch.float64), _hc_gpt(torch.float64), tok, atol=1e-12)
+        compiled_step_matches_eager(_hc_gpt(torch.float64, dynamic), _hc_gpt(torch.float64, dynamic), tok,
+                                    atol=1e-12)
+
+
+@pytest.mark.parametrize("none", [(), ("g_u",), ("g_out",)])
+@pytest.mark.parametrize("n,c", [(1, 7), (4, 64), (8, 20)])
+def test_static_hc_custom_ops_pytorch_path_matches_the_kernels(n, c, none):
+    """mhckit::carry_pre_read and its backward: the PyTorch path (kernels off at run time) against the
+    kernels in float64, with either incoming gradient absent (zeros where nothing reaches)."""
+    from mhckit.ops import carry_ops
+
+    gen = torch.Generator().manual_seed(n * 5 + c)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x, h_pre, h_res = r(5, 3, n, c), r(5, 3, n), r(5, 3, n, n)
+    fast = carry_ops.carry_pre_read(x, h_pre, h_res)[0]
+    with cpu.disabled():
+        slow = carry_ops.carry_pre_read(x, h_pre, h_res)[0]
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    g_u, g_out = (None if "g_u" in none else r(5, 3, c)), (None if "g_out" in none else r(5, 3, n, c))
+    fast = carry_ops.carry_pre_read_backward(x, h_pre, h_res, g_u, g_out)
+    with cpu.disabled():
+        slow = carry_ops.carry_pre_read_backward(x, h_pre, h_res, g_u, g_out)
+    for a, b, p in zip(fast, slow, (x, h_pre, h_res)):
+        assert a.shape == b.shape == p.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert fast[1].abs().max() > 0 if g_u is not None else not fast[1].any()
+    assert fast[2].abs().max() > 0 if g_out is not None else not fast[2].any()
 
 
 @pytest.mark.parametrize("none", [(), ("g_u",), ("g_pre", "g_res"), ("g_out",), ("g_u", "g_pre", "g_post", "g_out")])
