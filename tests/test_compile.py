@@ -279,3 +279,22 @@ def test_sequential_eager_is_stream_recompute():
         recompute.sequential(layers, x, -1)
     with pytest.raises(ValueError, match=r"modules\[1\]: got int"):
         recompute.sequential([layers[0], 3], x, 1)
+
+
+@pytest.mark.parametrize("variant", ["mhc", "hc", "mhc-lite", "identity"])
+def test_exported_model_matches_eager(variant):
+    """``torch.export`` (inference: a frozen graph for serving) of a GPT with each variant: the C
+    kernels' pair as mhckit's custom ops where they are built, the eager logits to the bit."""
+    from mhckit.ops import cpu
+
+    model = _model(variant).eval()
+    tok = TOK[:, :-1]
+    exported = torch.export.export(model, (tok,))
+    ops = {str(n.target) for n in exported.graph.nodes if "mhckit" in str(n.target)}
+    if cpu.status()["active"]:
+        read = "mhckit.carry_hc_read.default" if variant == "hc" else "mhckit.carry_read.default"
+        assert ops == {read, "mhckit.carry_write.default"}, ops
+    with torch.no_grad():
+        got, want = exported.module()(tok), model(tok)
+    got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+    assert torch.equal(got, want)
