@@ -407,12 +407,21 @@ class HCDynamicFunction(torch.autograd.Function):
     def backward(ctx, gz: Tensor):
         x, w, r, z = ctx.saved_tensors
         xs = x if x.dtype == w.dtype else x.to(w.dtype)
-        gzr = gz / r
-        gx = gw = None
-        if ctx.needs_input_grad[1]:
-            # (gzr^T x)^T: the same sums as x^T gzr, ~2.5x faster in BLAS for this skinny shape on the CPU
-            gw = (gzr.reshape(-1, gzr.shape[-1]).t() @ xs.reshape(-1, xs.shape[-1])).t()
-        if ctx.needs_input_grad[0]:
-            coef = (gz * z).sum(dim=-1, keepdim=True) / (-xs.shape[-1] * r * r)  # [..., n, 1]
-            gx = torch.addcmul(gzr @ w.t(), xs, coef).to(x.dtype)
-        return gx, gw, None
+        gx, gwt = hc_dynamic_backward(xs, w, r, z, gz, *ctx.needs_input_grad[:2])
+        return (None if gx is None else gx.to(x.dtype)), (None if gwt is None else gwt.t()), None
+
+
+def hc_dynamic_backward(xs: Tensor, w: Tensor, r: Tensor, z: Tensor, gz: Tensor, need_x: bool = True,
+                        need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """:class:`HCDynamicFunction`'s backward: ``(dx [..., n, C], dW^T [K, C])`` (None where not needed)
+    of ``z = (xs @ w) / r`` given ``gz``; ``xs`` in ``w``'s dtype, ``r`` ``[..., n, 1]``. Also the PyTorch
+    path of the compiled HC read (:mod:`mhckit.ops.carry_ops`)."""
+    gzr = gz / r
+    gx = gwt = None
+    if need_w:
+        # gzr^T x: the same sums as (x^T gzr)^T, ~2.5x faster in BLAS for this skinny shape on the CPU
+        gwt = gzr.reshape(-1, gzr.shape[-1]).t() @ xs.reshape(-1, xs.shape[-1])
+    if need_x:
+        coef = (gz * z).sum(dim=-1, keepdim=True) / (-xs.shape[-1] * r * r)  # [..., n, 1]
+        gx = torch.addcmul(gzr @ w.t(), xs, coef)
+    return gx, gwt

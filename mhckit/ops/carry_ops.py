@@ -19,6 +19,7 @@ from torch import Tensor
 from . import cpu
 from .carry import (_read, _read_backward, _read_external_backward, _triton_write_backward, _write,
                     _write_backward)
+from .autograd import hc_dynamic_backward
 from .triton_autograd import _like
 
 
@@ -195,8 +196,8 @@ def _hc_backward_torch(x, r, z, sp, sr, wp, wq, wr, sa, sb, g_u, g_pre, g_post, 
     """:func:`carry_hc_read_backward` in PyTorch ops (the kernels switched off at run time; autograd does
     not record inside a custom op, so the chain rule is written out, as in ``mhc_cpu_hc.h``): with
     ``t = tanh(z)``, ``dh_pre[j] = g_pre[j] + <g_u, x_j>``, ``dh_res[k, j] = g_res[k, j] + <g_out[k], x_j>``,
-    ``dz = (1 - t^2) * (sa dh_pre | sb g_post | sa dh_res^T)``; then :class:`HCDynamicFunction`'s
-    backward for ``z = (x @ W) / r`` plus the read's and the write-back's ``dx``."""
+    ``dz = (1 - t^2) * (sa dh_pre | sb g_post | sa dh_res^T)``; then the backward of ``z = (x @ W) / r``
+    (:func:`mhckit.ops.autograd.hc_dynamic_backward`) plus the read's and the write-back's ``dx``."""
     n, c, cd = x.shape[-2], x.shape[-1], sp.dtype
     xs = x.to(cd).reshape(-1, n, c)  # [T, n, C]
     t = torch.tanh(z)  # [T, n, n + 2]
@@ -212,11 +213,8 @@ def _hc_backward_torch(x, r, z, sp, sr, wp, wq, wr, sa, sb, g_u, g_pre, g_post, 
     dsa = (t[..., 0] * dpre).sum() + (t[..., 2:] * dres.transpose(-1, -2)).sum()
     dsb = (t[..., 1] * dpost).sum()
     gz = dt * (1 - t * t)  # [T, n, n + 2]
-    rr = r.reshape(-1, n, 1)
-    gzr = gz / rr
     w = torch.cat([wp.unsqueeze(-1), wq.unsqueeze(-1), wr], dim=-1)  # [C, n + 2]
-    dwt = gzr.reshape(-1, n + 2).t() @ xs.reshape(-1, c)  # [n + 2, C]: dW^T
-    gx = gzr @ w.t() + xs * ((gz * z).sum(-1, keepdim=True) / (-c * rr * rr))
+    gx, dwt = hc_dynamic_backward(xs, w, r.reshape(-1, n, 1), z, gz)  # dW^T [n + 2, C]
     h_pre = sp + sa * t[..., 0]  # [T, n]
     h_res = sr + sa * t[..., 2:]  # [T, j, k]: h_res[k, j] transposed
     if g_u is not None:
