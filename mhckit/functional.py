@@ -41,6 +41,7 @@ from .ops.autograd import (
     CoeffsFunction,
     CoeffsPreFunction,
     HCDynamicFunction,
+    hc_coefficients,
     PostResFunction,
     PreFunction,
     SinkhornFunction,
@@ -370,9 +371,5 @@ def hc_coeffs(
     dt = compute_dtype(x, static_res)
     w = torch.cat([w_pre.to(dt)[:, None], w_post.to(dt)[:, None], w_res.to(dt)], dim=1)  # [C, n + 2]
     z = HCDynamicFunction.apply(x, w, float(norm_eps))  # [..., n, n + 2]
-    t = torch.tanh(z)
-    sa, sb = scale_alpha.to(dt), scale_beta.to(dt)
-    a_m = static_pre.to(dt) + sa * t[..., 0]
-    b = static_post.to(dt) + sb * t[..., 1]
-    a_r = static_res.to(dt) + sa * t[..., 2:]  # row j from stream j
-    return a_m, b, a_r.transpose(-1, -2)
+    return hc_coefficients(z, static_pre.to(dt), static_post.to(dt), static_res.to(dt), scale_alpha.to(dt),
+                           scale_beta.to(dt))

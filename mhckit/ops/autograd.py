@@ -396,9 +396,7 @@ class HCDynamicFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, eps: float) -> Tensor:
-        xs = x if x.dtype == w.dtype else x.to(w.dtype)
-        r = torch.sqrt(xs.pow(2).mean(dim=-1, keepdim=True) + eps)  # [..., n, 1], as reference.rms
-        z = (xs @ w) / r
+        z, r = hc_dynamic_forward(x if x.dtype == w.dtype else x.to(w.dtype), w, eps)
         ctx.save_for_backward(x, w, r, z)
         return z
 
@@ -409,6 +407,25 @@ class HCDynamicFunction(torch.autograd.Function):
         xs = x if x.dtype == w.dtype else x.to(w.dtype)
         gx, gwt = hc_dynamic_backward(xs, w, r, z, gz, *ctx.needs_input_grad[:2])
         return (None if gx is None else gx.to(x.dtype)), (None if gwt is None else gwt.t()), None
+
+
+def hc_dynamic_forward(xs: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """:class:`HCDynamicFunction`'s forward: ``(z [..., n, K], r [..., n, 1])``, ``z = (xs @ w) / r``;
+    ``xs`` in ``w``'s dtype."""
+    r = torch.sqrt(xs.pow(2).mean(dim=-1, keepdim=True) + eps)  # [..., n, 1], as reference.rms
+    return (xs @ w) / r, r
+
+
+def hc_coefficients(z: Tensor, static_pre: Tensor, static_post: Tensor, static_res: Tensor, scale_alpha: Tensor,
+                    scale_beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Dynamic HC's ``(h_pre, h_post, h_res)`` from ``z [..., n, n + 2]`` (one dtype throughout):
+    ``A_m = static_pre + sa tanh(z_0)``, ``B = static_post + sb tanh(z_1)``, ``A_r = static_res + sa
+    tanh(z_2:)`` (row j from stream j), ``h_res = A_r^T``; see :func:`mhckit.reference.hc_coeffs`."""
+    t = torch.tanh(z)
+    a_m = static_pre + scale_alpha * t[..., 0]
+    b = static_post + scale_beta * t[..., 1]
+    a_r = static_res + scale_alpha * t[..., 2:]  # row j from stream j
+    return a_m, b, a_r.transpose(-1, -2)
 
 
 def hc_dynamic_backward(xs: Tensor, w: Tensor, r: Tensor, z: Tensor, gz: Tensor, need_x: bool = True,

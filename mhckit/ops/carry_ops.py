@@ -19,7 +19,7 @@ from torch import Tensor
 from . import cpu
 from .carry import (_read, _read_backward, _read_external_backward, _triton_write_backward, _write,
                     _write_backward)
-from .autograd import hc_dynamic_backward
+from .autograd import hc_coefficients, hc_dynamic_backward, hc_dynamic_forward
 from .triton_autograd import _like
 
 
@@ -140,20 +140,19 @@ carry_write.register_autograd(_carry_write_grad, setup_context=_carry_write_setu
 
 def _hc_read(x, sp, spo, sr, wp, wq, wr, sa, sb, eps: float):
     """``(u, h_pre, h_post, h_res, r [T, n], z [T, n, n + 2])`` as :func:`mhckit.ops.cpu.hc_fwd` makes them;
-    with the kernels switched off at run time, the same values in PyTorch ops (the reference's
-    coefficients and read; ``r`` and ``z``, the per-stream RMS and the projections before tanh, which
-    the kernels' backward reads, in the kernels' definition)."""
+    with the kernels switched off at run time, the same values in PyTorch ops (``r`` and ``z``, the
+    per-stream RMS and the projections before tanh, which the kernels' backward reads, as the functional
+    op's :class:`HCDynamicFunction` makes them; every output contiguous, as the fake promises)."""
     if cpu.enabled():
         u, h_pre, h_post, h_res, z, r = cpu.hc_fwd(x, wp, wq, wr, sp, spo, sr, sa, sb, eps)
         return u, h_pre, h_post, h_res, r, z
     from .. import reference
 
-    n, c, cd = x.shape[-2], x.shape[-1], sp.dtype
-    h_pre, h_post, h_res = reference.hc_coeffs(x, sp, spo, sr, wp, wq, wr, sa, sb, norm_eps=eps)
-    xs = x.to(cd).reshape(-1, n, c)
-    r = reference.rms(xs, eps)  # [T, n, 1]
-    z = (xs @ torch.cat([wp.unsqueeze(-1), wq.unsqueeze(-1), wr], dim=-1)) / r  # [T, n, n + 2]
-    return reference.mhc_pre(x, h_pre.to(cd)).to(x.dtype), h_pre, h_post, h_res, r.reshape(-1, n), z
+    n, cd = x.shape[-2], sp.dtype
+    z, r = hc_dynamic_forward(x.to(cd), torch.cat([wp.unsqueeze(-1), wq.unsqueeze(-1), wr], dim=-1), eps)
+    h_pre, h_post, h_res = hc_coefficients(z, sp, spo, sr, sa, sb)
+    return (reference.mhc_pre(x, h_pre), h_pre, h_post, h_res.contiguous(), r.reshape(-1, n),
+            z.reshape(-1, n, n + 2))
 
 
 @torch.library.custom_op("mhckit::carry_hc_read", mutates_args=())
@@ -189,10 +188,10 @@ def carry_hc_read_backward(
         gx, dwp, dwq, dwr, dsp, dspo, dsr, dsa, dsb = cpu.hc_bwd(x, g_u, g_out, z, r, wp, wq, wr, sp, sr, sa, sb,
                                                                  g_pre, g_post, g_res, True)
         return gx, dsp, dspo, dsr, dwp, dwq, dwr, dsa, dsb
-    return _hc_backward_torch(x, r, z, sp, sr, wp, wq, wr, sa, sb, g_u, g_pre, g_post, g_res, g_out)
+    return _hc_backward_torch(x, r, z, sp, spo, sr, wp, wq, wr, sa, sb, g_u, g_pre, g_post, g_res, g_out)
 
 
-def _hc_backward_torch(x, r, z, sp, sr, wp, wq, wr, sa, sb, g_u, g_pre, g_post, g_res, g_out):
+def _hc_backward_torch(x, r, z, sp, spo, sr, wp, wq, wr, sa, sb, g_u, g_pre, g_post, g_res, g_out):
     """:func:`carry_hc_read_backward` in PyTorch ops (the kernels switched off at run time; autograd does
     not record inside a custom op, so the chain rule is written out, as in ``mhc_cpu_hc.h``): with
     ``t = tanh(z)``, ``dh_pre[j] = g_pre[j] + <g_u, x_j>``, ``dh_res[k, j] = g_res[k, j] + <g_out[k], x_j>``,
@@ -215,12 +214,11 @@ def _hc_backward_torch(x, r, z, sp, sr, wp, wq, wr, sa, sb, g_u, g_pre, g_post, 
     gz = dt * (1 - t * t)  # [T, n, n + 2]
     w = torch.cat([wp.unsqueeze(-1), wq.unsqueeze(-1), wr], dim=-1)  # [C, n + 2]
     gx, dwt = hc_dynamic_backward(xs, w, r.reshape(-1, n, 1), z, gz)  # dW^T [n + 2, C]
-    h_pre = sp + sa * t[..., 0]  # [T, n]
-    h_res = sr + sa * t[..., 2:]  # [T, j, k]: h_res[k, j] transposed
+    h_pre, _, h_res = hc_coefficients(z, sp, spo, sr, sa, sb)  # h_res [T, k, j]
     if g_u is not None:
         gx = gx + h_pre.unsqueeze(-1) * g_u.reshape(-1, 1, c).to(cd)
     if g_out is not None:
-        gx = gx + h_res @ g_out.reshape(-1, n, c).to(cd)  # sum_k h_res[k, j] g_out[k]
+        gx = gx + h_res.transpose(-1, -2) @ g_out.reshape(-1, n, c).to(cd)  # sum_k h_res[k, j] g_out[k]
     return (gx.reshape(x.shape).to(x.dtype), dpre.sum(0), dpost.sum(0), dres.sum(0).t().contiguous(),
             dwt[0].clone(), dwt[1].clone(), dwt[2:].t().contiguous(), dsa.reshape(sa.shape),  # no two alias
             dsb.reshape(sb.shape))

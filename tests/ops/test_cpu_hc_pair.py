@@ -366,3 +366,35 @@ def test_hc_custom_ops_pytorch_path_matches_the_kernels(n, c, none):
     for a, b, p in zip(fast, slow, (x, sp, spo, sr, wp, wq, wr, sa, sb)):
         assert a.shape == b.shape == p.shape
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_pair_custom_ops_pass_opcheck(kernels):
+    """Every custom op of the pair (mHC's, the identity's, dynamic and static HC's reads and backward ops,
+    the write-back) against its fake: schema, output shapes / dtypes / strides (an inductor graph asserts
+    them: the HC read's PyTorch path once returned h_res transposed and a compiled step with the kernels
+    switched off failed), autograd registration; with the kernels on and switched off at run time."""
+    import contextlib
+
+    from mhckit.ops import carry_ops
+
+    gen = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    n, c = 4, 16
+    x = r(2, 3, n, c)
+    sp, spo, sr, wp, wq, wr, sa, sb = r(n), r(n), r(n, n), r(c), r(c), r(c, n), torch.tensor(0.5), torch.tensor(0.7)
+    h_pre, h_res, g_u, g_out = r(2, 3, n), r(2, 3, n, n), r(2, 3, c), r(2, 3, n, c)
+    phi, bias, alpha = r(n * c, 2 * n) * 0.1, r(2 * n), torch.rand(3, generator=gen) + 0.2
+    _, _, _, _, rr, z, _ = carry_ops.carry_hc_read(x, sp, spo, sr, wp, wq, wr, sa, sb, 1e-6)
+    cases = [
+        (carry_ops.carry_hc_read, (x, sp, spo, sr, wp, wq, wr, sa, sb, 1e-6)),
+        (carry_ops.carry_hc_read_backward, (x, rr, z, sp, spo, sr, wp, wq, wr, sa, sb, g_u, None, r(2, 3, n), None,
+                                            g_out, 1e-6)),
+        (carry_ops.carry_pre_read, (x, h_pre, h_res)),
+        (carry_ops.carry_pre_read_backward, (x, h_pre, h_res, g_u, None)),
+        (carry_ops.carry_read, (x, phi, bias, alpha, cpu.IDENTITY, 1e-6, False)),
+        (carry_ops.carry_write, (x, x, g_u, h_pre, None, False)),
+    ]
+    with contextlib.nullcontext() if kernels else cpu.disabled():
+        for op, args in cases:
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
