@@ -196,7 +196,7 @@ def test_compiled_recompute_matches_eager_and_drops_the_streams(variant):
     """Compiled with recompute=-1 (L_r = 2 sublayers -> one block per region): loss and gradients of
     the eager model without recomputation, and the compiled step saves at least the streams written
     inside the regions (one per block here) fewer bytes than the compiled step without it. (hc: its
-    read is mhckit::carry_hc_read; identity: no h_res, separate ops.)"""
+    read is mhckit::carry_hc_read; identity: carry_read without h_res.)"""
     eager, model = _model(variant), _model(variant, recompute=-1)
     assert model.compiled_recompute_blocks == 1
     compiled = compiled_step_matches_eager(model, eager, TOK)
