@@ -259,7 +259,9 @@ def test_pre_with_convex_weights_stays_inside_the_streams(n, c, lead, dtype, see
     u = F.mhc_pre(x, w)
     assert u.shape == (*lead, c) and u.dtype == dtype
     assert_finite(u, "u")
-    assert_same(u, R.mhc_pre(x, w), "default backend vs reference")
+    # streams of size ~scale: a sum that cancels keeps an absolute rounding error ~scale * eps (hypothesis
+    # found 4e-4 at scale 1e4 in float32 against a 1e-6 absolute tolerance)
+    assert_same(u, R.mhc_pre(x, w), "default backend vs reference", scale=scale)
     xs = x.to(w.dtype)
     slack = 4 * TOL[dtype][0] * scale + TOL[dtype][1]
     assert (u.to(w.dtype) >= xs.amin(-2) - slack).all() and (u.to(w.dtype) <= xs.amax(-2) + slack).all()
