@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +203,55 @@ def test_results_name_the_cpu_kernel_build(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU run that has not loaded them
     monkeypatch.delitem(cpu._STATE, "lib", raising=False)
     assert cpu_kernels() == "not loaded"
+
+
+AMD_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+stepping\t: 1
+cache size\t: 1024 KB
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: another CPU
+"""
+INTEL_CPUINFO = """processor\t: 0
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+stepping\t: 8
+"""
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+CPU implementer\t: 0x41
+CPU part\t: 0xd0c
+"""
+
+
+def test_results_name_the_cpu_precisely():
+    """Two hosts sold as the same 2-core CPU timed the same code differently: a result names the CPU's
+    model, family / model / stepping and cache sizes (the first processor's), so results of different
+    hosts are not compared as one machine's; the report still reads the core count from it."""
+    from mhckit.train.report import _cores
+    from mhckit.train.runinfo import describe_cpu, hardware
+
+    caches = {"L3": "32768K", "L2": "1024K"}
+    assert describe_cpu(AMD_CPUINFO, caches, "x86_64", "fb") == (
+        "AMD EPYC (x86_64 family 26 model 2 stepping 1; L2 1024K, L3 32768K)")
+    assert describe_cpu(INTEL_CPUINFO, {}, "x86_64", "fb") == (
+        "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (x86_64 family 6 model 143 stepping 8)")
+    assert describe_cpu(ARM_CPUINFO, {"L2": "2048K"}, "aarch64", "fb") == (
+        "Arm CPU implementer 0x41 part 0xd0c (L2 2048K)")
+    assert describe_cpu("", caches, "x86_64", "x86_64 CPU") == "x86_64 CPU"
+    hw = hardware()
+    if not torch.cuda.is_available():
+        assert hw.endswith(f", {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
+        assert _cores(hw) == os.cpu_count()
+        info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+        if names:
+            assert hw.startswith(names[0] + " ("), hw  # the name and more than the architecture's

@@ -32,9 +32,55 @@ def _commit_of(root: Path) -> str:
 
 
 def hardware() -> str:
+    """The GPU's name, or the CPU's identity (:func:`cpu_model`), its core count and torch's threads."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU, precisely enough to tell two hosts apart: on Linux the name, x86 family / model /
+    stepping (``/proc/cpuinfo``) and the L2 / L3 sizes (sysfs), e.g. ``AMD EPYC (x86_64 family 26
+    model 2 stepping 1; L2 1024K, L3 32768K)``; elsewhere the platform's processor name. Two virtual
+    machines sold as the same "2-core CPU" have given different timings for the same code (the README's
+    training table), so every result says which CPU it came from."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        info = ""
+    caches = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / name).read_text().strip() for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind == "Unified":
+            caches[f"L{level}"] = size
+    return describe_cpu(info, caches, platform.machine(), fallback=f"{platform.processor() or platform.machine()} CPU")
+
+
+def describe_cpu(cpuinfo: str, caches: dict[str, str], machine: str, fallback: str) -> str:
+    """:func:`cpu_model`'s text from a ``/proc/cpuinfo`` dump (its first processor), the unified cache
+    sizes by level (``{"L2": "1024K"}``) and the architecture (``platform.machine()``); ``fallback``
+    when the dump names no CPU. Arm dumps name none but their implementer and part numbers."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n", 1)[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name")
+    if not name and fields.get("CPU implementer") and fields.get("CPU part"):
+        name = f"Arm CPU implementer {fields['CPU implementer']} part {fields['CPU part']}"
+    if not name:
+        return fallback
+    ids = [f"{k} {fields[k2]}" for k, k2 in (("family", "cpu family"), ("model", "model"), ("stepping", "stepping"))
+           if fields.get(k2)]
+    parts = [f"{machine} " + " ".join(ids)] if ids else []
+    sizes = [f"{level} {caches[level]}" for level in sorted(caches)]
+    if sizes:
+        parts.append(", ".join(sizes))
+    return f"{name} ({'; '.join(parts)})" if parts else name
 
 
 def cpu_kernels() -> str:
