@@ -187,6 +187,16 @@ def test_reading_only_claims_what_the_seed_spread_supports():
     assert "non-finite" in diverged
 
 
+def test_reading_states_throughput_as_unpaired():
+    """The throughput sentence gives each variant's ratio and says how it was timed (one run after
+    another), pointing to the interleaved benchmark; it names no code path it cannot know."""
+    base, mhc = _stats("residual", [2.0, 2.1]), _stats("mhc", [2.0, 2.1], 1.0)
+    base.tokens_per_s, mhc.tokens_per_s = 1000.0, 700.0
+    line = next(s for s in report.reading({"residual": base, "mhc": mhc}) if s.startswith("Throughput"))
+    assert "mhc 0.70x" in line and "one after another" in line and "bench_model" in line
+    assert "pure-PyTorch" not in line  # the CPU kernels or Triton run by default since the fused kernels
+
+
 def test_gain_sentences_hc_blowup_and_mhc_bound():
     calm = report.gain_sentences({"hc": _stats("hc", [2.0], 1.3), "mhc": _stats("mhc", [2.0], 1.0)})
     assert any("HC did not blow up" in s and "1.300" in s for s in calm)
