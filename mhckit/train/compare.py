@@ -74,7 +74,7 @@ def make_parser() -> argparse.ArgumentParser:
             "Train GPTs that differ only in their residual connection (same seed, data order and budget), "
             "over several seeds, then write <out_dir>/<name>/report.md with figures and print the results table. "
             "Re-running the same command skips finished runs and resumes interrupted ones. "
-            "With no options: the 'default' preset (~4.5 minutes on an idle 2-core CPU).", 100, break_on_hyphens=False
+            "With no options: the 'default' preset (~3 minutes on an idle 2-core CPU).", 100, break_on_hyphens=False
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # --seed (a TrainConfig field) must not become --seeds

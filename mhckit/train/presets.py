@@ -1,15 +1,17 @@
 """Named configurations ("config is code"): each preset is a dict of ``--key=value`` overrides.
 
-``default`` is sized so that ``mhckit compare`` (4 variants x 3 seeds) finishes in about 4.5
-minutes on an idle 2-core CPU (measured: 262 s); the GPU presets are for real comparisons.
+``default`` is sized so that ``mhckit compare`` (4 variants x 3 seeds) finishes in a few minutes on
+an idle 2-core CPU (measured at commit 77b0bb2: 182 s; 262 s before the compiled CPU kernels); the GPU
+presets are for real comparisons.
 """
 
 from __future__ import annotations
 
 PRESETS: dict[str, dict[str, object]] = {
     # small byte-level GPT for CPU: 6 blocks (12 hyper-connection sublayers), C=64, n=4. On the idle 2-core
-    # dev CPU (torch's default 2 threads) one run takes residual ~11 s, hc ~25 s, mhc ~26 s, mhc-lite ~20 s,
-    # so `mhckit compare` (4 variants x 3 seeds x 300 steps, plus evaluation and report) takes ~262 s.
+    # dev CPU (torch's default 2 threads, commit 77b0bb2) one run takes residual ~13 s, hc ~16 s, mhc ~17 s,
+    # mhc-lite ~15 s, so `mhckit compare` (4 variants x 3 seeds x 300 steps, plus evaluation and report)
+    # takes ~3 minutes (182 s).
     # A busy machine is much slower: 2 seeds took 1134 s at load average ~4.
     "default": {
         "steps": 300, "batch_size": 16, "lr": 3e-3, "warmup_steps": 20, "eval_every": 25, "eval_batches": 8,
