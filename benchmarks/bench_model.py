@@ -78,6 +78,9 @@ VARIANTS = {
     # as separate ops
     "hc-static": dict(variant="hc", recompute=0, hc_dynamic=False),
     "hc-static-separate": dict(variant="hc", recompute=0, hc_dynamic=False, separate=True),
+    # mHC with its coefficient backward writing dx into a fresh buffer instead of over the write-back's
+    # output gradient (mhckit.ops.carry.REUSE_GRADIENT_BUFFER = False: what it did before)
+    "mhc-fresh-grad": dict(variant="mhc", recompute=0, reuse=False),
 }
 
 
@@ -111,25 +114,26 @@ def build(preset: dict, spec: dict, device: str, backend: str,
 
 
 @contextlib.contextmanager
-def variant_ops(cpu_kernels: bool = True, traced: bool = False, separate: bool = False, isa: str | None = None):
+def variant_ops(cpu_kernels: bool = True, traced: bool = False, separate: bool = False, isa: str | None = None,
+                reuse: bool = True):
     """The ops a variant runs on (around its forward and backward, and its memory estimate)."""
     with (contextlib.nullcontext() if cpu_kernels else cpu.disabled(), _traced_ops(traced),
           carry.separate_ops() if separate else contextlib.nullcontext(),
-          cpu.use_isa(isa) if isa else contextlib.nullcontext()):
+          cpu.use_isa(isa) if isa else contextlib.nullcontext(), carry.reuse_gradient_buffer(reuse)):
         yield
 
 
 def _ops_of(spec: dict) -> dict:
     return dict(cpu_kernels=spec.get("cpu_kernels", True), traced=spec.get("traced", False),
-                separate=spec.get("separate", False), isa=spec.get("isa"))
+                separate=spec.get("separate", False), isa=spec.get("isa"), reuse=spec.get("reuse", True))
 
 
 def step_fn(model, opt, tokens, device, cpu_kernels: bool = True, traced: bool = False, separate: bool = False,
-            isa: str | None = None):
+            isa: str | None = None, reuse: bool = True):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
 
     def step():
-        with variant_ops(cpu_kernels, traced, separate, isa):  # fwd and bwd
+        with variant_ops(cpu_kernels, traced, separate, isa, reuse):  # fwd and bwd
             with autocast:
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
             loss.backward()

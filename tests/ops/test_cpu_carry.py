@@ -17,6 +17,7 @@ from mhckit import reference
 from mhckit.modules import HyperConnection
 from mhckit.ops import cpu
 from mhckit.ops.carry import CoeffsCarryFunction, PostCarryFunction, separate_ops
+from mhckit.ops.carry import reuse_gradient_buffer as _reuse
 
 HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
@@ -269,3 +270,105 @@ def test_separate_ops_switch_and_its_environment_variable():
         out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MHCKIT_FUSED_PAIR=value),
                              capture_output=True, text=True, check=True).stdout.strip()
         assert out == want, (value, out)
+
+
+# ---- the coefficient backward writing dx over the write-back's output gradient (carry._exclusive)
+
+
+def _stack(dt=torch.float32, n=4, c=24, depth=3, variant="mhc"):
+    torch.manual_seed(0)
+    hcs = torch.nn.ModuleList(
+        HyperConnection(c, torch.nn.Sequential(torch.nn.LayerNorm(c), torch.nn.Linear(c, c)), variant=variant,
+                        n_streams=n, layer_index=i)
+        for i in range(depth)).to(dt)
+    with torch.no_grad():
+        for hc in hcs:
+            hc.coeffs.phi.normal_(0, 0.2)
+    x = torch.randn(3, 5, n, c, dtype=dt, requires_grad=True)
+    return hcs, x
+
+
+@pytest.mark.parametrize("variant", ["mhc", "mhc-lite", "identity"])
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64, torch.bfloat16])
+def test_reusing_the_gradient_buffer_is_bitwise_and_happens(monkeypatch, variant, dt):
+    """Every coefficient backward of a plain stack writes its dx into its incoming gradient's buffer
+    (nothing else holds it), and every gradient is bitwise the one of fresh buffers."""
+    calls = []
+    real = cpu.coeffs_bwd
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("gx_out") is not None and kwargs["gx_out"] is kwargs.get("g_out"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "coeffs_bwd", spy)
+    got = {}
+    for on in (True, False):
+        hcs, x = _stack(dt, variant=variant)
+        with _reuse(on):
+            out = x
+            for hc in hcs:
+                out = hc(out)
+            (out.float().square().sum() + out.float().sum()).backward()
+        got[on] = [x.grad] + [p.grad for p in hcs.parameters()]
+    assert calls == [True] * 3 + [False] * 3  # every gradient here is a fresh one nobody else holds
+    assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+
+
+def _mid_gradients(how: str, on: bool):
+    """The gradient of the streams between sublayers 1 and 2 as the user sees it, and x's."""
+    hcs, x = _stack()
+    with _reuse(on):
+        mid = hcs[0](x)
+        mid = hcs[1](mid)  # hcs[1]'s write-back output: its gradient reaches hcs[1]'s coefficient backward
+        out = hcs[2](mid)
+        loss = out.square().sum()
+        if how == "hook":
+            kept = []
+            mid.register_hook(lambda g: kept.append(g))
+            loss.backward()
+            return kept[0].clone(), x.grad, kept[0]
+        if how == "retain_grad":
+            mid.retain_grad()
+            loss.backward()
+            return mid.grad.clone(), x.grad, mid.grad
+        if how == "autograd.grad":
+            g_mid, g_x = torch.autograd.grad(loss, [mid, x])
+            return g_mid.clone(), g_x, g_mid
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["hook", "retain_grad", "autograd.grad"])
+def test_a_gradient_the_user_holds_is_not_overwritten(how):
+    """A stream gradient that a hook kept, that retain_grad stored or that autograd.grad returns is the
+    same tensor the next coefficient backward receives (or a copy of it): it must not be reused, and
+    every gradient equals the one computed with fresh buffers."""
+    seen_on, gx_on, held_on = _mid_gradients(how, True)
+    seen_off, gx_off, held_off = _mid_gradients(how, False)
+    assert torch.equal(held_on, seen_on)  # not overwritten after the hook / capture saw it
+    assert torch.equal(seen_on, seen_off) and torch.equal(gx_on, gx_off)
+
+
+def test_two_write_backs_of_one_read_with_the_buffer_reused():
+    """The carrier's gradients summed by autograd over two write-backs: a fresh sum, reused or not, the
+    same gradients."""
+    hc, x, g = _case(4, 16, (2, 3), torch.float32)
+    with _reuse(True):
+        a = _grads(hc, x, g, twice=True)
+    with _reuse(False):
+        b = _grads(hc, x, g, twice=True)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_gx_out_must_match_the_streams():
+    x = torch.randn(6, 4, 8)
+    k = 24
+    phi, bias, gates = torch.randn(32, k) * 0.1, torch.zeros(k), torch.ones(3)
+    _, _, _, r, z, _ = cpu.coeffs_fwd(x, phi, bias, gates, 1e-6, 20, True)
+    g = torch.randn(6, 4, 8)
+    with pytest.raises(ValueError, match=r"gx_out: got \(6, 4, 4\)"):
+        cpu.coeffs_bwd(x, None, z, r, phi, bias, gates, None, None, None, 20, True, False, g_out=g,
+                       gx_out=torch.empty(6, 4, 4))
+    gx = cpu.coeffs_bwd(x, None, z, r, phi, bias, gates, None, None, None, 20, True, False, g_out=g)[0]
+    g2 = g.clone()
+    assert torch.equal(cpu.coeffs_bwd(x, None, z, r, phi, bias, gates, None, None, None, 20, True, False,
+                                      g_out=g2, gx_out=g2)[0], gx)

@@ -446,11 +446,14 @@ def coeffs_fwd(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, gates: to
 
 
 def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor,
-               gates: torch.Tensor, g_pre, g_post, g_res, iters: int, need_x: bool, need_phi: bool, g_out=None):
+               gates: torch.Tensor, g_pre, g_post, g_res, iters: int, need_x: bool, need_phi: bool, g_out=None,
+               gx_out: torch.Tensor | None = None):
     """``(gx [..., n, C] or None, dphi [nC, K] or None, dbias [K], dalpha [3])`` of the coefficients of
     ``x [..., n, C]`` (and, with ``gu``, of the read ``u``; with ``g_out`` [..., n, C], the output
     gradient of the write-back ``h_res x + h_post y``, of that write-back's ``x`` and ``h_res``); the
-    gradients are laid out as the forward's outputs; see ``mhc_cpu_coeffs.h``."""
+    gradients are laid out as the forward's outputs; see ``mhc_cpu_coeffs.h``. ``gx_out``: a contiguous
+    tensor of ``x``'s shape and dtype to write ``gx`` into (with ``need_x``), which may be ``g_out``
+    itself (the kernel reads a token's ``g_out`` rows before writing its ``gx`` rows)."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
     k, cd = z.shape[-1], _COEF[dt]  # stream tensors of dt, the rest of cd
     x, z, r, phi, bias, gates = _c(x, dt), _c(z, cd), _c(r, cd), _c(phi, cd), _c(bias, cd), _c(gates, cd)
@@ -459,7 +462,10 @@ def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, phi: torch
     # the matmuls with phi in the kernel, else in BLAS below; 2-byte streams always here (gx rounded once)
     here = _project_here(n, c, k, dt)
     gzr = None if here else torch.empty(t, k, dtype=cd)
-    gx = torch.empty(x.shape, dtype=dt) if need_x else None
+    if gx_out is not None and not (gx_out.shape == x.shape and gx_out.dtype is dt and gx_out.is_contiguous()):
+        raise ValueError(f"gx_out: got {tuple(gx_out.shape)} {gx_out.dtype} (contiguous: {gx_out.is_contiguous()}); "
+                         f"expected a contiguous tensor of x's shape {tuple(x.shape)} and dtype {dt}")
+    gx = (torch.empty(x.shape, dtype=dt) if gx_out is None else gx_out) if need_x else None
     dphi = torch.empty(n * c, k, dtype=cd) if here and need_phi else None
     dbias, dalpha = torch.empty(k, dtype=cd), torch.empty(3, dtype=cd)
     _call("mhc_coeffs_bwd", dt, _ptr(x), _ptr(gu), _ptr(g_out), _ptr(z), _ptr(r), _ptr(bias), _ptr(gates), _ptr(g_pre),

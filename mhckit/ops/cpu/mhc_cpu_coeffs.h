@@ -176,7 +176,11 @@ static inline __attribute__((always_inline)) void FN(gx_matmul)(T *const *gr, co
  *     dphi = v^T gzr (if dphi).
  * With phi != NULL the two matmuls run here (dphi summed per thread, then over threads; gzr may then
  * be NULL); with phi == NULL, gzr [T, K] is written and the caller runs them (BLAS): dphi = v^T gzr,
- * gx += gzr phi^T. dbias / dalpha are summed per thread, then over threads in a fixed order. */
+ * gx += gzr phi^T. dbias / dalpha are summed per thread, then over threads in a fixed order.
+ * gx may be g_out itself (the caller's buffer reused: no 1 MB of fresh, cold lines to fetch for writing):
+ * a block reads its tokens' g_out rows (the dots, then coeffs_gx_tok column by column) before writing
+ * their gx rows, and the matmul terms then update gx in place; 2-byte streams are converted to float
+ * scratch per block first. */
 typedef struct {
     const T *x, *gu, *g_out, *z, *r, *bias, *gates, *gk, *g_pre, *g_post, *g_res, *phiT, *zero;
     T *gzr, *gx, *part, *dphiP; /* part: per thread 2K sums; dphiP: per thread [nC, KP] (NULL: no dphi) */

@@ -209,11 +209,13 @@ static inline __attribute__((always_inline)) void FN(post_res_dots_tok)(const T 
 /* The stream gradient of the coefficient backward, one token (gu, g may be NULL; hr NULL: h_res = I):
  *     gx[j] = x[j] coef + h_pre[j] gu + sum_k h_res[k, j] g[k]
  * (norm term, the read's term and, with g = the write-back's output gradient, its dx); withx 0 (a
- * compile-time constant at the call) leaves the norm term out (x is then not read: no 0 * inf). */
+ * compile-time constant at the call) leaves the norm term out (x is then not read: no 0 * inf).
+ * gx may be g itself (got == gx, no `restrict` on either): each vector of columns of all n rows of g
+ * is read before gx's rows are written there. */
 static inline __attribute__((always_inline)) void FN(coeffs_gx_tok)(const T *restrict xt, const T *restrict gut,
-                                                                     const T *restrict got, const T *restrict hp,
+                                                                     const T *got, const T *restrict hp,
                                                                      const T *restrict hr, const T coef,
-                                                                     const int withx, T *restrict gx, const int n,
+                                                                     const int withx, T *gx, const int n,
                                                                      const int64_t C) {
     int64_t c = 0;
     if (got && !hr) { /* h_res = I: g[j] itself (a loop of its own: the general one below keeps its code) */
@@ -244,14 +246,18 @@ static inline __attribute__((always_inline)) void FN(coeffs_gx_tok)(const T *res
             VST(gx + j * C + c, acc);
         }
     }
-    for (; c < C; c++)
+    for (; c < C; c++) { /* the last columns, g's n values read first as above */
+        T gs[MAXN] = {0};
+        if (got)
+            for (int k = 0; k < n; k++) gs[k] = got[k * C + c];
         for (int j = 0; j < n; j++) {
             T acc = withx ? xt[j * C + c] * coef : 0;
             if (gut) acc += hp[j] * gut[c];
             if (got)
-                for (int k = 0; k < n; k++) acc += hr[k * n + j] * got[k * C + c];
+                for (int k = 0; k < n; k++) acc += hr[k * n + j] * gs[k];
             gx[j * C + c] = acc;
         }
+    }
 }
 
 
