@@ -36,8 +36,9 @@ g[k]``, ``dh_pre`` and ``dh_res`` in one pass.
 
 The coefficient backward writes its dx into the buffer of g itself when nobody else can see g
 (:func:`_exclusive`): writing 1 MB of fresh memory first fetches it (read for ownership), g's lines
-are in cache already (default GPT, interleaved, one process: +0.008 to +0.015 in its ratio to the
-residual). The C kernel reads a token's g rows before writing its dx rows.
+are in cache already (default GPT, interleaved in one process, six runs: +0.004 to +0.015 in its
+ratio to the residual, ~0.3-0.6 ms of a step; ``model_default_cpu_reuse.md``). The C kernel reads a
+token's g rows before writing its dx rows.
 
 Little Python per call. At the default ``mhckit compare`` width (C = 64, 1024 tokens a step) the
 Python around the kernels cost more per sublayer than the write-back kernels themselves: mostly
