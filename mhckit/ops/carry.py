@@ -34,11 +34,11 @@ HC, whose coefficients need no stream pass, through :class:`ReadCarryFunction`, 
 carries the write-back's output gradient, its backward making ``dx = h_pre[j] du + sum_k h_res[k, j]
 g[k]``, ``dh_pre`` and ``dh_res`` in one pass.
 
-The coefficient backward writes its dx into the buffer of g itself when nobody else can see g
-(:func:`_exclusive`): writing 1 MB of fresh memory first fetches it (read for ownership), g's lines
-are in cache already (default GPT, interleaved in one process, six runs: +0.004 to +0.015 in its
-ratio to the residual, ~0.3-0.6 ms of a step; ``model_default_cpu_reuse.md``). The C kernel reads a
-token's g rows before writing its dx rows.
+The read's backward (every variant here, on the C kernels) writes its dx into the buffer of g itself
+when nobody else can see g (:func:`_exclusive`): writing 1 MB of fresh memory first fetches it (read
+for ownership), while g's lines are in cache already (mHC on the default GPT, interleaved in one
+process, six runs: +0.004 to +0.015 in its ratio to the residual, ~0.3-0.6 ms of a step;
+``model_default_cpu_reuse.md``). The C kernels read a token's g rows before writing its dx rows.
 
 Little Python per call. At the default ``mhckit compare`` width (C = 64, 1024 tokens a step) the
 Python around the kernels cost more per sublayer than the write-back kernels themselves: mostly
@@ -80,8 +80,8 @@ def separate_ops():
         _OFF[0] -= 1
 
 
-# The coefficient backward may write dx over the write-back's output gradient g (the C kernels; see the
-# module docstring) when _exclusive(g). Module-level so that benchmarks and tests can switch it off.
+# The read's backward may write dx over the write-back's output gradient g (the C kernels; see the module
+# docstring) when _exclusive(g). Module-level so that benchmarks and tests can switch it off.
 REUSE_GRADIENT_BUFFER = True
 _FREE_REFS: list[int] = []  # sys.getrefcount of a gradient nobody else holds, as _exclusive sees it
 
@@ -114,7 +114,7 @@ _NO_REFCOUNTS = not getattr(sys, "_is_gil_enabled", lambda: True)()
 
 @contextlib.contextmanager
 def reuse_gradient_buffer(on: bool):
-    """Inside this block the coefficient backward reuses (``on``) or never reuses the write-back's output
+    """Inside this block the read's backward reuses (``on``) or never reuses the write-back's output
     gradient buffer for its dx (:data:`REUSE_GRADIENT_BUFFER`; for A/B benchmarks and tests)."""
     global REUSE_GRADIENT_BUFFER
     before, REUSE_GRADIENT_BUFFER = REUSE_GRADIENT_BUFFER, on
@@ -187,9 +187,8 @@ def _read_backward(saved, iters: int, rms_eps: float, g_u, g_pre, g_post, g_res,
         return _triton_read_backward(x, phi, bias, alpha, r, z, h_pre, iters, g_u, g_pre, g_post, g_res, g_out,
                                      need_x, need_phi)
     if cpu.enabled():  # x, phi, z were checked in forward; the gradients are cast by the wrapper
-        out = g_out if reuse and need_x and g_out.dtype is x.dtype and g_out.shape == x.shape else None
         return cpu.coeffs_bwd(x, g_u, z, r, phi, bias, alpha, g_pre, g_post, g_res, iters, need_x, need_phi,
-                              g_out=g_out, gx_out=out)
+                              g_out=g_out, gx_out=_reusable(g_out, x, reuse and need_x))
     # the kernels were switched off between forward and backward: the same sums in PyTorch ops
     n, c = x.shape[-2], x.shape[-1]
     x3 = x.reshape(-1, n, c)
@@ -353,15 +352,22 @@ class ReadCarryFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_u: Tensor, g_out: Tensor):
+        free = _exclusive(g_out)  # first: it counts the references to g_out as the probe did
         x, h_pre, h_res = ctx.saved_tensors
-        return _read_external_backward(x, h_pre, h_res, g_u, g_out, ctx.needs_input_grad)
+        return _read_external_backward(x, h_pre, h_res, g_u, g_out, ctx.needs_input_grad, reuse=free)
 
 
-def _read_external_backward(x: Tensor, h_pre: Tensor, h_res: Tensor, g_u, g_out, need) -> tuple:
+def _reusable(g: Tensor | None, x: Tensor, reuse: bool) -> Tensor | None:
+    """``g`` as the buffer for the stream gradient of ``x`` when :func:`_exclusive` said so and it fits."""
+    return g if reuse and g.dtype is x.dtype and g.shape == x.shape else None
+
+
+def _read_external_backward(x: Tensor, h_pre: Tensor, h_res: Tensor, g_u, g_out, need, reuse: bool = False) -> tuple:
     """:class:`ReadCarryFunction`'s ``(dx, dh_pre, dh_res)`` (None where not needed or nothing reaches):
-    :func:`mhckit.ops.cpu.read_bwd`, or with the kernels switched off the same sums in PyTorch ops."""
+    :func:`mhckit.ops.cpu.read_bwd`, or with the kernels switched off the same sums in PyTorch ops.
+    ``reuse``: ``g_out`` is ours to overwrite (:func:`_exclusive`); the kernel then writes dx into it."""
     if cpu.enabled():
-        return cpu.read_bwd(x, h_pre, h_res, g_u, g_out, *need)
+        return cpu.read_bwd(x, h_pre, h_res, g_u, g_out, *need, gx_out=_reusable(g_out, x, reuse and need[0]))
     n, c = x.shape[-2], x.shape[-1]
     x3, dt = x.reshape(-1, n, c), x.dtype
     gu = None if g_u is None else g_u.reshape(-1, 1, c)
@@ -405,11 +411,13 @@ class HCCarryFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_u: Tensor, g_pre: Tensor, g_post: Tensor, g_res: Tensor, g_out: Tensor):
+        free = _exclusive(g_out)  # first: it counts the references to g_out as the probe did
         x, sp, spo, sr, wp, wq, wr, sa, sb, z, r = ctx.saved_tensors
         need = ctx.needs_input_grad
         if cpu.enabled():
             gx, dwp, dwq, dwr, dsp, dspo, dsr, dsa, dsb = cpu.hc_bwd(x, g_u, g_out, z, r, wp, wq, wr, sp, sr, sa, sb,
-                                                                     g_pre, g_post, g_res, need[0])
+                                                                     g_pre, g_post, g_res, need[0],
+                                                                     gx_out=_reusable(g_out, x, free and need[0]))
             grads = [gx, dsp, dspo, dsr, dwp, dwq, dwr, dsa, dsb]
         else:  # the kernels were switched off between forward and backward: autograd through the reference
             grads = _hc_reference_backward(ctx.saved_tensors[:9], ctx.eps, g_u, g_pre, g_post, g_res, g_out)

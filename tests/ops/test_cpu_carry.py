@@ -275,35 +275,41 @@ def test_separate_ops_switch_and_its_environment_variable():
 # ---- the coefficient backward writing dx over the write-back's output gradient (carry._exclusive)
 
 
-def _stack(dt=torch.float32, n=4, c=24, depth=3, variant="mhc"):
+def _stack(dt=torch.float32, n=4, c=21, depth=3, variant="mhc", hc_dynamic=True):
     torch.manual_seed(0)
     hcs = torch.nn.ModuleList(
         HyperConnection(c, torch.nn.Sequential(torch.nn.LayerNorm(c), torch.nn.Linear(c, c)), variant=variant,
-                        n_streams=n, layer_index=i)
+                        n_streams=n, layer_index=i, hc_dynamic=hc_dynamic)
         for i in range(depth)).to(dt)
-    with torch.no_grad():
-        for hc in hcs:
-            hc.coeffs.phi.normal_(0, 0.2)
+    with torch.no_grad():  # away from the start, so that every term of the gradients is non-trivial
+        for p in hcs.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
     x = torch.randn(3, 5, n, c, dtype=dt, requires_grad=True)
     return hcs, x
 
 
-@pytest.mark.parametrize("variant", ["mhc", "mhc-lite", "identity"])
+# the variants on the pair, and the kernel call whose stream gradient may reuse its operand's buffer
+_REUSERS = [("mhc", True, "coeffs_bwd", "g_out"), ("mhc-lite", True, "coeffs_bwd", "g_out"),
+            ("identity", True, "coeffs_bwd", "g_out"), ("hc", True, "hc_bwd", 2), ("hc", False, "read_bwd", 4)]
+
+
+@pytest.mark.parametrize("variant,dynamic,kernel,g_arg", _REUSERS, ids=["mhc", "lite", "identity", "hc", "hc-static"])
 @pytest.mark.parametrize("dt", [torch.float32, torch.float64, torch.bfloat16])
-def test_reusing_the_gradient_buffer_is_bitwise_and_happens(monkeypatch, variant, dt):
-    """Every coefficient backward of a plain stack writes its dx into its incoming gradient's buffer
-    (nothing else holds it), and every gradient is bitwise the one of fresh buffers."""
+def test_reusing_the_gradient_buffer_is_bitwise_and_happens(monkeypatch, variant, dynamic, kernel, g_arg, dt):
+    """Every backward of a plain stack on the pair writes its stream gradient into its incoming output
+    gradient's buffer (nothing else holds it), and every gradient is bitwise the one of fresh buffers."""
     calls = []
-    real = cpu.coeffs_bwd
+    real = getattr(cpu, kernel)
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("gx_out") is not None and kwargs["gx_out"] is kwargs.get("g_out"))
+        g = kwargs.get(g_arg) if isinstance(g_arg, str) else args[g_arg]
+        calls.append(kwargs.get("gx_out") is not None and kwargs["gx_out"] is g)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cpu, "coeffs_bwd", spy)
+    monkeypatch.setattr(cpu, kernel, spy)
     got = {}
     for on in (True, False):
-        hcs, x = _stack(dt, variant=variant)
+        hcs, x = _stack(dt, variant=variant, hc_dynamic=dynamic)
         with _reuse(on):
             out = x
             for hc in hcs:
@@ -314,9 +320,9 @@ def test_reusing_the_gradient_buffer_is_bitwise_and_happens(monkeypatch, variant
     assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
 
 
-def _mid_gradients(how: str, on: bool):
+def _mid_gradients(how: str, on: bool, variant: str = "mhc", dynamic: bool = True):
     """The gradient of the streams between sublayers 1 and 2 as the user sees it, and x's."""
-    hcs, x = _stack()
+    hcs, x = _stack(variant=variant, hc_dynamic=dynamic)
     with _reuse(on):
         mid = hcs[0](x)
         mid = hcs[1](mid)  # hcs[1]'s write-back output: its gradient reaches hcs[1]'s coefficient backward
@@ -337,13 +343,14 @@ def _mid_gradients(how: str, on: bool):
         raise AssertionError(how)
 
 
+@pytest.mark.parametrize("variant,dynamic", [("mhc", True), ("hc", True), ("hc", False)], ids=["mhc", "hc", "hc-static"])
 @pytest.mark.parametrize("how", ["hook", "retain_grad", "autograd.grad"])
-def test_a_gradient_the_user_holds_is_not_overwritten(how):
+def test_a_gradient_the_user_holds_is_not_overwritten(how, variant, dynamic):
     """A stream gradient that a hook kept, that retain_grad stored or that autograd.grad returns is the
     same tensor the next coefficient backward receives (or a copy of it): it must not be reused, and
     every gradient equals the one computed with fresh buffers."""
-    seen_on, gx_on, held_on = _mid_gradients(how, True)
-    seen_off, gx_off, held_off = _mid_gradients(how, False)
+    seen_on, gx_on, held_on = _mid_gradients(how, True, variant, dynamic)
+    seen_off, gx_off, held_off = _mid_gradients(how, False, variant, dynamic)
     assert torch.equal(held_on, seen_on)  # not overwritten after the hook / capture saw it
     assert torch.equal(seen_on, seen_off) and torch.equal(gx_on, gx_off)
 

@@ -269,6 +269,20 @@ def _c(t: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _gx(x: torch.Tensor, need: bool, gx_out: torch.Tensor | None) -> torch.Tensor | None:
+    """The stream gradient's buffer of a backward kernel: ``gx_out`` (checked: contiguous, ``x``'s shape
+    and dtype; it may be the kernel's output-gradient operand, which every such kernel reads for a
+    token before writing the token's rows) or a new one; None without ``need``."""
+    if not need:
+        return None
+    if gx_out is None:
+        return torch.empty(x.shape, dtype=x.dtype)
+    if not (gx_out.shape == x.shape and gx_out.dtype is x.dtype and gx_out.is_contiguous()):
+        raise ValueError(f"gx_out: got {tuple(gx_out.shape)} {gx_out.dtype} (contiguous: {gx_out.is_contiguous()}); "
+                         f"expected a contiguous tensor of x's shape {tuple(x.shape)} and dtype {x.dtype}")
+    return gx_out
+
+
 def pre_fwd(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``u [..., C] = sum_j h[..., j] x[..., j, :]``."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
@@ -292,16 +306,17 @@ def pre_bwd(x: torch.Tensor, h: torch.Tensor | None, gu: torch.Tensor, need_x: b
 
 
 def read_bwd(x: torch.Tensor, h_pre: torch.Tensor, h_res: torch.Tensor, gu, g, need_x: bool, need_pre: bool,
-             need_res: bool):
+             need_res: bool, gx_out: torch.Tensor | None = None):
     """``(dx, dh_pre, dh_res)`` (None where not needed or without a gradient to make it from) of the read
     ``u = sum_j h_pre[j] x[j]`` joined by its write-back's stream gradient ``h_res^T g`` (``g`` the
     write-back's output gradient, or None; ``gu`` the read's, or None): one pass over the tokens.
     float32 / float64 streams with coefficients of their dtype, or 2-byte streams with float32
-    coefficients (dx of the streams' dtype, dh_pre / dh_res of the coefficients')."""
+    coefficients (dx of the streams' dtype, dh_pre / dh_res of the coefficients'). ``gx_out``: dx's
+    buffer (as :func:`coeffs_bwd`'s; it may be ``g`` itself)."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
     cd = _COEF[dt]
     x, hp, hr, gu, g = _c(x, dt), _c(h_pre, cd), _c(h_res, cd), _c(gu, dt), _c(g, dt)
-    gx = torch.empty(x.shape, dtype=dt) if need_x else None
+    gx = _gx(x, need_x, gx_out)
     gp = torch.empty(x.shape[:-1], dtype=cd) if need_pre and gu is not None else None
     gr = torch.empty(x.shape[:-1] + (n,), dtype=cd) if need_res and g is not None else None
     _call("mhc_read_bwd", dt, _ptr(x), _ptr(hp), _ptr(hr), _ptr(gu), _ptr(g), _ptr(gx), _ptr(gp), _ptr(gr),
@@ -333,18 +348,20 @@ def hc_fwd(x: torch.Tensor, w_pre: torch.Tensor, w_post: torch.Tensor, w_res: to
     return u, h_pre, h_post, h_res, z, r
 
 
-def hc_bwd(x, gu, g_out, z, r, w_pre, w_post, w_res, sp, sr, sa, sb, g_pre, g_post, g_res, need_x: bool):
+def hc_bwd(x, gu, g_out, z, r, w_pre, w_post, w_res, sp, sr, sa, sb, g_pre, g_post, g_res, need_x: bool,
+           gx_out: torch.Tensor | None = None):
     """``(dx or None, dw_pre [C], dw_post [C], dw_res [C, n], dsp [n], dspo [n], dsr [n, n], dsa [], dsb [])``
     of :func:`hc_fwd` given the gradients of u (``gu``), of the coefficients and, with ``g_out``, the
     output gradient of the write-back ``h_res x + h_post y`` (whose ``dx`` and ``dh_res`` join here);
     any may be None. The scales' gradients have ``sa``'s / ``sb``'s shape; dtypes as in :func:`hc_fwd`
-    (stream gradients of the streams' dtype, the rest of the coefficients')."""
+    (stream gradients of the streams' dtype, the rest of the coefficients'). ``gx_out``: dx's buffer (as
+    :func:`coeffs_bwd`'s; it may be ``g_out`` itself)."""
     n, c, dt = x.shape[-2], x.shape[-1], x.dtype
     cd = _COEF[dt]
     x, wp, wq, wr = _c(x, dt), _c(w_pre, cd), _c(w_post, cd), _c(w_res, cd)
     sp, sr, sa, sb = _c(sp, cd), _c(sr, cd), _c(sa, cd), _c(sb, cd)
     gu, g_out, g_pre, g_post, g_res = _c(gu, dt), _c(g_out, dt), _c(g_pre, cd), _c(g_post, cd), _c(g_res, cd)
-    gx = torch.empty(x.shape, dtype=dt) if need_x else None
+    gx = _gx(x, need_x, gx_out)
     dwp, dwq, dwr = torch.empty(c, dtype=cd), torch.empty(c, dtype=cd), torch.empty(c, n, dtype=cd)
     dsp, dspo, dsr = torch.empty(n, dtype=cd), torch.empty(n, dtype=cd), torch.empty(n, n, dtype=cd)
     dsa, dsb = torch.empty(sa.shape, dtype=cd), torch.empty(sb.shape, dtype=cd)
@@ -462,10 +479,7 @@ def coeffs_bwd(x: torch.Tensor, gu, z: torch.Tensor, r: torch.Tensor, phi: torch
     # the matmuls with phi in the kernel, else in BLAS below; 2-byte streams always here (gx rounded once)
     here = _project_here(n, c, k, dt)
     gzr = None if here else torch.empty(t, k, dtype=cd)
-    if gx_out is not None and not (gx_out.shape == x.shape and gx_out.dtype is dt and gx_out.is_contiguous()):
-        raise ValueError(f"gx_out: got {tuple(gx_out.shape)} {gx_out.dtype} (contiguous: {gx_out.is_contiguous()}); "
-                         f"expected a contiguous tensor of x's shape {tuple(x.shape)} and dtype {dt}")
-    gx = (torch.empty(x.shape, dtype=dt) if gx_out is None else gx_out) if need_x else None
+    gx = _gx(x, need_x, gx_out)
     dphi = torch.empty(n * c, k, dtype=cd) if here and need_phi else None
     dbias, dalpha = torch.empty(k, dtype=cd), torch.empty(3, dtype=cd)
     _call("mhc_coeffs_bwd", dt, _ptr(x), _ptr(gu), _ptr(g_out), _ptr(z), _ptr(r), _ptr(bias), _ptr(gates), _ptr(g_pre),

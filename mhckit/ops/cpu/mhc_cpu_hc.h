@@ -99,9 +99,9 @@ int FN(mhc_hc_fwd)(const T *x, const T *wp, const T *wq, const T *wr, const T *s
  *     dx_j = gzr_j @ WT - x_j sum_q(gzr_jq z_jq) / (C r_j) + h_pre[j] g_u + sum_k h_res[k][j] g[k]
  *     part: dWT[q] += gzr_jq x_j, the statics' and the scales' sums (per thread, summed in a fixed order) */
 static inline __attribute__((always_inline)) void FN(hc_bwd_tok)(
-    const T *restrict xt, const T *restrict gut, const T *restrict got, const T *restrict zt, const T *restrict rt,
+    const T *restrict xt, const T *restrict gut, const T *got, const T *restrict zt, const T *restrict rt,
     const T *restrict WT, const T *sp, const T *sr, T sa, T sb, const T *gpre, const T *gpost, const T *gres,
-    T *restrict gx, T *restrict part, const int n, const int64_t C) {
+    T *gx, T *restrict part, const int n, const int64_t C) { /* gx may be got: see the column loop */
     const int m = HC_COLS(n), nn = n * n;
     T *dWT = part, *dsp = part + m * C, *dspo = dsp + n, *dsr = dspo + n, *dsc = dsr + nn;
     T th[MAXN * (MAXN + 2) + W] ALIGNED, gp[MAXN] ALIGNED, gr[MAXN * MAXN] ALIGNED;
@@ -148,11 +148,16 @@ static inline __attribute__((always_inline)) void FN(hc_bwd_tok)(
     }
     dsc[0] += sca;
     dsc[1] += scb;
+    /* Every column of g's n rows is read before gx's rows are written there, so gx may be g itself */
     for (int64_t c = 0; c + W <= C || c < C; c += W) {
         const int vec = c + W <= C;
         VT gv[MAXN] = {{0}};
+        T gs[MAXN * W]; /* the C % W rest of g's rows */
         if (vec && got)
             for (int k = 0; k < n; k++) gv[k] = VLD(got + k * C + c);
+        if (!vec && got)
+            for (int k = 0; k < n; k++)
+                for (int64_t i = c; i < C; i++) gs[k * W + (i - c)] = got[k * C + i];
         const VT uv = vec && gut ? VLD(gut + c) : (VT){0};
         VT wv[MAXN + 2], xs[MAXN];
         if (vec)
@@ -164,7 +169,7 @@ static inline __attribute__((always_inline)) void FN(hc_bwd_tok)(
                     T a = xv * cz[j];
                     if (gut) a += hp[j] * gut[i];
                     if (got)
-                        for (int k = 0; k < n; k++) a += hr[k * n + j] * got[k * C + i];
+                        for (int k = 0; k < n; k++) a += hr[k * n + j] * gs[k * W + (i - c)];
                     for (int q = 0; q < m; q++) {
                         a += gz[j * m + q] * WT[q * C + i];
                         dWT[q * C + i] += gz[j * m + q] * xv;
