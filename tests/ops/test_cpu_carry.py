@@ -340,15 +340,23 @@ def _mid_gradients(how: str, on: bool, variant: str = "mhc", dynamic: bool = Tru
         if how == "autograd.grad":
             g_mid, g_x = torch.autograd.grad(loss, [mid, x])
             return g_mid.clone(), g_x, g_mid
+        if how == "backward(inputs=...)":
+            loss.backward(inputs=[mid, x])
+            return mid.grad.clone(), x.grad, mid.grad
+        if how == "grad passed in":  # the user's own gradient for the last write-back's output
+            g = torch.ones_like(out)
+            out.backward(g)
+            return torch.ones_like(out), x.grad, g
         raise AssertionError(how)
 
 
 @pytest.mark.parametrize("variant,dynamic", [("mhc", True), ("hc", True), ("hc", False)], ids=["mhc", "hc", "hc-static"])
-@pytest.mark.parametrize("how", ["hook", "retain_grad", "autograd.grad"])
+@pytest.mark.parametrize("how", ["hook", "retain_grad", "autograd.grad", "backward(inputs=...)", "grad passed in"])
 def test_a_gradient_the_user_holds_is_not_overwritten(how, variant, dynamic):
-    """A stream gradient that a hook kept, that retain_grad stored or that autograd.grad returns is the
-    same tensor the next coefficient backward receives (or a copy of it): it must not be reused, and
-    every gradient equals the one computed with fresh buffers."""
+    """A stream gradient that a hook kept, that retain_grad or backward(inputs=...) stored, that
+    autograd.grad returns or that the user passed to backward is the tensor the next read's backward
+    receives (or a copy of it): it must not be reused, and every gradient equals the one computed with
+    fresh buffers."""
     seen_on, gx_on, held_on = _mid_gradients(how, True, variant, dynamic)
     seen_off, gx_off, held_off = _mid_gradients(how, False, variant, dynamic)
     assert torch.equal(held_on, seen_on)  # not overwritten after the hook / capture saw it
