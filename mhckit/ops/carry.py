@@ -37,7 +37,7 @@ g[k]``, ``dh_pre`` and ``dh_res`` in one pass.
 The read's backward (every variant here, on the C kernels) writes its dx into the buffer of g itself
 when nobody else can see g (:func:`_exclusive`): writing 1 MB of fresh memory first fetches it (read
 for ownership), while g's lines are in cache already (mHC on the default GPT, interleaved in one
-process, six runs: +0.004 to +0.015 in its ratio to the residual, ~0.3-0.6 ms of a step;
+process, six runs: +0.004 to +0.015 in its ratio to the residual, 0.1-1.4 ms off the median step;
 ``model_default_cpu_reuse.md``). The C kernels read a token's g rows before writing its dx rows.
 
 Little Python per call. At the default ``mhckit compare`` width (C = 64, 1024 tokens a step) the
