@@ -329,10 +329,10 @@ def _mid_gradients(how: str, on: bool, variant: str = "mhc", dynamic: bool = Tru
         out = hcs[2](mid)
         loss = out.square().sum()
         if how == "hook":
-            kept = []
-            mid.register_hook(lambda g: kept.append(g))
+            kept = []  # (its value when the hook saw it, the tensor the hook kept)
+            mid.register_hook(lambda g: kept.append((g.clone(), g)))
             loss.backward()
-            return kept[0].clone(), x.grad, kept[0]
+            return kept[0][0], x.grad, kept[0][1]
         if how == "retain_grad":
             mid.retain_grad()
             loss.backward()
@@ -359,7 +359,7 @@ def test_a_gradient_the_user_holds_is_not_overwritten(how, variant, dynamic):
     fresh buffers."""
     seen_on, gx_on, held_on = _mid_gradients(how, True, variant, dynamic)
     seen_off, gx_off, held_off = _mid_gradients(how, False, variant, dynamic)
-    assert torch.equal(held_on, seen_on)  # not overwritten after the hook / capture saw it
+    assert torch.equal(held_on, seen_on)  # hook: the kept tensor still holds what the hook saw
     assert torch.equal(seen_on, seen_off) and torch.equal(gx_on, gx_off)
 
 
