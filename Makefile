@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all clean smollm2 bench-cpu
+.PHONY: setup demo test test-slow test-all clean smollm2 bench-cpu bench-cpu-more
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,8 @@ smollm2: setup
 # The fp32 CPU benchmarks whose results are committed under benchmarks/results/ (installs the pinned
 # peer `hyper-connections` into the venv first; ~5-9 minutes on a 2-core CPU), including the AVX2-vs-own
 # build, kernel-vs-BLAS and HC comparisons (model_default_cpu_hc_before.md is a one-off of an older
-# commit). bf16 and compiled variants: see the README's Speed section.
-# On a GPU: bash benchmarks/gpu_suite.sh.
+# commit). The bf16, compiled and buffer-reuse results: make bench-cpu-more.
+# On a GPU: bash benchmarks/gpu_suite.sh. Every result file starts with the command that made it.
 bench-cpu: setup
 	$(PY) -m pip install --quiet -e ".[dev,train,hf,bench]"
 	$(PY) -m benchmarks.bench_ops
@@ -61,6 +61,21 @@ bench-cpu: setup
 	$(PY) -m benchmarks.bench_model --dtype bfloat16 --variants residual,mhc,hc-separate,hc --out benchmarks/results/model_default_cpu_bfloat16_hc
 	$(PY) -m benchmarks.bench_route
 	$(PY) -m benchmarks.bench_route --isa avx2
+
+# The rest of the committed CPU results (~20 minutes on a 2-core CPU): bf16 ops, layer and model; the
+# default GPT under torch.compile (mHC, dynamic and static HC, identity, each on the fused pair and as
+# separate ops); the read's backward reusing the write-back's gradient buffer or not (default and wide GPT).
+bench-cpu-more: setup
+	$(PY) -m pip install --quiet -e ".[dev,train,hf,bench]"
+	$(PY) -m benchmarks.bench_ops --dtype bfloat16
+	$(PY) -m benchmarks.bench_layer --dtype bfloat16
+	$(PY) -m benchmarks.bench_model --dtype bfloat16
+	$(PY) -m benchmarks.bench_model --compile
+	$(PY) -m benchmarks.bench_model --compile --variants residual,mhc,hc-separate,hc --out benchmarks/results/model_default_cpu_compiled_hc
+	$(PY) -m benchmarks.bench_model --compile --variants residual,mhc,hc-static-separate,hc-static --out benchmarks/results/model_default_cpu_compiled_hc_static
+	$(PY) -m benchmarks.bench_model --compile --variants residual,mhc,identity-separate,identity --out benchmarks/results/model_default_cpu_compiled_identity
+	$(PY) -m benchmarks.bench_model --variants residual,mhc-fresh-grad,mhc --out benchmarks/results/model_default_cpu_reuse
+	$(PY) -m benchmarks.bench_model --preset wide --variants residual,mhc-fresh-grad,mhc --out benchmarks/results/model_wide_cpu_reuse
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

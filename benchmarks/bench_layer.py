@@ -25,7 +25,7 @@ from torch import nn
 
 import mhckit
 from mhckit.ops import cpu as cpu_kernels
-from benchmarks.harness import compare, write_results
+from benchmarks.harness import command_line, compare, write_results
 from mhckit.train.runinfo import run_info
 
 RESULTS = Path(__file__).parent / "results"
@@ -128,7 +128,8 @@ def main(argv=None) -> int:
         results += res
     suffix = "" if dtype == torch.float32 else f"_{args.dtype}"
     stem = Path(args.out) if args.out else RESULTS / f"layer_{args.device}{suffix}"
-    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads(), peers=peer_versions()))
+    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads(), peers=peer_versions()),
+                  command=command_line(__spec__ and __spec__.name, argv))
     print(f"wrote {stem}.csv and {stem}.md")
     return 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_ops import make_inputs, timed_case
-from benchmarks.harness import compare, write_results
+from benchmarks.harness import command_line, compare, write_results
 from mhckit import functional as F
 from mhckit.ops import cpu
 from mhckit.train.runinfo import run_info
@@ -57,6 +57,7 @@ def main(argv=None) -> int:
                    "(mhckit.ops.cpu.use_isa; default: the process's own build)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    args.command = command_line(__spec__ and __spec__.name, argv)  # what the results say made them
     if not cpu.status()["active"]:
         raise SystemExit(f"the compiled CPU kernels are unavailable: {cpu.status()['why']}")
     with cpu.use_isa(args.isa) if args.isa else contextlib.nullcontext():
@@ -77,7 +78,8 @@ def _run(args) -> int:
                   f"blas / kernel x{blas.ratio:.2f}  (default: {default})")
             results += res
     stem = Path(args.out) if args.out else RESULTS / ("route_cpu" + (f"_{args.isa}" if args.isa else ""))
-    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads(), isa=cpu.status()["isa"]))
+    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads(), isa=cpu.status()["isa"]),
+                  command=args.command)
     print(f"wrote {stem}.csv and {stem}.md")
     return 0
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,8 +72,19 @@ def compare(
     return out
 
 
-def write_results(results: list[Result], path_stem: Path, meta: dict) -> None:
-    """``<stem>.csv`` (one row per case) and ``<stem>.md`` (a table with the run's metadata)."""
+def command_line(module: str | None, argv: list[str] | None = None) -> str:
+    """The command that ran a benchmark, as one would type it again from the repository root:
+    ``python -m <module> <argv>`` (``module``: the benchmark's ``__spec__.name``; None when it ran as a
+    script, whose path ``sys.argv[0]`` then stands first). ``argv``: its arguments (None: ``sys.argv[1:]``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    head = ["python", "-m", module] if module else ["python", sys.argv[0]]
+    return shlex.join(head + args)
+
+
+def write_results(results: list[Result], path_stem: Path, meta: dict, command: str) -> None:
+    """``<stem>.csv`` (one row per case) and ``<stem>.md`` (a table with the run's metadata, which starts
+    with ``command``, the one that produced it: :func:`command_line`)."""
+    meta = {"command": command, **meta}
     path_stem.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted({k for r in results for k in r.params})
     with open(path_stem.with_suffix(".csv"), "w", newline="") as f:

@@ -255,3 +255,32 @@ def test_results_name_the_cpu_precisely():
         names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
         if names:
             assert hw.startswith(names[0] + " ("), hw  # the name and more than the architecture's
+
+
+def test_results_start_with_the_command_that_made_them(tmp_path, monkeypatch):
+    """A committed result says how to make it again: ``python -m benchmarks.<module> <arguments>``
+    (a script run by path keeps its path), first in its metadata, in the markdown and the CSV; a
+    benchmark's ``main`` records its own arguments, not those of whatever called it."""
+    import json
+    import sys
+
+    from benchmarks import bench_route, harness
+
+    args = ["--dtype", "bfloat16", "--variants", "residual,mhc", "--out", "a b"]
+    cmd = harness.command_line("benchmarks.bench_model", args)
+    assert cmd == "python -m benchmarks.bench_model --dtype bfloat16 --variants residual,mhc --out 'a b'"
+    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_model.py", *args])
+    assert harness.command_line(None) == "python benchmarks/bench_model.py " + cmd.split(" ", 3)[3]
+    res = [harness.Result("residual", 1.0, 1.0, (1.0, 1.0), 3, {"preset": "default"})]
+    harness.write_results(res, tmp_path / "r", {"commit": "abc"}, command=cmd)
+    md = (tmp_path / "r.md").read_text()
+    assert md.index('"command": ' + json.dumps(cmd)) < md.index('"commit"')
+    header, row = (tmp_path / "r.csv").read_text().splitlines()[:2]
+    assert header.split(",")[-2:] == ["command", "commit"] and row.endswith(",abc") and "bench_model --dtype" in row
+    # a benchmark run from here (pytest's argv): the results name the benchmark and its arguments
+    monkeypatch.setattr(bench_route, "compare", lambda cases, baseline, **kw: [
+        harness.Result(c, 1.0, 1.0, (1.0, 1.0), 1, dict(kw.get("params") or {})) for c in cases])
+    stem = tmp_path / "route"
+    assert bench_route.main(["--out", str(stem)]) == 0
+    meta = json.loads(stem.with_suffix(".md").read_text().split("```")[1])
+    assert meta["command"] == f"python -m benchmarks.bench_route --out {stem}"
