@@ -64,7 +64,8 @@ bench-cpu: setup
 
 # The rest of the committed CPU results (~20 minutes on a 2-core CPU): bf16 ops, layer and model; the
 # default GPT under torch.compile (mHC, dynamic and static HC, identity, each on the fused pair and as
-# separate ops); the read's backward reusing the write-back's gradient buffer or not (default and wide GPT).
+# separate ops); the read's backward reusing the write-back's gradient buffer or not (default and wide GPT);
+# greedy generation of a SmolLM2-shaped Llama, unmodified against retrofitted (random weights, no download).
 bench-cpu-more: setup
 	$(PY) -m pip install --quiet -e ".[dev,train,hf,bench]"
 	$(PY) -m benchmarks.bench_ops --dtype bfloat16
@@ -76,6 +77,7 @@ bench-cpu-more: setup
 	$(PY) -m benchmarks.bench_model --compile --variants residual,mhc,identity-separate,identity --out benchmarks/results/model_default_cpu_compiled_identity
 	$(PY) -m benchmarks.bench_model --variants residual,mhc-fresh-grad,mhc --out benchmarks/results/model_default_cpu_reuse
 	$(PY) -m benchmarks.bench_model --preset wide --variants residual,mhc-fresh-grad,mhc --out benchmarks/results/model_wide_cpu_reuse
+	$(PY) -m benchmarks.bench_generate
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

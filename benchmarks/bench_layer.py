@@ -25,8 +25,7 @@ from torch import nn
 
 import mhckit
 from mhckit.ops import cpu as cpu_kernels
-from benchmarks.harness import command_line, compare, write_results
-from mhckit.train.runinfo import run_info
+from benchmarks.harness import command_line, compare, save_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -128,9 +127,7 @@ def main(argv=None) -> int:
         results += res
     suffix = "" if dtype == torch.float32 else f"_{args.dtype}"
     stem = Path(args.out) if args.out else RESULTS / f"layer_{args.device}{suffix}"
-    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads(), peers=peer_versions()),
-                  command=command_line(__spec__ and __spec__.name, argv))
-    print(f"wrote {stem}.csv and {stem}.md")
+    save_results(results, stem, command_line(__spec__ and __spec__.name, argv), peers=peer_versions())
     return 0
 
 

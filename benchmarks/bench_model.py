@@ -35,13 +35,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Result, command_line, write_results
+from benchmarks.harness import Result, command_line, save_results
 from mhckit import MHCConfig
 from mhckit.models import GPT, GPTConfig
 from mhckit.ops import carry, cpu
 from mhckit.train.alloc import keep_freed_memory
 from mhckit.train.memory import estimate_training_memory
-from mhckit.train.runinfo import run_info
 
 RESULTS = Path(__file__).parent / "results"
 PRESETS = {
@@ -219,9 +218,8 @@ def main(argv=None) -> int:
               f"vs {base}  memory {memory[n] / 2**20:8.1f} MB (x{memory[n] / memory[base]:.2f})")
     suffix = ("_compiled" if args.compile else "") + ("" if dtype == torch.float32 else f"_{args.dtype}")
     stem = Path(args.out) if args.out else RESULTS / f"model_{args.preset}_{dev.split(':')[0]}{suffix}"
-    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads(), heap=heap),
-                  command=command_line(__spec__ and __spec__.name, argv))
-    print(f"wrote {stem}.csv and {stem}.md  (ratio column = throughput relative to {base})")
+    save_results(results, stem, command_line(__spec__ and __spec__.name, argv),
+                 f"  (ratio column = throughput relative to {base})", heap=heap)
     return 0
 
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import command_line, compare, write_results
+from benchmarks.harness import command_line, compare, save_results
 from mhckit import functional as F
 from mhckit.ops import cpu
-from mhckit.train.runinfo import run_info
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -121,9 +120,7 @@ def main(argv=None) -> int:
                         results += res
     suffix = "" if dtype == torch.float32 else f"_{args.dtype}"  # the fp32 results keep their name
     stem = Path(args.out) if args.out else RESULTS / f"ops_{args.device}{suffix}"
-    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads()),
-                  command=command_line(__spec__ and __spec__.name, argv))
-    print(f"wrote {stem}.csv and {stem}.md")
+    save_results(results, stem, command_line(__spec__ and __spec__.name, argv))
     return 0
 
 

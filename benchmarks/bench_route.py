@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_ops import make_inputs, timed_case
-from benchmarks.harness import command_line, compare, write_results
+from benchmarks.harness import command_line, compare, save_results
 from mhckit import functional as F
 from mhckit.ops import cpu
-from mhckit.train.runinfo import run_info
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -78,9 +77,7 @@ def _run(args) -> int:
                   f"blas / kernel x{blas.ratio:.2f}  (default: {default})")
             results += res
     stem = Path(args.out) if args.out else RESULTS / ("route_cpu" + (f"_{args.isa}" if args.isa else ""))
-    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads(), isa=cpu.status()["isa"]),
-                  command=args.command)
-    print(f"wrote {stem}.csv and {stem}.md")
+    save_results(results, stem, args.command, isa=cpu.status()["isa"])
     return 0
 
 

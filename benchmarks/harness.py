@@ -101,3 +101,12 @@ def write_results(results: list[Result], path_stem: Path, meta: dict, command: s
                  f"{r.ratio:.3f} ({r.ratio_iqr[0]:.2f}-{r.ratio_iqr[1]:.2f})"]
         lines.append("| " + " | ".join(cells) + " |")
     path_stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def save_results(results: list[Result], stem: Path, command: str, note: str = "", **meta) -> None:
+    """:func:`write_results` with the run's info (commit, versions, hardware, threads) and ``meta``, then
+    says where the files went (and ``note``)."""
+    from mhckit.train.runinfo import run_info
+
+    write_results(results, stem, dict(run_info(), threads=torch.get_num_threads(), **meta), command=command)
+    print(f"wrote {stem}.csv and {stem}.md{note}")

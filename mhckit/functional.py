@@ -47,6 +47,7 @@ from .ops.autograd import (
     SinkhornFunction,
 )
 from .ops.carry import CoeffsCarryFunction, HCCarryFunction, PostCarryFunction, ReadCarryFunction, pair_enabled
+from .ops.carry import _read as _carry_read, _write as _carry_write
 from .ops.carry_ops import carry_hc_read, carry_pre_read, carry_read, carry_write
 from .reference import DEFAULT_RMS_EPS
 
@@ -216,7 +217,11 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
         u, h_pre, h_post, h_res, _, _, carrier = carry_read(x, _as(phi, dt), _as(bias, dt), _as(alpha, dt), iters,
                                                             float(rms_eps), triton)
         return u, h_pre, h_post, None if ident else h_res, carrier  # the identity's h_res: an empty stand-in
-    return CoeffsCarryFunction.apply(x, _as(phi, dt), _as(bias, dt), _as(alpha, dt), iters, rms_eps, triton)
+    phi, bias, alpha = _as(phi, dt), _as(bias, dt), _as(alpha, dt)
+    if not torch.is_grad_enabled():  # nothing to record (inference, generation): the kernels without a Function
+        # (its forward's calls; the carrier is x itself, which the write-back only reads)
+        return (*_carry_read(x, phi, bias, alpha, iters, rms_eps, triton)[:4], x)
+    return CoeffsCarryFunction.apply(x, phi, bias, alpha, iters, rms_eps, triton)
 
 
 def _as(t: Tensor, dt: torch.dtype) -> Tensor:
@@ -258,7 +263,10 @@ def _mhc_read_external(x: Tensor, h_pre: Tensor, h_res: Tensor) -> tuple[Tensor,
     x = x if x.is_contiguous() else x.contiguous()
     if torch.compiler.is_compiling():  # the same pair as custom ops (see mhckit/ops/carry_ops.py)
         return carry_pre_read(x, _as(h_pre, dt), _as(h_res, dt))
-    return ReadCarryFunction.apply(x, _as(h_pre, dt), _as(h_res, dt))
+    h_pre, h_res = _as(h_pre, dt), _as(h_res, dt)
+    if not torch.is_grad_enabled():  # nothing to record: the kernel without a Function (as its forward)
+        return cpu.pre_fwd(x, h_pre), x
+    return ReadCarryFunction.apply(x, h_pre, h_res)
 
 
 @finite_checked("x", "static_pre", "static_post", "static_res", "w_pre", "w_post", "w_res", "scale_alpha",
@@ -276,6 +284,9 @@ def _hc_read_carry(x: Tensor, static_pre: Tensor, static_post: Tensor, static_re
     if torch.compiler.is_compiling():  # the same pair as custom ops (see mhckit/ops/carry_ops.py)
         u, h_pre, h_post, h_res, _, _, carrier = carry_hc_read(x, *params, float(norm_eps))
         return u, h_pre, h_post, h_res, carrier
+    if not torch.is_grad_enabled():  # nothing to record: the kernels without a Function (as its forward)
+        sp, spo, sr, wp, wq, wr, sa, sb = params
+        return (*cpu.hc_fwd(x, wp, wq, wr, sp, spo, sr, sa, sb, float(norm_eps))[:4], x)
     return HCCarryFunction.apply(x, *params, float(norm_eps))
 
 
@@ -287,6 +298,8 @@ def _mhc_write_carry(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_re
     check_coefficient(y, "y", carrier.shape[:-2] + carrier.shape[-1:])
     if torch.compiler.is_compiling():
         return carry_write(x if x.is_contiguous() else x.contiguous(), carrier, y, h_post, h_res, triton)
+    if not torch.is_grad_enabled():  # nothing to record: the write-back's kernel without its Function
+        return _carry_write(carrier, y, h_post, h_res, triton)
     return PostCarryFunction.apply(carrier, y, h_post, h_res, triton)
 
 

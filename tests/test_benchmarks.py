@@ -309,3 +309,22 @@ def test_every_committed_cpu_result_is_made_by_a_make_target():
         if md.stem in one_offs:
             continue
         assert meta.get("command") in lines, f"{md.name}: {meta.get('command')!r} is no line of the bench targets"
+
+
+def test_generation_benchmark_times_the_original_and_each_retrofit(tmp_path):
+    """``bench_generate``: greedy generation of the unmodified Llama and of each retrofitted copy, interleaved,
+    ratios against the original, the results with their command."""
+    pytest.importorskip("transformers")
+    import json
+
+    from benchmarks import bench_generate
+
+    stem = tmp_path / "gen"
+    assert bench_generate.main(["--layers", "1", "--prompt", "3", "--new-tokens", "2", "--rounds", "1",
+                                "--warmup", "0", "--variants", "mhc,identity", "--out", str(stem)]) == 0
+    md = stem.with_suffix(".md").read_text()
+    rows = [ln.split(" | ") for ln in md.splitlines() if ln.startswith("| ") and "case" not in ln]
+    assert [r[-3] for r in rows] == ["original", "mhc", "identity"] and rows[0][-1].startswith("1.000")
+    assert json.loads(md.split("```")[1])["command"].startswith("python -m benchmarks.bench_generate --layers 1")
+    with pytest.raises(SystemExit, match="--new-tokens: got 0"):
+        bench_generate.main(["--new-tokens", "0"])

@@ -387,3 +387,41 @@ def test_gx_out_must_match_the_streams():
     g2 = g.clone()
     assert torch.equal(cpu.coeffs_bwd(x, None, z, r, phi, bias, gates, None, None, None, 20, True, False,
                                       g_out=g2, gx_out=g2)[0], gx)
+
+
+# ---- without autograd (torch.no_grad / inference_mode: evaluation, generation) the pair's kernels run bare
+
+
+@pytest.mark.parametrize("variant,dynamic", [(v, d) for v, d, *_ in _REUSERS], ids=["mhc", "lite", "identity", "hc",
+                                                                                       "hc-static"])
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_without_autograd_the_pair_runs_no_function_and_gives_the_same_streams(monkeypatch, variant, dynamic, dt,
+                                                                               mode):
+    """Evaluation and generation record nothing, so the pair's kernels are called without their autograd
+    Functions (each ``apply`` costs several microseconds per sublayer and token): the output streams are
+    bitwise those of a forward with autograd on, no Function of the pair runs, and the kernels do."""
+    from mhckit.ops import carry
+
+    hcs, x = _stack(dt, variant=variant, hc_dynamic=dynamic)
+    x = x.detach()
+
+    def run():
+        out = x
+        for hc in hcs:
+            out = hc(out)
+        return out
+
+    with_grad = run()
+    assert with_grad.requires_grad
+    applied, kernels = [], []
+    for fn in (carry.CoeffsCarryFunction, carry.HCCarryFunction, carry.ReadCarryFunction, carry.PostCarryFunction):
+        monkeypatch.setattr(fn, "forward", staticmethod(lambda *a, _n=fn.__name__, **k: applied.append(_n)))
+    for name in ("coeffs_fwd", "hc_fwd", "pre_fwd", "post_res_fwd"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _r=real, _n=name, **k: kernels.append(_n) or _r(*a, **k))
+    with getattr(torch, mode)():
+        bare = run()
+    assert applied == [] and len(kernels) == 2 * len(hcs), (applied, kernels)
+    assert not bare.requires_grad and bare.dtype == dt
+    assert torch.equal(bare, with_grad.detach())

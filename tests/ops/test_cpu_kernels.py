@@ -505,3 +505,51 @@ def test_use_isa_switches_the_build_and_puts_it_back():
     with pytest.raises(ValueError, match=r"isa: got 'avx3'; expected one of avx512, avx2, generic"):
         with cpu.use_isa("avx3"):
             pass
+
+
+_GUARD_SCRIPT = r"""
+import ctypes, math, mmap, sys
+import torch
+from mhckit.ops import cpu
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+page = mmap.PAGESIZE
+checked = []
+for dt in (torch.float32, torch.float64, torch.bfloat16):
+    cd = torch.float32 if dt == torch.bfloat16 else dt
+    for n in range(1, 9):
+        for iters in (20, cpu.PERMUTATIONS, cpu.IDENTITY):
+            if iters == cpu.PERMUTATIONS and n > cpu.MAX_PERMUTATION_STREAMS:
+                continue
+            k = 2 * n + (math.factorial(n) if iters == cpu.PERMUTATIONS else 0 if iters == cpu.IDENTITY else n * n)
+            c = 5
+            if not cpu._project_here(n, c, k, dt):
+                continue
+            nbytes = n * c * k * torch.tensor([], dtype=cd).element_size()
+            pages = (nbytes + page - 1) // page
+            buf = mmap.mmap(-1, (pages + 1) * page)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            assert libc.mprotect(base + pages * page, page, 0) == 0  # the page after phi: no access
+            raw = torch.frombuffer(buf, dtype=torch.uint8)
+            start = pages * page - nbytes  # phi ends exactly where the guard page starts
+            phi = raw[start:start + nbytes].view(cd).view(n * c, k)
+            phi.copy_(torch.randn(n * c, k, dtype=cd) * 0.1)
+            x = torch.randn(3, n, c).to(dt)
+            bias, gates = torch.zeros(k, dtype=cd), torch.ones(3, dtype=cd)
+            z = cpu.coeffs_fwd(x, phi, bias, gates, 1e-6, iters, True)[4]
+            want = (x.to(cd).reshape(3, n * c) @ phi.clone()) / x.to(cd).reshape(3, n * c).square().mean(-1, keepdim=True).add(1e-6).sqrt()
+            torch.testing.assert_close(z, want, rtol=1e-5, atol=1e-5)
+            checked.append((str(dt), n, iters))
+print(len(checked))
+"""
+
+
+def test_projection_never_reads_past_phi():
+    """The coefficient forward reads phi in place when its K columns fill whole vectors (mHC at n = 4:
+    no padded copy per call) and pads a copy otherwise: with phi ending right before a page that may not
+    be read, every n (1-8), every tail (Sinkhorn, permutations, identity) and stream dtype run and give
+    v @ phi / r (a read past the end would kill the process)."""
+    out = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.strip()) >= 20

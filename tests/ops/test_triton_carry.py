@@ -158,3 +158,21 @@ def test_stream_recomputation_on_the_pair():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     stream_bytes = tok[:, :-1].numel() * 4 * 16 * 4
     assert saved[0] - saved[1] == (8 - 8 // 2) * stream_bytes  # 8 sublayers, every 2nd input kept
+
+
+def test_without_autograd_the_pair_runs_its_kernels_without_the_functions(monkeypatch):
+    """Under ``torch.no_grad`` the Triton pair's kernels run without its autograd Functions, and the new
+    streams are bitwise those of a forward with autograd on."""
+    fast, _, w, x = _pair(4, 24)
+    x = x.detach()
+
+    def sublayer():
+        u, finish = fast.split(x)
+        return finish(torch.tanh(u @ w))
+
+    with_grad = sublayer().detach()
+    for fn in (CoeffsCarryFunction, PostCarryFunction):
+        monkeypatch.setattr(fn, "forward", staticmethod(lambda *a, **k: pytest.fail("a Function ran")))
+    with torch.no_grad():
+        bare = sublayer()
+    assert torch.equal(bare, with_grad)

@@ -20,8 +20,9 @@ int HF(mhc_coeffs_fwd)(const uint16_t *x, const float *phi, float *z, const floa
     const int K = 2 * n + mhc_kres(n, iters), nn = n * n;
     const int64_t nC = n * C, blocks = (tokens + SB - 1) / SB;
     int KP = 0, err = 0;
-    float *phiP = NULL;
-    if (phi && !(phiP = pack_phi_f32(phi, nC, K, &KP))) return 2;
+    const float *phiP = NULL;
+    float *own = NULL;
+    if (phi && !(phiP = pack_phi_f32(phi, nC, K, &KP, &own))) return 2;
 #pragma omp parallel num_threads(threads)
     {
         float *xb = mhc_alloc(sizeof(float) * SB * (nC + C), 0), *ub = xb ? xb + SB * nC : NULL;
@@ -41,7 +42,7 @@ int HF(mhc_coeffs_fwd)(const uint16_t *x, const float *phi, float *z, const floa
         }
         free(xb);
     }
-    free(phiP);
+    free(own);
     return err;
 }
 
