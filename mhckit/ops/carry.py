@@ -46,7 +46,10 @@ Python around the kernels cost more per sublayer than the write-back kernels the
 training step. So the kernels' outputs are allocated in their final shapes, the caller's checks
 (:func:`mhckit.functional._carry_mode` and the shape checks) are not repeated, and a backward only
 asks whether the kernels are still switched on (:func:`mhckit.ops.cpu.enabled`); if they were
-switched off between forward and backward it does the same sums with PyTorch ops.
+switched off between forward and backward it does the same sums with PyTorch ops. Without autograd
+(``torch.no_grad``, ``torch.inference_mode``: evaluation, generation) :mod:`mhckit.functional` calls
+:func:`_read` / :func:`_write` (static HC: ``cpu.pre_fwd``, dynamic HC: ``cpu.hc_fwd``) itself, with x as
+the carrier: no Function is applied (generation of a SmolLM2-shaped Llama: ``bench_generate``).
 """
 
 from __future__ import annotations
