@@ -62,7 +62,7 @@ bench-cpu: setup
 	$(PY) -m benchmarks.bench_route
 	$(PY) -m benchmarks.bench_route --isa avx2
 
-# The rest of the committed CPU results (~20 minutes on a 2-core CPU): bf16 ops, layer and model; the
+# The rest of the committed CPU results (~7 minutes on a 2-core CPU: 5 min 38 s before bench_generate, ~1.5 min): bf16 ops, layer and model; the
 # default GPT under torch.compile (mHC, dynamic and static HC, identity, each on the fused pair and as
 # separate ops); the read's backward reusing the write-back's gradient buffer or not (default and wide GPT);
 # greedy generation of a SmolLM2-shaped Llama, unmodified against retrofitted (random weights, no download).
