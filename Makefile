@@ -62,10 +62,11 @@ bench-cpu: setup
 	$(PY) -m benchmarks.bench_route
 	$(PY) -m benchmarks.bench_route --isa avx2
 
-# The rest of the committed CPU results (~7 minutes on a 2-core CPU: 5 min 38 s before bench_generate, ~1.5 min): bf16 ops, layer and model; the
-# default GPT under torch.compile (mHC, dynamic and static HC, identity, each on the fused pair and as
-# separate ops); the read's backward reusing the write-back's gradient buffer or not (default and wide GPT);
-# greedy generation of a SmolLM2-shaped Llama, unmodified against retrofitted (random weights, no download).
+# The rest of the committed CPU results (~7 minutes on a 2-core CPU: 5 min 38 s, then bench_generate
+# ~1.5 min): bf16 ops, layer and model; the default GPT under torch.compile (mHC, dynamic and static HC,
+# identity, each on the fused pair and as separate ops); the read's backward reusing the write-back's
+# gradient buffer or not (default and wide GPT); greedy generation of a SmolLM2-shaped Llama, unmodified
+# against retrofitted (random weights, no download).
 bench-cpu-more: setup
 	$(PY) -m pip install --quiet -e ".[dev,train,hf,bench]"
 	$(PY) -m benchmarks.bench_ops --dtype bfloat16
