@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     models = build(args.layers, variants)
     prompt = torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (1, args.prompt), generator=torch.Generator().manual_seed(1))
     cases = {name: generate_case(m, prompt, args.new_tokens) for name, m in models.items()}
-    params = {"layers": args.layers, "prompt": args.prompt, "new_tokens": args.new_tokens, "d_model": 576}
+    params = {"layers": args.layers, "prompt": args.prompt, "new_tokens": args.new_tokens,
+              "d_model": SMOLLM2_SHAPE["hidden_size"]}
     results = compare(cases, "original", rounds=args.rounds, warmup=args.warmup, params=params)
     for r in results:
         print(f"{r.case:10s} {r.median_ms / args.new_tokens:8.2f} ms/token  x{r.ratio:.3f} vs original "
