@@ -6,6 +6,7 @@ Every comparison runs the same autograd Function twice, once with the kernels an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -505,6 +506,42 @@ def test_use_isa_switches_the_build_and_puts_it_back():
     with pytest.raises(ValueError, match=r"isa: got 'avx3'; expected one of avx512, avx2, generic"):
         with cpu.use_isa("avx3"):
             pass
+
+
+def test_sinkhorn_walk_of_16_lanes_equals_the_8_lane_walk():
+    """With AVX-512 the float32 kept-iterate Sinkhorn (the backward's: it recomputes the iterates, then
+    walks them back) runs 16 tokens per vector instead of 8 (``status()["sinkhorn_lanes"]``). Every step
+    is lane-wise, so each token's result must be bitwise what the 8-lane walk of the AVX2 build gives:
+    the Sinkhorn gradient, the coefficient tail's gradient (sigmoids + Sinkhorn) and the whole
+    coefficient backward's Sinkhorn part, n = 1 .. 8, token counts that leave part of a vector empty,
+    1 / 5 / 20 iterations, and logits large enough to clamp divisors (their sign-bit path)."""
+    st = cpu.status()
+    if st["isa"] != "avx512":
+        pytest.skip("this CPU (as PyTorch sees it) has no AVX-512: the 8-lane walk only")
+    assert st["sinkhorn_lanes"] == 16
+    gen = torch.Generator().manual_seed(11)
+    checked = clamped = 0
+    for n in range(1, 9):
+        for t in (1, 9, 16, 23, 40):
+            for iters in (1, 5, 20):
+                scale = 60.0 if t == 23 else 3.0  # row sums below FLT_MIN after the softmax: clamped
+                lg, g = scale * torch.randn(t, n, n, generator=gen), torch.randn(t, n, n, generator=gen)
+                k = 2 * n + n * n
+                z, bias = torch.randn(t, k, generator=gen), torch.randn(k, generator=gen)
+                gates = torch.rand(3, generator=gen) + 0.5
+                gp, gq = torch.randn(t, n, generator=gen), torch.randn(t, n, generator=gen)
+                runs = []
+                for isa in (None, "avx2"):
+                    with cpu.use_isa(isa) if isa else contextlib.nullcontext():
+                        assert cpu.status()["sinkhorn_lanes"] == (8 if isa else 16)
+                        runs.append((cpu.sinkhorn_bwd(lg, g, iters),
+                                     cpu.tail_bwd(z, bias, gates, gp, gq, g, n, iters)))
+                for a, b in zip(*runs):  # bit patterns (NaN too: saturated logits give NaN gradients either way)
+                    assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (n, t, iters)
+                if t == 23:  # a row divided by the clamp (the last step is rows) sums to less than 1
+                    clamped += bool((cpu.sinkhorn_fwd(lg, iters).sum(-1) < 0.5).any())
+                checked += 1
+    assert checked == 120 and clamped >= 5, (checked, clamped)
 
 
 _GUARD_SCRIPT = r"""

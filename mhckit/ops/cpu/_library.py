@@ -20,7 +20,7 @@ import torch
 
 _SOURCE = Path(__file__).with_name("mhc_cpu.c")
 _SOURCES = (_SOURCE, *sorted(_SOURCE.parent.glob("mhc_cpu*.h")))  # the cache key hashes them all
-_ABI = 9
+_ABI = 10
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "lib": CDLL | None, "why": str | None, "path": str
 
@@ -157,7 +157,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 def status() -> dict[str, object]:
     """``{"active": bool, "why": reason when inactive, "path": the library, "openmp": bool,
     "half_streams": the 2-byte stream dtypes the library takes, "isa": what it was built for,
-    "avx512_matmuls": bool}``."""
+    "avx512_matmuls": bool, "sinkhorn_lanes": tokens per vector of the float32 backward's Sinkhorn}``."""
     lib = _load()
     return {
         "active": lib is not None,
@@ -167,4 +167,5 @@ def status() -> dict[str, object]:
         "half_streams": sorted(str(d) for d in _STATE.get("halves", ())) if lib is not None else [],
         "isa": _STATE.get("isa"),
         "avx512_matmuls": bool(_STATE.get("zmm")) if lib is not None else False,
+        "sinkhorn_lanes": int(lib.mhc_sinkhorn_lanes()) if lib is not None else 0,
     }

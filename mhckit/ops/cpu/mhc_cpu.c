@@ -20,7 +20,9 @@
  * Tokens are processed in blocks of W = 8 lanes (entry i of an n x n block for 8 tokens side by
  * side), so that every step of the Sinkhorn is an 8-wide vector operation, divisions included; the
  * forward without kept iterates runs two such blocks side by side (SB = 16 tokens) to hide the
- * latency of each step's sum -> divide -> scale chain.
+ * latency of each step's sum -> divide -> scale chain; the backward's kept-iterate walk runs all 16
+ * in one 16-lane vector per entry where the build targets AVX-512 (float32; bitwise the 8-lane walk's
+ * results, every step being lane-wise).
  * The coefficient kernels (mhc_coeffs_fwd / _bwd) work on blocks of SB tokens: the block's stream
  * rows are read from memory once and the projection matmuls, the tail and the read run on them from
  * cache (matmuls as 4-token x 24-column register blocks, or 16-lane AVX-512 blocks for float32 where
@@ -350,10 +352,13 @@ static void f16_out(const float *restrict s, uint16_t *restrict d, int64_t n) {
 /* which stream formats this build has: bit 0 bfloat16, bit 1 float16 */
 int mhc_half_formats(void) { return 1 | (MHC_HAVE_F16 << 1); }
 
-int mhc_abi_version(void) { return 9; }
+int mhc_abi_version(void) { return 10; }
 
 /* 1 if the float32 matmuls with phi run in the AVX-512 blocks */
 int mhc_avx512_matmuls(void) { return MHC_ZMM; }
+
+/* tokens per vector of the float32 kept-iterate Sinkhorn (the backward's; mhc_cpu_sinkhorn.h) */
+int mhc_sinkhorn_lanes(void) { return MHC_ZMM ? 16 : W; }
 
 int mhc_openmp(void) {
 #ifdef _OPENMP

@@ -18,6 +18,9 @@
 #undef VSEL
 #undef VMAX
 #undef VEXP
+#undef SL
+#undef SKG
+#undef SVT
 /* this instantiation's parameters (set by mhc_cpu.c before each include) */
 #undef ITYPE
 #undef ZMM
