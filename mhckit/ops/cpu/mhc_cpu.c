@@ -131,6 +131,7 @@ static int mhc_perm_table(int n, unsigned char pt[MAXP][MAXN_PERM]) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define MHC_ZMM 1
+#define MHC_ZMM_LANES 16 /* float32 lanes of a 512-bit vector */
 
 /* z rows (ld K) of 8 tokens (rows xr[0..8), ld nC) = (x @ phiP) / r over the NCOL = 24, 16 or 8 columns
  * [kb, kb + NCOL) of phiP (ld KP): per phi row a 16-lane and / or an 8-lane load and 8 broadcasts for 8
@@ -358,7 +359,13 @@ int mhc_abi_version(void) { return 10; }
 int mhc_avx512_matmuls(void) { return MHC_ZMM; }
 
 /* tokens per vector of the float32 kept-iterate Sinkhorn (the backward's; mhc_cpu_sinkhorn.h) */
-int mhc_sinkhorn_lanes(void) { return MHC_ZMM ? 16 : W; }
+int mhc_sinkhorn_lanes(void) {
+#if MHC_ZMM
+    return MHC_ZMM_LANES;
+#else
+    return W;
+#endif
+}
 
 int mhc_openmp(void) {
 #ifdef _OPENMP

@@ -23,11 +23,12 @@ typedef ITYPE FN(iv) __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T
 /* The kept-iterate Sinkhorn (the backward's) in SL lanes: with AVX-512 (ZMM, float) one 16-lane vector per
  * entry, the whole block of SB tokens in one walk. Its forward and backward steps are chains of dependent
  * operations (sum -> reciprocal -> scale), so the time per walk is set more by their latency than by
- * the width (measured against two 8-lane walks, 20 iterations, 1024 tokens, one process: the Sinkhorn
- * backward 0.67-0.91x at n = 4, 0.80x at n = 8; the whole coefficient backward 0.975x at n = 4, C = 64,
- * 0.945x at n = 8, unchanged at C = 512). Bitwise the same results as the 8-lane walk. */
+ * the width (measured against two 8-lane walks on an Intel Xeon host, 20 iterations, 1024 tokens, one
+ * process: the Sinkhorn backward 0.67-0.91x at n = 4, 0.80x at n = 8; the whole coefficient backward
+ * 0.975x at n = 4, C = 64, 0.945x at n = 8, unchanged at C = 512). Bitwise the same results as the
+ * 8-lane walk. */
 #if ZMM
-#define SL 16
+#define SL MHC_ZMM_LANES
 typedef T FN(vt16) __attribute__((vector_size(SL * sizeof(T)), aligned(sizeof(T))));
 typedef ITYPE FN(iv16) __attribute__((vector_size(SL * sizeof(T)), aligned(sizeof(T))));
 #undef VT
