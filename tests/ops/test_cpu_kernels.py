@@ -512,8 +512,9 @@ def test_sinkhorn_walk_of_16_lanes_equals_the_8_lane_walk():
     """With AVX-512 the float32 kept-iterate Sinkhorn (the backward's: it recomputes the iterates, then
     walks them back) runs 16 tokens per vector instead of 8 (``status()["sinkhorn_lanes"]``). Every step
     is lane-wise, so each token's result must be bitwise what the 8-lane walk of the AVX2 build gives:
-    the Sinkhorn gradient, the coefficient tail's gradient (sigmoids + Sinkhorn) and the whole
-    coefficient backward's Sinkhorn part, n = 1 .. 8, token counts that leave part of a vector empty,
+    the Sinkhorn gradient and the coefficient tail's gradient (sigmoids + Sinkhorn, what the coefficient
+    backward runs; that backward as a whole differs between the builds by its matmuls' rounding, see
+    test_avx512_and_avx2_builds_agree), n = 1 .. 8, token counts that leave part of a vector empty,
     1 / 5 / 20 iterations, and logits large enough to clamp divisors (their sign-bit path)."""
     st = cpu.status()
     if st["isa"] != "avx512":
