@@ -58,6 +58,7 @@ bench-cpu: setup
 	$(PY) -m benchmarks.bench_model --variants residual,mhc,mhc-lite-separate,mhc-lite --out benchmarks/results/model_default_cpu_lite
 	$(PY) -m benchmarks.bench_model --variants residual,mhc,hc-separate,hc --out benchmarks/results/model_default_cpu_hc_pair
 	$(PY) -m benchmarks.bench_model --variants residual,mhc,identity-separate,identity --out benchmarks/results/model_default_cpu_identity
+	$(PY) -m benchmarks.bench_overhead
 	$(PY) -m benchmarks.bench_model --dtype bfloat16 --variants residual,mhc,hc-separate,hc --out benchmarks/results/model_default_cpu_bfloat16_hc
 	$(PY) -m benchmarks.bench_route
 	$(PY) -m benchmarks.bench_route --isa avx2

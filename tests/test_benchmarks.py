@@ -328,3 +328,34 @@ def test_generation_benchmark_times_the_original_and_each_retrofit(tmp_path):
     assert json.loads(md.split("```")[1])["command"].startswith("python -m benchmarks.bench_generate --layers 1")
     with pytest.raises(SystemExit, match="--new-tokens: got 0"):
         bench_generate.main(["--new-tokens", "0"])
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
+def test_overhead_benchmark_skips_every_kernel_call_of_the_twin_and_only_its(tmp_path):
+    """``bench_overhead``: the no-kernel twin makes the same kernel calls per step as the variant, none of
+    which runs (a buffer the real kernel would overwrite keeps its sentinel), the residual makes none;
+    the kernels' entry point is back afterwards; a variant it cannot split is named."""
+    import csv
+
+    from benchmarks import bench_overhead
+
+    real = cpu._call
+    x, g = torch.randn(8, 4, 16), torch.full((8, 4, 16), 7.0)
+    phi, bias, alpha = torch.randn(64, 24) * 0.1, torch.zeros(24), torch.full((3,), 0.01)
+    _, _, _, r, z, _ = cpu.coeffs_fwd(x, phi, bias, alpha, 1e-6, 20, True)
+    calls = [0]
+    with bench_overhead.no_kernels(calls):
+        cpu.coeffs_bwd(x, None, z, r, phi, bias, alpha, None, None, None, 20, True, True, g_out=g, gx_out=g)
+    assert calls == [1] and torch.equal(g, torch.full_like(g, 7.0))
+    cpu.coeffs_bwd(x, None, z, r, phi, bias, alpha, None, None, None, 20, True, True, g_out=g, gx_out=g)
+    assert not torch.equal(g, torch.full_like(g, 7.0))  # the sentinel can fail: the real kernel writes gx
+    assert bench_overhead.main(["--steps", "2", "--warmup", "1", "--out", str(tmp_path / "o")]) == 0
+    assert cpu._call is real
+    rows = {row["case"]: row for row in csv.DictReader((tmp_path / "o.csv").open())}
+    assert set(rows) == {"residual", "mhc", "mhc-no-kernels"}
+    per_step = {c: float(row["kernel_calls_per_step"]) for c, row in rows.items()}
+    assert per_step["residual"] == 0 and per_step["mhc"] == per_step["mhc-no-kernels"] == 48  # 12 sublayers x 4
+    for row in rows.values():
+        assert all(float(row[f"{ph}_ms"]) > 0 for ph in bench_overhead.PHASES)
+    with pytest.raises(SystemExit, match="--variant: got 'mhc-separate'"):
+        bench_overhead.main(["--variant", "mhc-separate"])
