@@ -37,29 +37,15 @@ PHASES = ("forward", "backward", "optimizer")
 
 
 @contextlib.contextmanager
-def no_kernels(calls: list[int]):
-    """Inside the block every compiled-kernel call returns at once, having done nothing (``calls[0]``
-    counts them); the real entry point is back afterwards."""
-    real = cpu._call
-
-    def skipped(name, dtype, *args):
-        calls[0] += 1
-
-    cpu._call = skipped
-    try:
-        yield
-    finally:
-        cpu._call = real
-
-
-@contextlib.contextmanager
-def counted(calls: list[int]):
-    """Inside the block the compiled-kernel calls run as usual and ``calls[0]`` counts them."""
+def kernel_calls(calls: list[int], run: bool = True):
+    """Inside the block ``calls[0]`` counts the compiled-kernel calls, which run as usual or, without
+    ``run``, return at once having done nothing; the real entry point is back afterwards."""
     real = cpu._call
 
     def call(name, dtype, *args):
         calls[0] += 1
-        return real(name, dtype, *args)
+        if run:
+            real(name, dtype, *args)
 
     cpu._call = call
     try:
@@ -111,10 +97,10 @@ def main(argv=None) -> int:
     tokens = torch.randint(0, preset["vocab"], (preset["batch"], preset["seq_len"] + 1))
     calls = {n: [0] for n in ("residual", name, twin)}
     steps = {}
-    for n, spec, around in (("residual", VARIANTS["residual"], counted), (name, VARIANTS[name], counted),
-                            (twin, VARIANTS[name], no_kernels)):
+    for n, spec, run in (("residual", VARIANTS["residual"], True), (name, VARIANTS[name], True),
+                         (twin, VARIANTS[name], False)):
         model, opt = build(preset, spec, "cpu", "auto")
-        steps[n] = phased_step(model, opt, tokens, _ops_of(spec), lambda a=around, c=calls[n]: a(c))
+        steps[n] = phased_step(model, opt, tokens, _ops_of(spec), lambda c=calls[n], r=run: kernel_calls(c, r))
     names = list(steps)
     times: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
     torch.set_flush_denormal(True)
