@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev,train,hf]"
 	$(PY) -c "import torch, mhckit; print('torch', torch.__version__, '| mhckit', mhckit.__version__)"
+	$(PY) -m mhckit.cli kernels
 	touch $@
 
 setup: $(VENV)/.installed

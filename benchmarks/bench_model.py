@@ -39,6 +39,7 @@ from benchmarks.harness import Result, command_line, save_results
 from mhckit import MHCConfig
 from mhckit.models import GPT, GPTConfig
 from mhckit.ops import carry, cpu
+from mhckit.ops.cpu import _pair
 from mhckit.train.alloc import keep_freed_memory
 from mhckit.train.memory import estimate_training_memory
 
@@ -80,6 +81,9 @@ VARIANTS = {
     # mHC with its coefficient backward writing dx into a fresh buffer instead of over the write-back's
     # output gradient (mhckit.ops.carry.REUSE_GRADIENT_BUFFER = False: what it did before)
     "mhc-fresh-grad": dict(variant="mhc", recompute=0, reuse=False),
+    # mHC on the pair's Python autograd Functions (mhckit.ops.carry) instead of the C++ ones
+    # (mhckit/ops/cpu/_pair.py, the default where they build): same kernels, same results bit for bit
+    "mhc-python-pair": dict(variant="mhc", recompute=0, cpp_pair=False),
 }
 
 
@@ -114,25 +118,27 @@ def build(preset: dict, spec: dict, device: str, backend: str,
 
 @contextlib.contextmanager
 def variant_ops(cpu_kernels: bool = True, traced: bool = False, separate: bool = False, isa: str | None = None,
-                reuse: bool = True):
+                reuse: bool = True, cpp_pair: bool = True):
     """The ops a variant runs on (around its forward and backward, and its memory estimate)."""
     with (contextlib.nullcontext() if cpu_kernels else cpu.disabled(), _traced_ops(traced),
           carry.separate_ops() if separate else contextlib.nullcontext(),
-          cpu.use_isa(isa) if isa else contextlib.nullcontext(), carry.reuse_gradient_buffer(reuse)):
+          cpu.use_isa(isa) if isa else contextlib.nullcontext(), carry.reuse_gradient_buffer(reuse),
+          contextlib.nullcontext() if cpp_pair else _pair.use_cpp_pair(False)):
         yield
 
 
 def _ops_of(spec: dict) -> dict:
     return dict(cpu_kernels=spec.get("cpu_kernels", True), traced=spec.get("traced", False),
-                separate=spec.get("separate", False), isa=spec.get("isa"), reuse=spec.get("reuse", True))
+                separate=spec.get("separate", False), isa=spec.get("isa"), reuse=spec.get("reuse", True),
+                cpp_pair=spec.get("cpp_pair", True))
 
 
 def step_fn(model, opt, tokens, device, cpu_kernels: bool = True, traced: bool = False, separate: bool = False,
-            isa: str | None = None, reuse: bool = True):
+            isa: str | None = None, reuse: bool = True, cpp_pair: bool = True):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
 
     def step():
-        with variant_ops(cpu_kernels, traced, separate, isa, reuse):  # fwd and bwd
+        with variant_ops(cpu_kernels, traced, separate, isa, reuse, cpp_pair):  # fwd and bwd
             with autocast:
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
             loss.backward()

@@ -9,7 +9,9 @@ same tensor allocations; the kernels' outputs are left as whatever memory they g
 nothing). Each step's forward, backward and optimizer step are timed apart. The variant minus its
 no-kernel twin is what the kernels cost inside a training step; the twin minus the residual is
 everything else: the Python around the kernels, the extra autograd nodes and parameters (36 more for
-mHC's 12 sublayers), the optimizer on them, the wider streams' allocations. The twin's paired ratio to
+mHC's 12 sublayers), the optimizer on them, the wider streams' allocations. The kernels called from
+the C++ pair (``mhckit/ops/cpu/_pair.py``, mHC's default where it builds) are counted and skipped
+alike; ``--variant mhc-python-pair`` splits the step of mHC on the pair's Python Functions. The twin's paired ratio to
 the residual bounds from above what faster kernels alone could reach.
 
 Denormal floats are flushed to zero in all three models alike (the no-kernel twin's uninitialised
@@ -31,6 +33,7 @@ import torch
 from benchmarks.bench_model import PRESETS, RESULTS, VARIANTS, _ops_of, build, variant_ops
 from benchmarks.harness import Result, command_line, save_results
 from mhckit.ops import cpu
+from mhckit.ops.cpu import _pair
 from mhckit.train.alloc import keep_freed_memory
 
 PHASES = ("forward", "backward", "optimizer")
@@ -38,8 +41,9 @@ PHASES = ("forward", "backward", "optimizer")
 
 @contextlib.contextmanager
 def kernel_calls(calls: list[int], run: bool = True):
-    """Inside the block ``calls[0]`` counts the compiled-kernel calls, which run as usual or, without
-    ``run``, return at once having done nothing; the real entry point is back afterwards."""
+    """Inside the block ``calls[0]`` counts the compiled-kernel calls, from Python (``mhckit.ops.cpu``)
+    and from the C++ pair (``mhckit/ops/cpu/_pair.py``), which run as usual or, without ``run``, return
+    at once having done nothing; the real entry points are back afterwards."""
     real = cpu._call
 
     def call(name, dtype, *args):
@@ -49,7 +53,8 @@ def kernel_calls(calls: list[int], run: bool = True):
 
     cpu._call = call
     try:
-        yield
+        with _pair.kernel_calls(calls, run):
+            yield
     finally:
         cpu._call = real
 

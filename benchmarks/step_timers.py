@@ -8,7 +8,9 @@ alternately (as ``bench_model``) and times, per step of the variant, every compi
 (``mhckit.ops.carry``; these include the kernel calls) and ``HyperConnection.split`` with its
 write-back (which include the forward Functions). Prints medians per step and per sublayer, and how
 the variant's extra time over the residual splits into kernels, the Python around them and the rest.
-The timers themselves add a few
+It times the pair's Python autograd Functions (``mhckit.ops.carry``): the C++ pair, which mhckit runs
+instead where it builds (``mhckit/ops/cpu/_pair.py``), calls the kernels from C++, out of the timers'
+reach; ``bench_overhead`` splits that one's step. The timers themselves add a few
 microseconds per call and inflate the Python part (a sampling profiler, py-spy, puts ~1 ms per mHC step
 there where this reports ~3 ms; see the README). The kernels' time outside a training step (data in cache) is the C harness's
 business: see the README's Speed section.
@@ -27,6 +29,7 @@ import torch
 from benchmarks.bench_model import PRESETS, VARIANTS, _ops_of, build, step_fn
 from mhckit import modules
 from mhckit.ops import carry, cpu
+from mhckit.ops.cpu import _pair
 from mhckit.train.alloc import keep_freed_memory
 
 
@@ -40,9 +43,11 @@ _AROUND = "Python around the kernels (split, finish, the backward Functions)"
 def instrumented(acc: collections.Counter):
     """Inside the block, the kernel calls, the carry Functions and ``HyperConnection.split`` add their
     wall time to ``acc``; the originals are back afterwards."""
-    saved = [(cpu, "_call", cpu._call), (modules.HyperConnection, "split", modules.HyperConnection.split)]
+    saved = [(cpu, "_call", cpu._call), (modules.HyperConnection, "split", modules.HyperConnection.split),
+             (_pair, "_ON", _pair._ON)]
     saved += [(cls, m, cls.__dict__[m]) for cls in _FUNCTIONS for m in ("forward", "backward")]
     try:
+        _pair._ON = [False]  # the Python pair: its Functions and kernel calls are what the timers wrap
         _instrument(acc)
         yield acc
     finally:

@@ -12,6 +12,7 @@ COMMANDS = {
     "diagnose": ("mhckit.train.diagnose", "diagnostics and plots for a checkpoint"),
     "demo": ("mhckit.demo", "a 10-second end-to-end example (no download)"),
     "retrofit": ("mhckit.integrations.retrofit_cli", "retrofit a Hugging Face decoder with mHC and train it next to the original"),
+    "kernels": ("mhckit.ops.kernels_cli", "build the compiled CPU kernels and the C++ pair ahead; say which run"),
 }
 
 

@@ -47,8 +47,10 @@ from .ops.autograd import (
     SinkhornFunction,
 )
 from .ops.carry import CoeffsCarryFunction, HCCarryFunction, PostCarryFunction, ReadCarryFunction, pair_enabled
+from .ops import carry as _carry
 from .ops.carry import _read as _carry_read, _write as _carry_write
 from .ops.carry_ops import carry_hc_read, carry_pre_read, carry_read, carry_write
+from .ops.cpu import _pair
 from .reference import DEFAULT_RMS_EPS
 
 __all__ = [
@@ -221,6 +223,11 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
     if not torch.is_grad_enabled():  # nothing to record (inference, generation): the kernels without a Function
         # (its forward's calls; the carrier is x itself, which the write-back only reads)
         return (*_carry_read(x, phi, bias, alpha, iters, rms_eps, triton)[:4], x)
+    if not triton and _pair._ON[0] and _pair.load():  # the same pair as C++ Functions (mhckit/ops/cpu/_pair.py)
+        u, h_pre, h_post, h_res, carrier = _pair._STATE["read"](x, phi, bias, alpha, iters, float(rms_eps),
+                                                                 cpu._project_here(n, c, k, x.dtype),
+                                                                 _carry.REUSE_GRADIENT_BUFFER)
+        return u, h_pre, h_post, None if ident else h_res, carrier
     return CoeffsCarryFunction.apply(x, phi, bias, alpha, iters, rms_eps, triton)
 
 
@@ -300,6 +307,8 @@ def _mhc_write_carry(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_re
         return carry_write(x if x.is_contiguous() else x.contiguous(), carrier, y, h_post, h_res, triton)
     if not torch.is_grad_enabled():  # nothing to record: the write-back's kernel without its Function
         return _carry_write(carrier, y, h_post, h_res, triton)
+    if not triton and y.dtype is carrier.dtype and y.is_cpu and _pair._ON[0] and _pair.load():
+        return _pair._STATE["write"](carrier, y, h_post, h_res)  # the C++ pair (mhckit/ops/cpu/_pair.py)
     return PostCarryFunction.apply(carrier, y, h_post, h_res, triton)
 
 

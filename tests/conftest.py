@@ -63,8 +63,10 @@ def _seed():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """``[(kernel name, stream dtype), ...]``: every call of the compiled CPU kernels in the test."""
+    """``[(kernel name, stream dtype), ...]``: every call of the compiled CPU kernels in the test (through
+    their Python wrappers: the test runs the Python pair, not the C++ one, which calls them directly)."""
     from mhckit.ops import cpu
+    from mhckit.ops.cpu import _pair
 
     calls = []
     real = cpu._call
@@ -74,4 +76,5 @@ def kernel_calls(monkeypatch):
         return real(name, dtype, *args)
 
     monkeypatch.setattr(cpu, "_call", spy)
+    monkeypatch.setattr(_pair, "_ON", [False])
     return calls

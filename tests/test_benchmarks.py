@@ -126,9 +126,11 @@ def test_benchmarks_compare_two_kernel_builds(tmp_path):
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
 def test_model_benchmark_times_mhc_lite_on_the_pair_and_as_separate_ops(tmp_path, monkeypatch):
-    """``mhc-lite`` runs the fused pair (the kernels' permutation tail), ``mhc-lite-separate`` does not."""
+    """``mhc-lite`` runs the fused pair (the kernels' permutation tail: its Python Functions, or the C++
+    ones where they build), ``mhc-lite-separate`` does not."""
     from benchmarks import bench_model
     from mhckit.ops import carry
+    from mhckit.ops.cpu import _pair
 
     used = []
     real = carry.CoeffsCarryFunction.forward
@@ -138,6 +140,14 @@ def test_model_benchmark_times_mhc_lite_on_the_pair_and_as_separate_ops(tmp_path
         return real(ctx, x, phi, bias, alpha, iters, *rest)
 
     monkeypatch.setattr(carry.CoeffsCarryFunction, "forward", staticmethod(spy))
+    if _pair.load():
+        real_cpp = _pair._STATE["read"]
+
+        def spy_cpp(x, phi, bias, alpha, iters, *rest):
+            used.append((iters, carry.pair_enabled()))
+            return real_cpp(x, phi, bias, alpha, iters, *rest)
+
+        monkeypatch.setitem(_pair._STATE, "read", spy_cpp)
     assert bench_model.main(["--variants", "mhc-lite-separate", "--steps", "1", "--warmup", "0",
                              "--out", str(tmp_path / "sep")]) == 0
     assert not used

@@ -1,6 +1,8 @@
 """The sublayer pair on the compiled CPU kernels (CoeffsCarryFunction + PostCarryFunction): the
 write-back's stream gradient joins the coefficient backward. Checked against the unfused pair
-(CoeffsPreFunction + PostResFunction), the PyTorch ops and the reference, every gradient."""
+(CoeffsPreFunction + PostResFunction), the PyTorch ops and the reference, every gradient. These tests
+run the pair's Python Functions; the C++ ones (mhckit/ops/cpu/_pair.py, the default where they build)
+are checked bitwise against them in test_cpu_pair_cpp.py."""
 
 from __future__ import annotations
 
@@ -21,6 +23,14 @@ from mhckit.ops.carry import reuse_gradient_buffer as _reuse
 
 HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the compiled CPU kernels cannot be built")
+
+
+@pytest.fixture(autouse=True)
+def _python_pair(monkeypatch):
+    """The pair's Python Functions, not the C++ ones (see the module docstring)."""
+    from mhckit.ops.cpu import _pair
+
+    monkeypatch.setattr(_pair, "_ON", [False])
 
 
 def _close(a, b, dt):

@@ -1,0 +1,239 @@
+// The fused mHC pair of mhckit/ops/carry.py (CoeffsCarryFunction, PostCarryFunction) as C++ autograd
+// Functions on the same C kernels (mhc_cpu.c), so that a sublayer's forward is two dispatcher calls from
+// Python and its backward runs no Python at all. Same maths, same kernel calls, same outputs bit for bit
+// as the Python pair; see mhckit/ops/cpu/_pair.py for how it is built and when it runs.
+//
+// The kernels are not linked: mhckit/ops/cpu/_pair.py hands over the addresses of the ctypes-loaded
+// library's entry points once (mhckit_pair::set_kernels), per kernel and stream dtype.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using at::Tensor;
+
+typedef int (*coeffs_fwd_t)(const void *, const void *, void *, const void *, const void *, double, void *, void *,
+                            void *, void *, void *, int64_t, int, int64_t, int, int);
+typedef int (*coeffs_bwd_t)(const void *, const void *, const void *, const void *, const void *, const void *,
+                            const void *, const void *, const void *, const void *, const void *, void *, void *,
+                            void *, void *, void *, int64_t, int, int64_t, int, int);
+typedef int (*post_res_fwd_t)(const void *, const void *, const void *, const void *, void *, int64_t, int, int64_t,
+                              int);
+typedef int (*post_res_bwd_t)(const void *, const void *, const void *, const void *, const void *, void *, void *,
+                              void *, void *, int64_t, int, int64_t, int);
+
+enum { K_COEFFS_FWD, K_COEFFS_BWD, K_POST_RES_FWD, K_POST_RES_BWD, N_KERNELS };
+constexpr int N_DTYPES = 4;  // float32, float64, bfloat16, float16
+constexpr int64_t IDENTITY = -2;  // mhckit.ops.cpu.IDENTITY: no h_res
+
+std::array<std::atomic<int64_t>, N_KERNELS * N_DTYPES> g_kernels{};
+std::atomic<int64_t> g_calls{0};     // kernel calls so far (benchmarks count them)
+std::atomic<bool> g_skip{false};     // benchmarks: every kernel call returns at once, having done nothing
+std::atomic<int64_t> g_reused{0};    // backwards that wrote dx into their output gradient's buffer (tests)
+
+int dtype_code(at::ScalarType s) {
+    switch (s) {
+        case at::kFloat: return 0;
+        case at::kDouble: return 1;
+        case at::kBFloat16: return 2;
+        case at::kHalf: return 3;
+        default: TORCH_CHECK(false, "mhckit_pair: streams of ", s, " are not taken (float32, float64, bfloat16, float16)");
+    }
+}
+
+at::ScalarType coef_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+template <typename F>
+F kernel(int which, at::ScalarType s) {
+    const int64_t p = g_kernels[which * N_DTYPES + dtype_code(s)].load(std::memory_order_relaxed);
+    TORCH_CHECK(p != 0, "mhckit_pair: the compiled CPU kernels were not handed over for ", s, " streams");
+    g_calls.fetch_add(1, std::memory_order_relaxed);
+    return reinterpret_cast<F>(p);
+}
+
+// the kernel calls, each skipped while g_skip is set (the kernels' outputs then hold whatever memory they got)
+template <typename F, typename... A>
+int run(int which, at::ScalarType s, A... args) {
+    F f = kernel<F>(which, s);
+    return g_skip.load(std::memory_order_relaxed) ? 0 : f(args...);
+}
+
+void check(int err, const char *name) {
+    TORCH_CHECK(err == 0, "mhckit CPU kernel ", name, " failed (code ", err, ": 1 bad n/iters, 2 out of memory)");
+}
+
+const void *ptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
+void *mptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
+Tensor contig(const Tensor &t, at::ScalarType s) {
+    if (!t.defined()) return t;
+    Tensor r = t.scalar_type() == s ? t : t.to(s);
+    return r.is_contiguous() ? r : r.contiguous();
+}
+
+std::vector<int64_t> lead_with(const Tensor &x, std::initializer_list<int64_t> tail) {
+    std::vector<int64_t> s(x.sizes().begin(), x.sizes().end() - 2);
+    s.insert(s.end(), tail);
+    return s;
+}
+
+// mhckit.ops.carry._exclusive: g is ours to overwrite (nobody else holds its TensorImpl or its storage,
+// and it is a whole, contiguous, unshifted storage of x's shape and dtype)
+bool exclusive(const Tensor &g, const Tensor &x) {
+    return g.defined() && g.use_count() == 1 && !g.is_view() &&
+           g.storage().use_count() == 1 && g.is_contiguous() && g.storage_offset() == 0 &&
+           g.storage().nbytes() == static_cast<size_t>(g.numel()) * g.element_size() &&
+           g.scalar_type() == x.scalar_type() && g.sizes() == x.sizes();
+}
+
+void no_double_backward(const variable_list &grads, const char *name) {
+    if (!at::GradMode::is_enabled()) return;
+    for (const auto &g : grads)
+        TORCH_CHECK(!(g.defined() && g.requires_grad()), "mhckit: ", name,
+                    " (the fused mHC pair on the CPU kernels) is differentiable once only: its backward cannot be "
+                    "differentiated again (create_graph=True); use backend='reference' for higher derivatives");
+}
+
+struct CoeffsCarry : public torch::autograd::Function<CoeffsCarry> {
+    // (u, h_pre, h_post, h_res (an empty stand-in for the identity), carrier)
+    static variable_list forward(AutogradContext *ctx, const Tensor &x, const Tensor &phi, const Tensor &bias,
+                                 const Tensor &alpha, int64_t iters, double rms_eps, bool here, bool reuse) {
+        const at::ScalarType dt = x.scalar_type(), cd = coef_type(dt);
+        const int64_t n = x.size(-2), c = x.size(-1), t = x.numel() / (n * c), k = phi.size(1);
+        const auto f32 = x.options().dtype(cd);
+        Tensor z = here ? at::empty({t, k}, f32) : at::mm(x.view({t, n * c}), phi);
+        Tensor r = at::empty({t, 1}, f32);
+        Tensor h_pre = at::empty(lead_with(x, {n}), f32), h_post = at::empty(lead_with(x, {n}), f32);
+        Tensor h_res = iters == IDENTITY ? Tensor() : at::empty(lead_with(x, {n, n}), f32);
+        Tensor u = at::empty(lead_with(x, {c}), x.options());
+        check(run<coeffs_fwd_t>(K_COEFFS_FWD, dt, ptr(x), here ? ptr(phi) : nullptr, mptr(z), ptr(bias), ptr(alpha),
+                                                      rms_eps, mptr(r), mptr(h_pre), mptr(h_post), mptr(h_res),
+                                                      mptr(u), t, (int)n, c, (int)iters, at::get_num_threads()),
+              "mhc_coeffs_fwd");
+        ctx->save_for_backward({x, phi, bias, alpha, r, z});
+        ctx->saved_data["iters"] = iters;
+        ctx->saved_data["here"] = here;
+        ctx->saved_data["reuse"] = reuse;
+        ctx->set_materialize_grads(false);
+        // autograd takes no undefined outputs: the identity's h_res is an empty stand-in (Python: None)
+        return {u, h_pre, h_post, h_res.defined() ? h_res : at::empty({0}, f32), x.view(x.sizes())};
+    }
+
+    static variable_list backward(AutogradContext *ctx, const variable_list &grads) {
+        no_double_backward(grads, "mhc_coeffs_pre");
+        const Tensor &g_out_in = grads[4];
+        auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &phi = saved[1], &bias = saved[2], &alpha = saved[3], &r = saved[4], &z = saved[5];
+        const bool need_x = ctx->needs_input_grad(0), need_phi = ctx->needs_input_grad(1);
+        const bool free = need_x && ctx->saved_data["reuse"].toBool() && exclusive(g_out_in, x);
+        if (free) g_reused.fetch_add(1, std::memory_order_relaxed);
+        const int64_t iters = ctx->saved_data["iters"].toInt();
+        const bool here = ctx->saved_data["here"].toBool();
+        const at::ScalarType dt = x.scalar_type(), cd = coef_type(dt);
+        const int64_t n = x.size(-2), c = x.size(-1), t = x.numel() / (n * c), k = z.size(-1);
+        const auto f32 = x.options().dtype(cd);
+        Tensor gu = contig(grads[0], dt), g_pre = contig(grads[1], cd), g_post = contig(grads[2], cd);
+        Tensor g_res = contig(grads[3], cd), g_out = contig(g_out_in, dt);
+        Tensor gzr = here ? Tensor() : at::empty({t, k}, f32);
+        Tensor gx = !need_x ? Tensor() : free ? g_out : at::empty(x.sizes(), x.options());
+        Tensor dphi = here && need_phi ? at::empty({n * c, k}, f32) : Tensor();
+        Tensor dbias = at::empty({k}, f32), dalpha = at::empty({3}, f32);
+        check(run<coeffs_bwd_t>(K_COEFFS_BWD, dt, ptr(x), ptr(gu), ptr(g_out), ptr(z), ptr(r), ptr(bias),
+                                                      ptr(alpha), ptr(g_pre), ptr(g_post), ptr(g_res),
+                                                      here ? ptr(phi) : nullptr, mptr(gzr), mptr(gx), mptr(dphi),
+                                                      mptr(dbias), mptr(dalpha), t, (int)n, c, (int)iters,
+                                                      at::get_num_threads()),
+              "mhc_coeffs_bwd");
+        if (!here) {
+            if (need_phi) dphi = at::mm(x.view({t, n * c}).t(), gzr);
+            if (gx.defined()) gx.view({t, n * c}).addmm_(gzr, phi.t());
+        }
+        return {gx, need_phi ? dphi : Tensor(), dbias, dalpha, Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+};
+
+struct PostCarry : public torch::autograd::Function<PostCarry> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &carrier, const Tensor &y_in, const Tensor &h_post_in,
+                          const std::optional<Tensor> &h_res_opt) {
+        const Tensor h_res_in = h_res_opt.has_value() ? *h_res_opt : Tensor();
+        const at::ScalarType dt = carrier.scalar_type(), cd = coef_type(dt);
+        const int64_t n = carrier.size(-2), c = carrier.size(-1), t = carrier.numel() / (n * c);
+        TORCH_CHECK(carrier.is_contiguous(), "mhckit_pair::post_carry: the carrier must be contiguous");
+        const Tensor y = contig(y_in, dt), h_post = contig(h_post_in, cd), h_res = contig(h_res_in, cd);
+        Tensor out = at::empty(carrier.sizes(), carrier.options());
+        check(run<post_res_fwd_t>(K_POST_RES_FWD, dt, ptr(carrier), ptr(y), ptr(h_post), ptr(h_res), mptr(out), t,
+                                                          (int)n, c, at::get_num_threads()),
+              "mhc_post_res_fwd");
+        ctx->save_for_backward({y, h_post});
+        return out;
+    }
+
+    static variable_list backward(AutogradContext *ctx, const variable_list &grads) {
+        no_double_backward(grads, "mhc_post_res");
+        auto saved = ctx->get_saved_variables();
+        const Tensor &y = saved[0], &h_post = saved[1];
+        const Tensor &g_in = grads[0];
+        const bool need_y = ctx->needs_input_grad(1), need_post = ctx->needs_input_grad(2);
+        Tensor gy, gp;
+        if (need_y || need_post) {
+            const at::ScalarType dt = g_in.scalar_type();
+            const int64_t n = g_in.size(-2), c = g_in.size(-1), t = g_in.numel() / (n * c);
+            Tensor g = contig(g_in, dt);
+            gy = need_y ? at::empty(y.sizes(), y.options()) : Tensor();
+            gp = need_post ? at::empty(h_post.sizes(), h_post.options()) : Tensor();
+            check(run<post_res_bwd_t>(K_POST_RES_BWD, dt, nullptr, ptr(y), ptr(h_post), nullptr, ptr(g), nullptr,
+                                                              mptr(gy), mptr(gp), nullptr, t, (int)n, c,
+                                                              at::get_num_threads()),
+                  "mhc_post_res_bwd");
+        }
+        return {ctx->needs_input_grad(0) ? g_in : Tensor(), gy, gp, Tensor()};
+    }
+};
+
+std::vector<Tensor> coeffs_carry(const Tensor &x, const Tensor &phi, const Tensor &bias, const Tensor &alpha,
+                                 int64_t iters, double rms_eps, bool here, bool reuse) {
+    return CoeffsCarry::apply(x, phi, bias, alpha, iters, rms_eps, here, reuse);
+}
+
+Tensor post_carry(const Tensor &carrier, const Tensor &y, const Tensor &h_post, const std::optional<Tensor> &h_res) {
+    return PostCarry::apply(carrier, y, h_post, h_res);
+}
+
+void set_kernels(at::IntArrayRef table) {
+    TORCH_CHECK(table.size() == g_kernels.size(), "mhckit_pair::set_kernels: expected ", g_kernels.size(),
+                " addresses, got ", table.size());
+    for (size_t i = 0; i < table.size(); i++) g_kernels[i].store(table[i]);
+}
+
+void set_skip(bool on) { g_skip.store(on); }
+
+int64_t calls() { return g_calls.load(); }
+
+int64_t reused() { return g_reused.load(); }
+
+int64_t abi_version() { return 1; }
+
+}  // namespace
+
+TORCH_LIBRARY(mhckit_pair, m) {
+    m.def("coeffs_carry(Tensor x, Tensor phi, Tensor bias, Tensor alpha, int iters, float rms_eps, bool here, "
+          "bool reuse) -> Tensor[]");
+    m.def("post_carry(Tensor carrier, Tensor y, Tensor h_post, Tensor? h_res) -> Tensor");
+    m.def("set_kernels(int[] table) -> ()", &set_kernels);
+    m.def("set_skip(bool on) -> ()", &set_skip);
+    m.def("calls() -> int", &calls);
+    m.def("reused() -> int", &reused);
+    m.def("abi_version() -> int", &abi_version);
+}
+
+TORCH_LIBRARY_IMPL(mhckit_pair, CompositeImplicitAutograd, m) {
+    m.impl("coeffs_carry", &coeffs_carry);
+    m.impl("post_carry", &post_carry);
+}

@@ -1,0 +1,274 @@
+"""The fused mHC pair as C++ autograd Functions (mhckit/ops/cpu/mhc_pair.cpp, mhckit/ops/cpu/_pair.py):
+bitwise the Python pair's outputs and gradients, every variant it takes, stream dtype, route and
+subset of differentiated inputs; it really runs (its own kernel-call counter, no Python Function);
+the write-back's gradient buffer reused exactly where the Python pair reuses it; once differentiable;
+checkpointing; and the Python pair when it cannot run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mhckit.modules import HyperConnection
+from mhckit.ops import carry, cpu
+from mhckit.ops.cpu import _pair
+
+HAVE_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+HAVE_CXX = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+pytestmark = pytest.mark.skipif(not (HAVE_CC and HAVE_CXX and cpu.enabled()),
+                                reason="no C / C++ compiler: the C++ pair cannot be built")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    assert _pair.load(), _pair.status()
+    return torch.ops.mhckit_pair
+
+
+def _stack(n, c, dt, variant, depth=3, seed=0):
+    torch.manual_seed(seed)
+    hcs = torch.nn.ModuleList(
+        HyperConnection(c, torch.nn.Sequential(torch.nn.LayerNorm(c), torch.nn.Linear(c, c)), variant=variant,
+                        n_streams=n, layer_index=i) for i in range(depth)).to(dt)
+    with torch.no_grad():  # away from the start, so that every term of the gradients is non-trivial
+        for p in hcs.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return hcs
+
+
+def _run(hcs, x, cpp, frozen=(), loss_of=lambda out: (out.float().square().sum() + out.float().sum())):
+    """Output and every gradient of a forward + backward through the stack, on the C++ pair or not."""
+    for name, p in hcs.named_parameters():
+        p.requires_grad_(not any(f in name for f in frozen))
+        p.grad = None
+    x = x.detach().requires_grad_("x" not in frozen)
+    with _pair.use_cpp_pair(cpp):
+        out = x
+        for hc in hcs:
+            out = hc(out)
+        loss_of(out).backward()
+    grads = [x.grad] + [p.grad for p in hcs.parameters()]
+    return out.detach(), grads
+
+
+def _same(a, b):
+    (out_a, ga), (out_b, gb) = a, b
+    assert torch.equal(out_a, out_b)
+    assert [g is None for g in ga] == [g is None for g in gb]
+    assert all(p is None or (p.dtype == q.dtype and torch.equal(p, q)) for p, q in zip(ga, gb))
+
+
+def _no_python_function(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a Python Function of the pair ran")
+
+    for fn in (carry.CoeffsCarryFunction, carry.PostCarryFunction):
+        monkeypatch.setattr(fn, "forward", staticmethod(boom))
+
+
+@pytest.mark.parametrize("variant", ["mhc", "mhc-lite", "identity"])
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,c,lead", [(4, 64, (2, 9)), (3, 13, (7,)), (2, 8, (1, 2, 3))])
+def test_cpp_pair_is_bitwise_the_python_pair(ops, monkeypatch, variant, dt, n, c, lead):
+    if variant == "mhc-lite" and n > cpu.MAX_PERMUTATION_STREAMS:
+        pytest.skip("mHC-lite on the pair: n <= 4")
+    hcs = _stack(n, c, dt, variant)
+    x = torch.randn(*lead, n, c).to(dt)
+    py = _run(hcs, x, cpp=False)
+    calls = ops.calls()
+    with monkeypatch.context() as m:
+        _no_python_function(m)
+        cc = _run(hcs, x, cpp=True)
+    assert ops.calls() - calls == 4 * len(hcs)  # coefficients and write-back, forward and backward, each sublayer
+    _same(py, cc)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_cpp_pair_on_the_blas_route(ops, monkeypatch, dt):
+    """Wider than the kernels' own matmul blocks take: the projection and its two gradients in BLAS
+    around the kernel calls, as the Python pair does."""
+    hcs = _stack(4, 24, dt, "mhc")
+    x = torch.randn(5, 4, 24, dtype=dt)
+    monkeypatch.setattr(cpu, "PROJECT_MAX_COLUMNS", 0)
+    assert not cpu._project_here(4, 24, 24, dt)
+    _same(_run(hcs, x, cpp=False), _run(hcs, x, cpp=True))
+
+
+@pytest.mark.parametrize("frozen", [("x",), ("phi",), ("coeffs",), ("branch",), ("x", "coeffs"), ("bias", "alpha")])
+def test_cpp_pair_with_frozen_inputs(ops, frozen):
+    """Only some inputs differentiated (needs_input_grad): the same gradients, None where the Python pair
+    gives None."""
+    hcs = _stack(4, 16, torch.float32, "mhc")
+    x = torch.randn(3, 4, 16)
+    _same(_run(hcs, x, cpp=False, frozen=frozen), _run(hcs, x, cpp=True, frozen=frozen))
+
+
+def test_two_write_backs_of_one_read_and_unused_outputs(ops):
+    """The carrier's gradients summed by autograd over two write-backs; a read whose u nobody uses."""
+    hcs = _stack(4, 16, torch.float32, "mhc", depth=1)
+    hc = hcs[0]
+
+    def run(cpp):
+        x = torch.randn(2, 3, 4, 16, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        for p in hc.parameters():
+            p.grad = None
+        with _pair.use_cpp_pair(cpp):
+            u, finish = hc.split(x)
+            y = hc.branch(u)
+            out = finish(y) + 0.5 * finish(y.flip(-1))
+            _, finish2 = hc.split(out)
+            out2 = finish2(torch.ones(2, 3, 16))  # the second read's u unused
+            out2.square().sum().backward()
+        return out2.detach(), [x.grad] + [p.grad for p in hc.parameters()]
+
+    _same(run(False), run(True))
+
+
+def test_gradient_buffer_reused_where_nobody_else_holds_it(ops):
+    """A plain stack: every coefficient backward writes dx into its incoming output gradient's buffer
+    (bitwise the result of fresh buffers); a gradient a hook keeps, that autograd.grad captures or that
+    the user passed in is never overwritten."""
+    hcs = _stack(4, 16, torch.float32, "mhc")
+    x = torch.randn(2, 5, 4, 16)
+    reused = ops.reused()
+    with carry.reuse_gradient_buffer(True):
+        on = _run(hcs, x, cpp=True)
+    assert ops.reused() - reused == len(hcs)
+    reused = ops.reused()
+    with carry.reuse_gradient_buffer(False):
+        off = _run(hcs, x, cpp=True)
+    assert ops.reused() == reused
+    _same(on, off)
+
+    def held(how):
+        xs = x.detach().requires_grad_()
+        with _pair.use_cpp_pair(True):
+            mid = hcs[1](hcs[0](xs))
+            out = hcs[2](mid)
+            if how == "hook":
+                kept = []
+                mid.register_hook(lambda g: kept.append((g.clone(), g)))
+                out.square().sum().backward()
+                return kept[0][0], xs.grad, kept[0][1]
+            if how == "autograd.grad":
+                g_mid, g_x = torch.autograd.grad(out.square().sum(), [mid, xs])
+                return g_mid.clone(), g_x, g_mid
+            g = torch.ones_like(out)
+            out.backward(g)
+            return torch.ones_like(out), xs.grad, g
+
+    for how in ("hook", "autograd.grad", "grad passed in"):
+        seen, gx, kept = held(how)
+        assert torch.equal(kept, seen), how  # still what the user was given
+        with carry.reuse_gradient_buffer(False):
+            seen_off, gx_off, _ = held(how)
+        assert torch.equal(seen, seen_off) and torch.equal(gx, gx_off), how
+
+
+def test_backward_is_differentiable_once(ops):
+    hcs = _stack(4, 16, torch.float32, "mhc", depth=1)
+    x = torch.randn(3, 4, 16, requires_grad=True)
+    with _pair.use_cpp_pair(True):
+        loss = hcs[0](x).square().sum()
+        with pytest.raises(RuntimeError, match=r"differentiable once only.*create_graph=True"):
+            torch.autograd.grad(loss, [x], create_graph=True)
+
+
+def test_checkpointed_sublayers_match(ops):
+    """torch.utils.checkpoint (non-reentrant: saved-tensor hooks) around each sublayer: the gradients of
+    the plain run, bitwise."""
+    from torch.utils.checkpoint import checkpoint
+
+    hcs = _stack(4, 16, torch.float32, "mhc")
+    x = torch.randn(2, 3, 4, 16)
+    plain = _run(hcs, x, cpp=True)
+    for p in hcs.parameters():
+        p.grad = None
+    xs = x.detach().requires_grad_()
+    with _pair.use_cpp_pair(True):
+        out = xs
+        for hc in hcs:
+            out = checkpoint(hc, out, use_reentrant=False)
+        (out.float().square().sum() + out.float().sum()).backward()
+    _same(plain, (out.detach(), [xs.grad] + [p.grad for p in hcs.parameters()]))
+
+
+def test_gpt_step_matches_with_recompute(ops):
+    """A GPT with mHC and the paper's recomputation (the stream stored every L_r sublayers): the C++ and
+    Python pairs give the same loss and gradients, bitwise."""
+    from mhckit.config import MHCConfig
+    from mhckit.models.gpt import GPT, GPTConfig
+
+    def step(cpp):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32, recompute=-1,
+                              hc=MHCConfig(variant="mhc")))
+        tok = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+        with _pair.use_cpp_pair(cpp):
+            _, loss = model(tok[:, :-1], tok[:, 1:])
+            loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+
+    _same(step(False), step(True))
+
+
+def _subprocess(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+_STEP = """
+import warnings, torch
+from mhckit.modules import HyperConnection
+from mhckit.ops.cpu import _pair
+warnings.simplefilter("always")
+hc = HyperConnection(8, torch.nn.Linear(8, 8), variant="mhc", n_streams=4)
+x = torch.randn(3, 4, 8, requires_grad=True)
+with warnings.catch_warnings(record=True) as w:
+    hc(x).sum().backward()
+st = _pair.status()
+print("ACTIVE", st["active"], "ON", st["on"], "WHY", st["why"])
+print("WARNED", any("C++ pair is unavailable" in str(m.message) for m in w))
+print("GRAD", x.grad.abs().sum().item() > 0)
+"""
+
+
+def test_without_a_cxx_compiler_the_python_pair_runs_with_a_warning(tmp_path):
+    """A PATH with the C compiler and its assembler and linker but no C++ compiler: the C kernels run, the
+    pair on its Python Functions, with one warning that says why."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("cc", "as", "ld"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"no {tool} to put on the PATH")
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = dict(os.environ, CXX="/nonexistent/c++", PATH=str(bin_dir), XDG_CACHE_HOME=str(tmp_path / "xdg"),
+               MHCKIT_CACHE=str(tmp_path / "cache"))
+    env.pop("CC", None)
+    res = _subprocess(_STEP, env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ACTIVE False ON True WHY no C++ compiler found" in res.stdout, res.stdout
+    assert "WARNED True" in res.stdout and "GRAD True" in res.stdout
+
+
+def test_env_switch_keeps_the_python_pair():
+    res = _subprocess(_STEP, dict(os.environ, MHCKIT_CPP_PAIR="0"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ACTIVE False ON False" in res.stdout and "WARNED False" in res.stdout, res.stdout
+
+
+def test_a_build_in_the_default_cache_serves_another_mhckit_cache(ops, tmp_path):
+    """A data cache of its own ($MHCKIT_CACHE) does not rebuild the C++ pair: the default cache's build
+    is found (only the C kernels, ~1 s, are built there)."""
+    env = dict(os.environ, MHCKIT_CACHE=str(tmp_path / "cache"))
+    env.pop("XDG_CACHE_HOME", None)
+    if os.environ.get("XDG_CACHE_HOME") or os.environ.get("MHCKIT_CACHE"):
+        pytest.skip("this session's build is not in the default cache")
+    res = _subprocess(_STEP, env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ACTIVE True" in res.stdout and "building the C++" not in res.stderr, (res.stdout, res.stderr[-1000:])
+    assert not list((tmp_path / "cache").rglob("libmhc_pair.so"))
