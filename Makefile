@@ -60,6 +60,8 @@ bench-cpu: setup
 	$(PY) -m benchmarks.bench_model --variants residual,mhc,hc-separate,hc --out benchmarks/results/model_default_cpu_hc_pair
 	$(PY) -m benchmarks.bench_model --variants residual,mhc,identity-separate,identity --out benchmarks/results/model_default_cpu_identity
 	$(PY) -m benchmarks.bench_overhead
+	$(PY) -m benchmarks.bench_overhead --variant mhc-python-pair --out benchmarks/results/model_default_cpu_overhead_python_pair
+	$(PY) -m benchmarks.bench_model --variants residual,mhc-python-pair,mhc --out benchmarks/results/model_default_cpu_cpp_pair
 	$(PY) -m benchmarks.bench_model --dtype bfloat16 --variants residual,mhc,hc-separate,hc --out benchmarks/results/model_default_cpu_bfloat16_hc
 	$(PY) -m benchmarks.bench_route
 	$(PY) -m benchmarks.bench_route --isa avx2
