@@ -272,3 +272,17 @@ def test_a_build_in_the_default_cache_serves_another_mhckit_cache(ops, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "ACTIVE True" in res.stdout and "building the C++" not in res.stderr, (res.stdout, res.stderr[-1000:])
     assert not list((tmp_path / "cache").rglob("libmhc_pair.so"))
+
+
+def test_kernels_command_says_what_runs(ops, capsys, monkeypatch):
+    """``mhckit kernels`` (run by ``make setup``): both builds active here, with their paths; switched
+    off, it says so."""
+    from mhckit import cli
+
+    assert cli.main(["kernels"]) == 0
+    out = capsys.readouterr().out
+    assert "C kernels: active" in out and "libmhc_cpu.so" in out, out
+    assert "C++ pair:  active" in out and "libmhc_pair.so" in out, out
+    monkeypatch.setattr(_pair, "_ON", [False])
+    assert cli.main(["kernels"]) == 0
+    assert "C++ pair:  switched off (MHCKIT_CPP_PAIR=0)" in capsys.readouterr().out
