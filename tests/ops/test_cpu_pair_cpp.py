@@ -286,3 +286,20 @@ def test_kernels_command_says_what_runs(ops, capsys, monkeypatch):
     monkeypatch.setattr(_pair, "_ON", [False])
     assert cli.main(["kernels"]) == 0
     assert "C++ pair:  switched off (MHCKIT_CPP_PAIR=0)" in capsys.readouterr().out
+
+
+def test_another_build_runs_in_the_cpp_pair_too(ops):
+    """``cpu.use_isa`` (A/B benchmarks of two builds in one process) hands its build's entry points to the
+    C++ pair, whose results are then bitwise the Python pair's on that build; the process's own build is
+    back afterwards."""
+    own_lib = cpu._STATE["lib"]
+    assert ops.kernel_table() == _pair._kernel_table(own_lib)
+    hcs = _stack(4, 64, torch.float32, "mhc")
+    x = torch.randn(2, 33, 4, 64)
+    with cpu.use_isa("avx2"):
+        other = cpu._STATE["lib"]
+        assert ops.kernel_table() == _pair._kernel_table(other)
+        if other is not own_lib:  # an AVX-512 machine: a second library
+            assert ops.kernel_table() != _pair._kernel_table(own_lib)
+        _same(_run(hcs, x, cpp=False), _run(hcs, x, cpp=True))
+    assert ops.kernel_table() == _pair._kernel_table(own_lib)

@@ -49,6 +49,7 @@ import os
 import torch
 
 from ..._compile import constant_result
+from . import _pair
 from ._library import _STATE, ISAS, _isa, _isa_flags, _load, status  # noqa: F401 (_isa*: tests)
 
 __all__ = [
@@ -124,10 +125,12 @@ def use_isa(isa: str):
                     os.environ["MHCKIT_CPU_ISA"] = before
             _BUILDS[isa] = dict(_STATE), {}
         _STATE.clear(), _STATE.update(_BUILDS[isa][0]), _FNS.clear(), _FNS.update(_BUILDS[isa][1])
+        _pair.hand_over(_STATE["lib"])  # the C++ pair calls this build's kernels too
         yield
         _BUILDS[isa] = dict(_STATE), dict(_FNS)  # keep the functions looked up inside
     finally:
         _STATE.clear(), _STATE.update(saved[0]), _FNS.clear(), _FNS.update(saved[1])
+        _pair.hand_over(_STATE.get("lib"))
 
 
 def enabled() -> bool:

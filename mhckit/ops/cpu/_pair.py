@@ -97,6 +97,13 @@ def _kernel_table(lib: ctypes.CDLL) -> list[int]:
             for name in _KERNEL_NAMES for suf in _DTYPES]
 
 
+def hand_over(lib: ctypes.CDLL | None) -> None:
+    """Give the loaded C++ pair the entry points of ``lib`` (:func:`mhckit.ops.cpu.use_isa` switches
+    builds); nothing if the pair is not loaded."""
+    if _STATE.get("ok") and lib is not None:
+        torch.ops.mhckit_pair.set_kernels(_kernel_table(lib))
+
+
 def _default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "mhckit" / "kernels"
 

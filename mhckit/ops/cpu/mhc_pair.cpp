@@ -212,6 +212,12 @@ void set_kernels(at::IntArrayRef table) {
     for (size_t i = 0; i < table.size(); i++) g_kernels[i].store(table[i]);
 }
 
+std::vector<int64_t> kernel_table() {
+    std::vector<int64_t> t;
+    for (const auto &p : g_kernels) t.push_back(p.load());
+    return t;
+}
+
 void set_skip(bool on) { g_skip.store(on); }
 
 int64_t calls() { return g_calls.load(); }
@@ -227,6 +233,7 @@ TORCH_LIBRARY(mhckit_pair, m) {
           "bool reuse) -> Tensor[]");
     m.def("post_carry(Tensor carrier, Tensor y, Tensor h_post, Tensor? h_res) -> Tensor");
     m.def("set_kernels(int[] table) -> ()", &set_kernels);
+    m.def("kernel_table() -> int[]", &kernel_table);
     m.def("set_skip(bool on) -> ()", &set_skip);
     m.def("calls() -> int", &calls);
     m.def("reused() -> int", &reused);
