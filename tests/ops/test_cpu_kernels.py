@@ -333,7 +333,8 @@ def test_unwritable_cache_falls_back_with_a_warning(tmp_path):
     """A cache directory that cannot be created -> the warning names MHCKIT_CACHE."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    _falls_back({"MHCKIT_CACHE": str(blocker / "cache")}, "MHCKIT_CACHE")
+    # (and no default cache whose build would serve it)
+    _falls_back({"MHCKIT_CACHE": str(blocker / "cache"), "XDG_CACHE_HOME": str(tmp_path / "xdg")}, "MHCKIT_CACHE")
 
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.float64])

@@ -13,7 +13,8 @@ computes ``dy`` and ``dh_post`` (:func:`post_bwd`); its ``dx`` and ``dh_res`` ar
 The library is compiled on first use with the system C compiler (``$CC``, else ``cc`` / ``gcc``
 / ``clang``), with OpenMP when the compiler has it, into a cache directory
 (``$MHCKIT_CACHE/kernels``, default ``~/.cache/mhckit/kernels``), keyed by a hash of the source
-and flags, and loaded with :mod:`ctypes`: no Python or torch headers, ~1 s to build. Without a
+and flags, and loaded with :mod:`ctypes`: no Python or torch headers, ~40 s to build on a 2-core CPU
+(once; a build in the default cache also serves another ``$MHCKIT_CACHE``). Without a
 compiler, or with ``MHCKIT_CPU_KERNELS=0``, mhckit uses its PyTorch ops instead (same results to
 rounding; tests check both). A ctypes call cannot be traced: under ``torch.compile`` mhckit's ops
 become ``torch.library`` custom ops that call these kernels at run time (``mhckit/ops/carry_ops.py``,

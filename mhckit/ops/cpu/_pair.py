@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from ._library import _STATE as _KERNELS, _cache_root, _load
+from ._library import _STATE as _KERNELS, _cached, _load
 
 _SOURCE = Path(__file__).with_name("mhc_pair.cpp")
 _ABI = 1
@@ -104,10 +104,6 @@ def hand_over(lib: ctypes.CDLL | None) -> None:
         torch.ops.mhckit_pair.set_kernels(_kernel_table(lib))
 
 
-def _default_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "mhckit" / "kernels"
-
-
 def load() -> bool:
     """Build (once per source, compiler and torch) and load the C++ pair; False (and a warning, once)
     if it cannot run here."""
@@ -126,9 +122,7 @@ def load() -> bool:
             key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(
                 [cxx, *_FLAGS, torch.__version__, Path(torch.__file__).parent.as_posix(), sys.platform]).encode()
             ).hexdigest()[:16]
-            path = _cache_root() / key / "libmhc_pair.so"
-            if not path.exists() and (_default_cache() / key / "libmhc_pair.so").exists():
-                path = _default_cache() / key / "libmhc_pair.so"
+            path = _cached("libmhc_pair.so", key)
             _STATE["path"] = str(path)
             if not path.exists():
                 print(f"mhckit: building the C++ mHC pair with {cxx} (once per torch version, ~30 s on 2 cores) "

@@ -103,9 +103,13 @@ void no_double_backward(const variable_list &grads, const char *name) {
 
 struct CoeffsCarry : public torch::autograd::Function<CoeffsCarry> {
     // (u, h_pre, h_post, h_res (an empty stand-in for the identity), carrier)
-    static variable_list forward(AutogradContext *ctx, const Tensor &x, const Tensor &phi, const Tensor &bias,
-                                 const Tensor &alpha, int64_t iters, double rms_eps, bool here, bool reuse) {
-        const at::ScalarType dt = x.scalar_type(), cd = coef_type(dt);
+    static variable_list forward(AutogradContext *ctx, const Tensor &x_in, const Tensor &phi_in,
+                                 const Tensor &bias_in, const Tensor &alpha_in, int64_t iters, double rms_eps,
+                                 bool here, bool reuse) {
+        const at::ScalarType dt = x_in.scalar_type(), cd = coef_type(dt);
+        // the kernels read whole contiguous rows (as mhckit.ops.cpu's wrappers hand them over)
+        const Tensor x = contig(x_in, dt), phi = contig(phi_in, cd), bias = contig(bias_in, cd),
+                     alpha = contig(alpha_in, cd);
         const int64_t n = x.size(-2), c = x.size(-1), t = x.numel() / (n * c), k = phi.size(1);
         const auto f32 = x.options().dtype(cd);
         Tensor z = here ? at::empty({t, k}, f32) : at::mm(x.view({t, n * c}), phi);
