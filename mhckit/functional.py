@@ -273,6 +273,9 @@ def _mhc_read_external(x: Tensor, h_pre: Tensor, h_res: Tensor) -> tuple[Tensor,
     h_pre, h_res = _as(h_pre, dt), _as(h_res, dt)
     if not torch.is_grad_enabled():  # nothing to record: the kernel without a Function (as its forward)
         return cpu.pre_fwd(x, h_pre), x
+    if _pair._ON[0] and _pair.load():  # the same Function in C++ (mhckit/ops/cpu/_pair.py)
+        u, carrier = _pair._STATE["pre"](x, h_pre, h_res, _carry.REUSE_GRADIENT_BUFFER)
+        return u, carrier
     return ReadCarryFunction.apply(x, h_pre, h_res)
 
 
@@ -294,6 +297,8 @@ def _hc_read_carry(x: Tensor, static_pre: Tensor, static_post: Tensor, static_re
     if not torch.is_grad_enabled():  # nothing to record: the kernels without a Function (as its forward)
         sp, spo, sr, wp, wq, wr, sa, sb = params
         return (*cpu.hc_fwd(x, wp, wq, wr, sp, spo, sr, sa, sb, float(norm_eps))[:4], x)
+    if _pair._ON[0] and _pair.load():  # the same Function in C++ (mhckit/ops/cpu/_pair.py)
+        return tuple(_pair._STATE["hc"](x, *params, float(norm_eps), _carry.REUSE_GRADIENT_BUFFER))
     return HCCarryFunction.apply(x, *params, float(norm_eps))
 
 

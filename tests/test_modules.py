@@ -123,10 +123,15 @@ def test_hc_sublayer_takes_the_fast_dynamic_path(monkeypatch, backend, kernels, 
 
     from mhckit.ops import autograd, carry, cpu
 
+    from mhckit.ops.cpu import _pair
+
     calls = []
     for name, cls in (("c", carry.HCCarryFunction), ("function", autograd.HCDynamicFunction)):
         real = cls.apply
         monkeypatch.setattr(cls, "apply", lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
+    if kernels and _pair.load():  # the C kernels' path as the C++ Function (mhckit/ops/cpu/_pair.py)
+        real_cpp = _pair._STATE["hc"]
+        monkeypatch.setitem(_pair._STATE, "hc", lambda *a, _r=real_cpp: calls.append("c") or _r(*a))
     torch.manual_seed(0)
     hc = HyperConnection(C, Block(), n_streams=4, variant="hc", layer_index=1, backend=backend)
     with torch.no_grad():

@@ -1,9 +1,9 @@
 """One mHC sublayer on the compiled CPU kernels: the write-back's x-side backward joins the
 coefficients'. Private to :class:`mhckit.HyperConnection`, which pairs the two Functions (eager) or
 the two custom ops of :mod:`mhckit.ops.carry_ops` (under ``torch.compile``); the public ops keep their own
-Functions (:mod:`mhckit.ops.autograd`). Eager mHC, mHC-lite and the identity variant on the C kernels
-run the same pair as C++ autograd Functions where those build (``mhckit/ops/cpu/_pair.py``: bitwise
-these Functions' results, without their Python); the Functions here are what runs otherwise.
+Functions (:mod:`mhckit.ops.autograd`). Eager on the C kernels, every variant here runs the same
+Functions in C++ where those build (``mhckit/ops/cpu/_pair.py``: bitwise these Functions' results,
+without their Python); the Functions here are what runs otherwise.
 
 With ``CoeffsPreFunction + PostResFunction`` the backward makes 8 passes over ``[T, n, C]`` stream
 tensors: write-back: read g, read x, write dx; coefficients: read x, write dx'; autograd: dx + dx'

@@ -31,10 +31,12 @@ def ops():
 
 
 def _stack(n, c, dt, variant, depth=3, seed=0):
+    """``variant``: mhc, mhc-lite, identity, hc (dynamic) or hc-static."""
     torch.manual_seed(seed)
+    kind, dynamic = ("hc", variant == "hc") if variant.startswith("hc") else (variant, True)
     hcs = torch.nn.ModuleList(
-        HyperConnection(c, torch.nn.Sequential(torch.nn.LayerNorm(c), torch.nn.Linear(c, c)), variant=variant,
-                        n_streams=n, layer_index=i) for i in range(depth)).to(dt)
+        HyperConnection(c, torch.nn.Sequential(torch.nn.LayerNorm(c), torch.nn.Linear(c, c)), variant=kind,
+                        n_streams=n, layer_index=i, hc_dynamic=dynamic) for i in range(depth)).to(dt)
     with torch.no_grad():  # away from the start, so that every term of the gradients is non-trivial
         for p in hcs.parameters():
             p.add_(torch.randn_like(p) * 0.2)
@@ -67,11 +69,11 @@ def _no_python_function(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a Python Function of the pair ran")
 
-    for fn in (carry.CoeffsCarryFunction, carry.PostCarryFunction):
+    for fn in (carry.CoeffsCarryFunction, carry.PostCarryFunction, carry.HCCarryFunction, carry.ReadCarryFunction):
         monkeypatch.setattr(fn, "forward", staticmethod(boom))
 
 
-@pytest.mark.parametrize("variant", ["mhc", "mhc-lite", "identity"])
+@pytest.mark.parametrize("variant", ["mhc", "mhc-lite", "identity", "hc", "hc-static"])
 @pytest.mark.parametrize("dt", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,c,lead", [(4, 64, (2, 9)), (3, 13, (7,)), (2, 8, (1, 2, 3))])
 def test_cpp_pair_is_bitwise_the_python_pair(ops, monkeypatch, variant, dt, n, c, lead):
@@ -84,7 +86,8 @@ def test_cpp_pair_is_bitwise_the_python_pair(ops, monkeypatch, variant, dt, n, c
     with monkeypatch.context() as m:
         _no_python_function(m)
         cc = _run(hcs, x, cpp=True)
-    assert ops.calls() - calls == 4 * len(hcs)  # coefficients and write-back, forward and backward, each sublayer
+    # each sublayer: the read (with mHC's / dynamic HC's coefficients) and the write-back, forward and backward
+    assert ops.calls() - calls == 4 * len(hcs)
     _same(py, cc)
 
 
@@ -99,11 +102,15 @@ def test_cpp_pair_on_the_blas_route(ops, monkeypatch, dt):
     _same(_run(hcs, x, cpp=False), _run(hcs, x, cpp=True))
 
 
-@pytest.mark.parametrize("frozen", [("x",), ("phi",), ("coeffs",), ("branch",), ("x", "coeffs"), ("bias", "alpha")])
-def test_cpp_pair_with_frozen_inputs(ops, frozen):
+@pytest.mark.parametrize("variant,frozen", [
+    ("mhc", ("x",)), ("mhc", ("phi",)), ("mhc", ("coeffs",)), ("mhc", ("branch",)), ("mhc", ("x", "coeffs")),
+    ("mhc", ("bias", "alpha")), ("hc", ("x",)), ("hc", ("w_",)), ("hc", ("static",)), ("hc", ("scale_beta", "w_post")),
+    ("hc", ("branch",)), ("hc-static", ("x",)), ("hc-static", ("static_pre",)), ("hc-static", ("branch", "static_res")),
+])
+def test_cpp_pair_with_frozen_inputs(ops, variant, frozen):
     """Only some inputs differentiated (needs_input_grad): the same gradients, None where the Python pair
-    gives None."""
-    hcs = _stack(4, 16, torch.float32, "mhc")
+    gives None (for dynamic HC also a parameter whose coefficients get no gradient)."""
+    hcs = _stack(4, 16, torch.float32, variant)
     x = torch.randn(3, 4, 16)
     _same(_run(hcs, x, cpp=False, frozen=frozen), _run(hcs, x, cpp=True, frozen=frozen))
 
@@ -129,11 +136,12 @@ def test_two_write_backs_of_one_read_and_unused_outputs(ops):
     _same(run(False), run(True))
 
 
-def test_gradient_buffer_reused_where_nobody_else_holds_it(ops):
-    """A plain stack: every coefficient backward writes dx into its incoming output gradient's buffer
+@pytest.mark.parametrize("variant", ["mhc", "hc", "hc-static"])
+def test_gradient_buffer_reused_where_nobody_else_holds_it(ops, variant):
+    """A plain stack: every read's backward writes dx into its incoming output gradient's buffer
     (bitwise the result of fresh buffers); a gradient a hook keeps, that autograd.grad captures or that
     the user passed in is never overwritten."""
-    hcs = _stack(4, 16, torch.float32, "mhc")
+    hcs = _stack(4, 16, torch.float32, variant)
     x = torch.randn(2, 5, 4, 16)
     reused = ops.reused()
     with carry.reuse_gradient_buffer(True):

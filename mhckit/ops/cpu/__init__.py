@@ -34,8 +34,8 @@ float32 and round every stream result once; the coefficients and their parameter
 float32 (``mhc_cpu_half.h``). The PyTorch ops do the same sums (cast to float32, compute, cast back),
 so both paths agree to a unit in the last place of the 2-byte format.
 
-Inside :class:`mhckit.HyperConnection` (eager, autograd on) mHC's pair of calls per sublayer is made
-from C++ autograd Functions where they build (``_pair.py``, ``mhc_pair.cpp``; the ctypes library hands
+Inside :class:`mhckit.HyperConnection` (eager, autograd on) the pair of calls per sublayer (every
+variant on these kernels) is made from C++ autograd Functions where they build (``_pair.py``, ``mhc_pair.cpp``; the ctypes library hands
 them its entry points), so that no Python runs around the kernels in backward.
 
 :func:`status` says which path is active and why (``_pair.status()`` for the C++ pair; ``mhckit kernels``

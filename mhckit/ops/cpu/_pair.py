@@ -1,7 +1,8 @@
-"""The fused mHC pair (:class:`mhckit.ops.carry.CoeffsCarryFunction` and
-:class:`~mhckit.ops.carry.PostCarryFunction`) as C++ autograd Functions (``mhc_pair.cpp``), which
+"""The fused sublayer pair (:class:`mhckit.ops.carry.CoeffsCarryFunction`, ``HCCarryFunction``,
+``ReadCarryFunction`` and ``PostCarryFunction``) as C++ autograd Functions (``mhc_pair.cpp``), which
 :mod:`mhckit.functional` runs instead of the Python ones whenever it can (eager, autograd on, the C
-kernels on; mHC, mHC-lite and the identity variant, every stream dtype the kernels take).
+kernels on; mHC, mHC-lite, the identity variant, dynamic and static HC, every stream dtype the kernels
+take).
 
 They call the same C kernels (their addresses handed over once from the ctypes library) with the
 same arguments, so they give the Python pair's outputs and gradients bit for bit; what they save is
@@ -22,9 +23,9 @@ Where it cannot run (no C++ compiler, a failed build, a torch whose headers do n
 mhckit warns once and keeps the Python pair; ``MHCKIT_CPP_PAIR=0`` keeps the Python pair for a
 process, :func:`use_cpp_pair` inside a block; :func:`status` says which runs and why. The Python pair
 also stays for what the C++ one does not take: the Triton kernels, ``torch.compile`` (the custom ops
-of :mod:`mhckit.ops.carry_ops`), Hyper-Connections' reads, a write-back whose ``y`` differs from the
-streams in dtype. Kernels switched off (:func:`mhckit.ops.cpu.disabled`) between a forward and its
-backward: the C++ backward still runs them (the Python one falls back to PyTorch ops; same sums).
+of :mod:`mhckit.ops.carry_ops`), a write-back whose ``y`` differs from the streams in dtype. Kernels
+switched off (:func:`mhckit.ops.cpu.disabled`) between a forward and its backward: the C++ backward
+still runs them (the Python ones fall back to PyTorch ops; same sums).
 The backward is differentiable once, as the Python pair's (``once_differentiable``): a
 ``create_graph=True`` backward through it raises.
 """
@@ -48,13 +49,14 @@ import torch
 from ._library import _STATE as _KERNELS, _cached, _load
 
 _SOURCE = Path(__file__).with_name("mhc_pair.cpp")
-_ABI = 1
+_ABI = 2
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "ok": bool, "why": str | None, "path": str
 _ON = [os.environ.get("MHCKIT_CPP_PAIR", "1") != "0"]
 _FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-c++20-extensions"]
 _DTYPES = ("f32", "f64", "bf16", "f16")  # mhc_pair.cpp's order
-_KERNEL_NAMES = ("mhc_coeffs_fwd", "mhc_coeffs_bwd", "mhc_post_res_fwd", "mhc_post_res_bwd")
+_KERNEL_NAMES = ("mhc_coeffs_fwd", "mhc_coeffs_bwd", "mhc_post_res_fwd", "mhc_post_res_bwd", "mhc_hc_fwd", "mhc_hc_bwd",
+                 "mhc_pre_fwd", "mhc_read_bwd")  # mhc_pair.cpp's order
 
 
 def _cxx() -> str | None:
@@ -146,6 +148,8 @@ def load() -> bool:
         else:
             _STATE["read"] = torch.ops.mhckit_pair.coeffs_carry.default
             _STATE["write"] = torch.ops.mhckit_pair.post_carry.default
+            _STATE["hc"] = torch.ops.mhckit_pair.hc_carry.default
+            _STATE["pre"] = torch.ops.mhckit_pair.read_carry.default
         _STATE["ok"], _STATE["why"] = ok, why
         return ok
 

@@ -1,5 +1,5 @@
-// The fused mHC pair of mhckit/ops/carry.py (CoeffsCarryFunction, PostCarryFunction) as C++ autograd
-// Functions on the same C kernels (mhc_cpu.c), so that a sublayer's forward is two dispatcher calls from
+// The fused sublayer pair of mhckit/ops/carry.py (CoeffsCarryFunction, HCCarryFunction, ReadCarryFunction,
+// PostCarryFunction) as C++ autograd Functions on the same C kernels (mhc_cpu.c), so that a sublayer's forward is two dispatcher calls from
 // Python and its backward runs no Python at all. Same maths, same kernel calls, same outputs bit for bit
 // as the Python pair; see mhckit/ops/cpu/_pair.py for how it is built and when it runs.
 //
@@ -29,8 +29,19 @@ typedef int (*post_res_fwd_t)(const void *, const void *, const void *, const vo
                               int);
 typedef int (*post_res_bwd_t)(const void *, const void *, const void *, const void *, const void *, void *, void *,
                               void *, void *, int64_t, int, int64_t, int);
+typedef int (*hc_fwd_t)(const void *, const void *, const void *, const void *, const void *, const void *,
+                        const void *, const void *, const void *, double, void *, void *, void *, void *, void *,
+                        void *, int64_t, int, int64_t, int);
+typedef int (*hc_bwd_t)(const void *, const void *, const void *, const void *, const void *, const void *,
+                        const void *, const void *, const void *, const void *, const void *, const void *,
+                        const void *, const void *, const void *, void *, void *, void *, void *, void *, void *,
+                        void *, void *, void *, int64_t, int, int64_t, int);
+typedef int (*pre_fwd_t)(const void *, const void *, void *, int64_t, int, int64_t, int);
+typedef int (*read_bwd_t)(const void *, const void *, const void *, const void *, const void *, void *, void *,
+                          void *, int64_t, int, int64_t, int);
 
-enum { K_COEFFS_FWD, K_COEFFS_BWD, K_POST_RES_FWD, K_POST_RES_BWD, N_KERNELS };
+enum { K_COEFFS_FWD, K_COEFFS_BWD, K_POST_RES_FWD, K_POST_RES_BWD, K_HC_FWD, K_HC_BWD, K_PRE_FWD, K_READ_BWD,
+       N_KERNELS };
 constexpr int N_DTYPES = 4;  // float32, float64, bfloat16, float16
 constexpr int64_t IDENTITY = -2;  // mhckit.ops.cpu.IDENTITY: no h_res
 
@@ -201,6 +212,115 @@ struct PostCarry : public torch::autograd::Function<PostCarry> {
     }
 };
 
+// Hyper-Connections' dynamic coefficients with the read (mhckit.ops.carry.HCCarryFunction): inputs x, sp, spo,
+// sr, wp, wq, wr, sa, sb (as HCCoefficients holds them), eps; (u, h_pre, h_post, h_res, carrier)
+struct HCCarry : public torch::autograd::Function<HCCarry> {
+    static variable_list forward(AutogradContext *ctx, const Tensor &x_in, const Tensor &sp_in, const Tensor &spo_in,
+                                 const Tensor &sr_in, const Tensor &wp_in, const Tensor &wq_in, const Tensor &wr_in,
+                                 const Tensor &sa_in, const Tensor &sb_in, double eps, bool reuse) {
+        const at::ScalarType dt = x_in.scalar_type(), cd = coef_type(dt);
+        const Tensor x = contig(x_in, dt), sp = contig(sp_in, cd), spo = contig(spo_in, cd), sr = contig(sr_in, cd),
+                     wp = contig(wp_in, cd), wq = contig(wq_in, cd), wr = contig(wr_in, cd), sa = contig(sa_in, cd),
+                     sb = contig(sb_in, cd);
+        const int64_t n = x.size(-2), c = x.size(-1), t = x.numel() / (n * c);
+        const auto f32 = x.options().dtype(cd);
+        Tensor z = at::empty({t, n, n + 2}, f32), r = at::empty({t, n}, f32);
+        Tensor h_pre = at::empty(lead_with(x, {n}), f32), h_post = at::empty(lead_with(x, {n}), f32);
+        Tensor h_res = at::empty(lead_with(x, {n, n}), f32), u = at::empty(lead_with(x, {c}), x.options());
+        check(run<hc_fwd_t>(K_HC_FWD, dt, ptr(x), ptr(wp), ptr(wq), ptr(wr), ptr(sp), ptr(spo), ptr(sr), ptr(sa),
+                            ptr(sb), eps, mptr(z), mptr(r), mptr(h_pre), mptr(h_post), mptr(h_res), mptr(u), t,
+                            (int)n, c, at::get_num_threads()),
+              "mhc_hc_fwd");
+        ctx->save_for_backward({x, sp, spo, sr, wp, wq, wr, sa, sb, z, r});
+        ctx->saved_data["reuse"] = reuse;
+        ctx->set_materialize_grads(false);
+        return {u, h_pre, h_post, h_res, x.view(x.sizes())};
+    }
+
+    static variable_list backward(AutogradContext *ctx, const variable_list &grads) {
+        no_double_backward(grads, "hc_coeffs");
+        auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &sp = saved[1], &sr = saved[3], &wp = saved[4], &wq = saved[5], &wr = saved[6],
+                     &sa = saved[7], &sb = saved[8], &z = saved[9], &r = saved[10];
+        bool need[9];
+        for (int i = 0; i < 9; i++) need[i] = ctx->needs_input_grad(i);
+        const bool free = need[0] && ctx->saved_data["reuse"].toBool() && exclusive(grads[4], x);
+        if (free) g_reused.fetch_add(1, std::memory_order_relaxed);
+        const at::ScalarType dt = x.scalar_type(), cd = coef_type(dt);
+        const int64_t n = x.size(-2), c = x.size(-1), t = x.numel() / (n * c);
+        const auto f32 = x.options().dtype(cd);
+        Tensor gu = contig(grads[0], dt), g_pre = contig(grads[1], cd), g_post = contig(grads[2], cd);
+        Tensor g_res = contig(grads[3], cd), g_out = contig(grads[4], dt);
+        Tensor gx = !need[0] ? Tensor() : free ? g_out : at::empty(x.sizes(), x.options());
+        Tensor dwp = at::empty({c}, f32), dwq = at::empty({c}, f32), dwr = at::empty({c, n}, f32);
+        Tensor dsp = at::empty({n}, f32), dspo = at::empty({n}, f32), dsr = at::empty({n, n}, f32);
+        Tensor dsa = at::empty(sa.sizes(), f32), dsb = at::empty(sb.sizes(), f32);
+        check(run<hc_bwd_t>(K_HC_BWD, dt, ptr(x), ptr(gu), ptr(g_out), ptr(z), ptr(r), ptr(wp), ptr(wq), ptr(wr),
+                            ptr(sp), ptr(sr), ptr(sa), ptr(sb), ptr(g_pre), ptr(g_post), ptr(g_res), mptr(gx),
+                            mptr(dwp), mptr(dwq), mptr(dwr), mptr(dsp), mptr(dspo), mptr(dsr), mptr(dsa), mptr(dsb), t,
+                            (int)n, c, at::get_num_threads()),
+              "mhc_hc_bwd");
+        // which coefficients got a gradient (as HCCarryFunction): h_pre (through u or itself), h_post, h_res
+        // (itself or the write-back); a parameter that reaches none of them gets None, as autograd gives
+        const bool pre = gu.defined() || g_pre.defined(), post = g_post.defined(), res = g_res.defined() || g_out.defined();
+        const bool reach[9] = {pre || post || res, pre, post, res, pre, post, res, pre || res, post};
+        const Tensor all[9] = {gx, dsp, dspo, dsr, dwp, dwq, dwr, dsa, dsb};
+        variable_list out;
+        for (int i = 0; i < 9; i++) out.push_back(need[i] && reach[i] ? all[i] : Tensor());
+        out.push_back(Tensor());  // eps
+        out.push_back(Tensor());  // reuse
+        return out;
+    }
+};
+
+// The read of coefficients computed elsewhere (static HC; mhckit.ops.carry.ReadCarryFunction): (u, carrier)
+struct ReadCarry : public torch::autograd::Function<ReadCarry> {
+    static variable_list forward(AutogradContext *ctx, const Tensor &x_in, const Tensor &h_pre_in,
+                                 const Tensor &h_res_in, bool reuse) {
+        const at::ScalarType dt = x_in.scalar_type(), cd = coef_type(dt);
+        const Tensor x = contig(x_in, dt), h_pre = contig(h_pre_in, cd), h_res = contig(h_res_in, cd);
+        const int64_t n = x.size(-2), c = x.size(-1), t = x.numel() / (n * c);
+        Tensor u = at::empty(lead_with(x, {c}), x.options());
+        check(run<pre_fwd_t>(K_PRE_FWD, dt, ptr(x), ptr(h_pre), mptr(u), t, (int)n, c, at::get_num_threads()),
+              "mhc_pre_fwd");
+        ctx->save_for_backward({x, h_pre, h_res});
+        ctx->saved_data["reuse"] = reuse;
+        ctx->set_materialize_grads(false);
+        return {u, x.view(x.sizes())};
+    }
+
+    static variable_list backward(AutogradContext *ctx, const variable_list &grads) {
+        no_double_backward(grads, "mhc_pre");
+        auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &h_pre = saved[1], &h_res = saved[2];
+        const bool need_x = ctx->needs_input_grad(0), need_pre = ctx->needs_input_grad(1),
+                   need_res = ctx->needs_input_grad(2);
+        const bool free = need_x && ctx->saved_data["reuse"].toBool() && exclusive(grads[1], x);
+        if (free) g_reused.fetch_add(1, std::memory_order_relaxed);
+        const at::ScalarType dt = x.scalar_type(), cd = coef_type(dt);
+        const int64_t n = x.size(-2), c = x.size(-1), t = x.numel() / (n * c);
+        const auto f32 = x.options().dtype(cd);
+        Tensor gu = contig(grads[0], dt), g = contig(grads[1], dt);
+        Tensor gx = !need_x ? Tensor() : free ? g : at::empty(x.sizes(), x.options());
+        Tensor gp = need_pre && gu.defined() ? at::empty(lead_with(x, {n}), f32) : Tensor();
+        Tensor gr = need_res && g.defined() ? at::empty(lead_with(x, {n, n}), f32) : Tensor();
+        check(run<read_bwd_t>(K_READ_BWD, dt, ptr(x), ptr(h_pre), ptr(h_res), ptr(gu), ptr(g), mptr(gx), mptr(gp),
+                              mptr(gr), t, (int)n, c, at::get_num_threads()),
+              "mhc_read_bwd");
+        return {gx, gp, gr, Tensor()};
+    }
+};
+
+std::vector<Tensor> hc_carry(const Tensor &x, const Tensor &sp, const Tensor &spo, const Tensor &sr, const Tensor &wp,
+                             const Tensor &wq, const Tensor &wr, const Tensor &sa, const Tensor &sb, double eps,
+                             bool reuse) {
+    return HCCarry::apply(x, sp, spo, sr, wp, wq, wr, sa, sb, eps, reuse);
+}
+
+std::vector<Tensor> read_carry(const Tensor &x, const Tensor &h_pre, const Tensor &h_res, bool reuse) {
+    return ReadCarry::apply(x, h_pre, h_res, reuse);
+}
+
 std::vector<Tensor> coeffs_carry(const Tensor &x, const Tensor &phi, const Tensor &bias, const Tensor &alpha,
                                  int64_t iters, double rms_eps, bool here, bool reuse) {
     return CoeffsCarry::apply(x, phi, bias, alpha, iters, rms_eps, here, reuse);
@@ -228,7 +348,7 @@ int64_t calls() { return g_calls.load(); }
 
 int64_t reused() { return g_reused.load(); }
 
-int64_t abi_version() { return 1; }
+int64_t abi_version() { return 2; }
 
 }  // namespace
 
@@ -236,6 +356,9 @@ TORCH_LIBRARY(mhckit_pair, m) {
     m.def("coeffs_carry(Tensor x, Tensor phi, Tensor bias, Tensor alpha, int iters, float rms_eps, bool here, "
           "bool reuse) -> Tensor[]");
     m.def("post_carry(Tensor carrier, Tensor y, Tensor h_post, Tensor? h_res) -> Tensor");
+    m.def("hc_carry(Tensor x, Tensor sp, Tensor spo, Tensor sr, Tensor wp, Tensor wq, Tensor wr, Tensor sa, Tensor sb, "
+          "float eps, bool reuse) -> Tensor[]");
+    m.def("read_carry(Tensor x, Tensor h_pre, Tensor h_res, bool reuse) -> Tensor[]");
     m.def("set_kernels(int[] table) -> ()", &set_kernels);
     m.def("kernel_table() -> int[]", &kernel_table);
     m.def("set_skip(bool on) -> ()", &set_skip);
@@ -247,4 +370,6 @@ TORCH_LIBRARY(mhckit_pair, m) {
 TORCH_LIBRARY_IMPL(mhckit_pair, CompositeImplicitAutograd, m) {
     m.impl("coeffs_carry", &coeffs_carry);
     m.impl("post_carry", &post_carry);
+    m.impl("hc_carry", &hc_carry);
+    m.impl("read_carry", &read_carry);
 }
