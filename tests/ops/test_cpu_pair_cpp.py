@@ -178,12 +178,13 @@ def test_gradient_buffer_reused_where_nobody_else_holds_it(ops, variant):
         assert torch.equal(seen, seen_off) and torch.equal(gx, gx_off), how
 
 
-def test_backward_is_differentiable_once(ops):
-    hcs = _stack(4, 16, torch.float32, "mhc", depth=1)
+@pytest.mark.parametrize("variant", ["mhc", "hc", "hc-static"])
+def test_backward_is_differentiable_once(ops, variant):
+    hcs = _stack(4, 16, torch.float32, variant, depth=1)
     x = torch.randn(3, 4, 16, requires_grad=True)
     with _pair.use_cpp_pair(True):
         loss = hcs[0](x).square().sum()
-        with pytest.raises(RuntimeError, match=r"differentiable once only.*create_graph=True"):
+        with pytest.raises(RuntimeError, match=r"fused sublayer pair .* differentiable once only.*create_graph=True"):
             torch.autograd.grad(loss, [x], create_graph=True)
 
 

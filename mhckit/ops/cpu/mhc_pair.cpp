@@ -108,7 +108,7 @@ void no_double_backward(const variable_list &grads, const char *name) {
     if (!at::GradMode::is_enabled()) return;
     for (const auto &g : grads)
         TORCH_CHECK(!(g.defined() && g.requires_grad()), "mhckit: ", name,
-                    " (the fused mHC pair on the CPU kernels) is differentiable once only: its backward cannot be "
+                    " (the fused sublayer pair on the CPU kernels) is differentiable once only: its backward cannot be "
                     "differentiated again (create_graph=True); use backend='reference' for higher derivatives");
 }
 
