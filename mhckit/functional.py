@@ -223,7 +223,7 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
     if not torch.is_grad_enabled():  # nothing to record (inference, generation): the kernels without a Function
         # (its forward's calls; the carrier is x itself, which the write-back only reads)
         return (*_carry_read(x, phi, bias, alpha, iters, rms_eps, triton)[:4], x)
-    if not triton and _pair._ON[0] and _pair.load():  # the same pair as C++ Functions (mhckit/ops/cpu/_pair.py)
+    if not triton and _pair.active():  # the same pair as C++ Functions (mhckit/ops/cpu/_pair.py)
         u, h_pre, h_post, h_res, carrier = _pair._STATE["read"](x, phi, bias, alpha, iters, float(rms_eps),
                                                                  cpu._project_here(n, c, k, x.dtype),
                                                                  _carry.REUSE_GRADIENT_BUFFER)
@@ -273,7 +273,7 @@ def _mhc_read_external(x: Tensor, h_pre: Tensor, h_res: Tensor) -> tuple[Tensor,
     h_pre, h_res = _as(h_pre, dt), _as(h_res, dt)
     if not torch.is_grad_enabled():  # nothing to record: the kernel without a Function (as its forward)
         return cpu.pre_fwd(x, h_pre), x
-    if _pair._ON[0] and _pair.load():  # the same Function in C++ (mhckit/ops/cpu/_pair.py)
+    if _pair.active():  # the same Function in C++ (mhckit/ops/cpu/_pair.py)
         u, carrier = _pair._STATE["pre"](x, h_pre, h_res, _carry.REUSE_GRADIENT_BUFFER)
         return u, carrier
     return ReadCarryFunction.apply(x, h_pre, h_res)
@@ -297,7 +297,7 @@ def _hc_read_carry(x: Tensor, static_pre: Tensor, static_post: Tensor, static_re
     if not torch.is_grad_enabled():  # nothing to record: the kernels without a Function (as its forward)
         sp, spo, sr, wp, wq, wr, sa, sb = params
         return (*cpu.hc_fwd(x, wp, wq, wr, sp, spo, sr, sa, sb, float(norm_eps))[:4], x)
-    if _pair._ON[0] and _pair.load():  # the same Function in C++ (mhckit/ops/cpu/_pair.py)
+    if _pair.active():  # the same Function in C++ (mhckit/ops/cpu/_pair.py)
         return tuple(_pair._STATE["hc"](x, *params, float(norm_eps), _carry.REUSE_GRADIENT_BUFFER))
     return HCCarryFunction.apply(x, *params, float(norm_eps))
 
@@ -312,7 +312,7 @@ def _mhc_write_carry(x: Tensor, carrier: Tensor, y: Tensor, h_post: Tensor, h_re
         return carry_write(x if x.is_contiguous() else x.contiguous(), carrier, y, h_post, h_res, triton)
     if not torch.is_grad_enabled():  # nothing to record: the write-back's kernel without its Function
         return _carry_write(carrier, y, h_post, h_res, triton)
-    if not triton and y.dtype is carrier.dtype and y.is_cpu and _pair._ON[0] and _pair.load():
+    if not triton and y.dtype is carrier.dtype and y.is_cpu and _pair.active():
         return _pair._STATE["write"](carrier, y, h_post, h_res)  # the C++ pair (mhckit/ops/cpu/_pair.py)
     return PostCarryFunction.apply(carrier, y, h_post, h_res, triton)
 

@@ -6,6 +6,7 @@ checkpointing; and the Python pair when it cannot run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -43,13 +44,23 @@ def _stack(n, c, dt, variant, depth=3, seed=0):
     return hcs
 
 
+@contextlib.contextmanager
+def _pair_ran(cpp: bool):
+    """The C++ pair switched on (``cpp``) or off inside the block, and checked: its kernel calls rose only
+    when on (so no comparison here can pass by running the Python pair twice)."""
+    before = torch.ops.mhckit_pair.calls()
+    with _pair.use_cpp_pair(cpp):
+        yield
+    assert (torch.ops.mhckit_pair.calls() > before) == cpp, "the C++ pair ran" if not cpp else "it did not run"
+
+
 def _run(hcs, x, cpp, frozen=(), loss_of=lambda out: (out.float().square().sum() + out.float().sum())):
     """Output and every gradient of a forward + backward through the stack, on the C++ pair or not."""
     for name, p in hcs.named_parameters():
         p.requires_grad_(not any(f in name for f in frozen))
         p.grad = None
     x = x.detach().requires_grad_("x" not in frozen)
-    with _pair.use_cpp_pair(cpp):
+    with _pair_ran(cpp):
         out = x
         for hc in hcs:
             out = hc(out)
@@ -124,7 +135,7 @@ def test_two_write_backs_of_one_read_and_unused_outputs(ops):
         x = torch.randn(2, 3, 4, 16, generator=torch.Generator().manual_seed(3), requires_grad=True)
         for p in hc.parameters():
             p.grad = None
-        with _pair.use_cpp_pair(cpp):
+        with _pair_ran(cpp):
             u, finish = hc.split(x)
             y = hc.branch(u)
             out = finish(y) + 0.5 * finish(y.flip(-1))
@@ -155,7 +166,7 @@ def test_gradient_buffer_reused_where_nobody_else_holds_it(ops, variant):
 
     def held(how):
         xs = x.detach().requires_grad_()
-        with _pair.use_cpp_pair(True):
+        with _pair_ran(True):
             mid = hcs[1](hcs[0](xs))
             out = hcs[2](mid)
             if how == "hook":
@@ -199,7 +210,7 @@ def test_checkpointed_sublayers_match(ops):
     for p in hcs.parameters():
         p.grad = None
     xs = x.detach().requires_grad_()
-    with _pair.use_cpp_pair(True):
+    with _pair_ran(True):
         out = xs
         for hc in hcs:
             out = checkpoint(hc, out, use_reentrant=False)
@@ -218,7 +229,7 @@ def test_gpt_step_matches_with_recompute(ops):
         model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32, recompute=-1,
                               hc=MHCConfig(variant="mhc")))
         tok = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
-        with _pair.use_cpp_pair(cpp):
+        with _pair_ran(cpp):
             _, loss = model(tok[:, :-1], tok[:, 1:])
             loss.backward()
         return loss.detach(), [p.grad for p in model.parameters()]

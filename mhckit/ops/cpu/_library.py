@@ -80,16 +80,17 @@ def _isa_flags() -> list[str]:
             "avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}[isa]
 
 
-def _build(cc: str, out: Path) -> str | None:
-    """Compile to ``out`` (atomically); None on success, else the compiler's complaint."""
+def _compile_to(out: Path, commands: list[list[str]], tail: list[str], timeout: int) -> str | None:
+    """Compile to ``out`` (atomically) with the first of ``commands`` that succeeds (each run as
+    ``command -o <temp file> tail``); None on success, else every compiler's complaint."""
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for extra in (["-fopenmp"], []):  # OpenMP when the compiler has it
+    for command in commands:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
-        cmd = [cc, *_FLAGS, *_isa_flags(), *extra, str(_SOURCE), "-o", tmp, "-lm"]
+        cmd = [*command, "-o", tmp, *tail]
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as e:
             res = None
             errors.append(f"{' '.join(cmd)}: {e}")
@@ -97,9 +98,15 @@ def _build(cc: str, out: Path) -> str | None:
             os.replace(tmp, out)  # atomic: concurrent builders each write their own temp file
             return None
         if res is not None:
-            errors.append(f"{' '.join(cmd)}: {res.stderr.strip()[-500:]}")
+            errors.append(f"{' '.join(cmd)}: {res.stderr.strip()[-800:]}")
         Path(tmp).unlink(missing_ok=True)
     return "; ".join(errors)
+
+
+def _build(cc: str, out: Path) -> str | None:
+    """Compile the C kernels to ``out``, with OpenMP when the compiler has it."""
+    base = [cc, *_FLAGS, *_isa_flags()]
+    return _compile_to(out, [[*base, "-fopenmp", str(_SOURCE)], [*base, str(_SOURCE)]], ["-lm"], timeout=120)
 
 
 def _load() -> ctypes.CDLL | None:

@@ -37,16 +37,14 @@ import ctypes
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 
-from ._library import _STATE as _KERNELS, _cached, _load
+from ._library import _STATE as _KERNELS, _cached, _compile_to, _load
 
 _SOURCE = Path(__file__).with_name("mhc_pair.cpp")
 _ABI = 2
@@ -75,20 +73,7 @@ def _torch_flags() -> list[str]:
 
 
 def _build(cxx: str, out: Path) -> str | None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [cxx, *_FLAGS, str(_SOURCE), "-o", tmp, *_torch_flags()]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        Path(tmp).unlink(missing_ok=True)
-        return f"{' '.join(cmd)}: {e}"
-    if res.returncode != 0:
-        Path(tmp).unlink(missing_ok=True)
-        return f"{' '.join(cmd)}: {res.stderr.strip()[-800:]}"
-    os.replace(tmp, out)
-    return None
+    return _compile_to(out, [[cxx, *_FLAGS, str(_SOURCE)]], _torch_flags(), timeout=600)
 
 
 def _kernel_table(lib: ctypes.CDLL) -> list[int]:

@@ -104,6 +104,13 @@ bool exclusive(const Tensor &g, const Tensor &x) {
            g.scalar_type() == x.scalar_type() && g.sizes() == x.sizes();
 }
 
+// whether a backward that needs dx writes it into g (its reuse flag from forward, and g exclusive); counted
+bool take_buffer(AutogradContext *ctx, bool need_x, const Tensor &g, const Tensor &x) {
+    const bool take = need_x && ctx->saved_data["reuse"].toBool() && exclusive(g, x);
+    if (take) g_reused.fetch_add(1, std::memory_order_relaxed);
+    return take;
+}
+
 void no_double_backward(const variable_list &grads, const char *name) {
     if (!at::GradMode::is_enabled()) return;
     for (const auto &g : grads)
@@ -147,8 +154,7 @@ struct CoeffsCarry : public torch::autograd::Function<CoeffsCarry> {
         auto saved = ctx->get_saved_variables();
         const Tensor &x = saved[0], &phi = saved[1], &bias = saved[2], &alpha = saved[3], &r = saved[4], &z = saved[5];
         const bool need_x = ctx->needs_input_grad(0), need_phi = ctx->needs_input_grad(1);
-        const bool free = need_x && ctx->saved_data["reuse"].toBool() && exclusive(g_out_in, x);
-        if (free) g_reused.fetch_add(1, std::memory_order_relaxed);
+        const bool free = take_buffer(ctx, need_x, g_out_in, x);
         const int64_t iters = ctx->saved_data["iters"].toInt();
         const bool here = ctx->saved_data["here"].toBool();
         const at::ScalarType dt = x.scalar_type(), cd = coef_type(dt);
@@ -244,8 +250,7 @@ struct HCCarry : public torch::autograd::Function<HCCarry> {
                      &sa = saved[7], &sb = saved[8], &z = saved[9], &r = saved[10];
         bool need[9];
         for (int i = 0; i < 9; i++) need[i] = ctx->needs_input_grad(i);
-        const bool free = need[0] && ctx->saved_data["reuse"].toBool() && exclusive(grads[4], x);
-        if (free) g_reused.fetch_add(1, std::memory_order_relaxed);
+        const bool free = take_buffer(ctx, need[0], grads[4], x);
         const at::ScalarType dt = x.scalar_type(), cd = coef_type(dt);
         const int64_t n = x.size(-2), c = x.size(-1), t = x.numel() / (n * c);
         const auto f32 = x.options().dtype(cd);
@@ -295,8 +300,7 @@ struct ReadCarry : public torch::autograd::Function<ReadCarry> {
         const Tensor &x = saved[0], &h_pre = saved[1], &h_res = saved[2];
         const bool need_x = ctx->needs_input_grad(0), need_pre = ctx->needs_input_grad(1),
                    need_res = ctx->needs_input_grad(2);
-        const bool free = need_x && ctx->saved_data["reuse"].toBool() && exclusive(grads[1], x);
-        if (free) g_reused.fetch_add(1, std::memory_order_relaxed);
+        const bool free = take_buffer(ctx, need_x, grads[1], x);
         const at::ScalarType dt = x.scalar_type(), cd = coef_type(dt);
         const int64_t n = x.size(-2), c = x.size(-1), t = x.numel() / (n * c);
         const auto f32 = x.options().dtype(cd);
