@@ -29,6 +29,10 @@
  * the build targets AVX-512; per-thread dphi summed at the end). The
  * backward can also take the output gradient of the sublayer's write-back and then produces that
  * write-back's dx and dh_res in the same pass (see mhckit/ops/carry.py, CoeffsCarryFunction).
+ * Where the float32 build targets AVX-512, a block's per-token rows of coefficient values (z, the
+ * gradients of h_pre / h_post / h_res, and back: h_*, da) become 16-lane columns and back by register
+ * transposes (zmm_rows_to_cols / zmm_cols_to_rows) rather than one value at a time, and the per-token
+ * stream functions walk C in 16-lane vectors (mhc_cpu_stream.h).
  *
  * Layout: token t's K = 2n + n^2 coefficient logits at row t of a [T, ld] array:
  *     [pre (n) | post (n) | res (n x n, row k = output stream, col j = input stream)].
@@ -252,6 +256,54 @@ static inline __attribute__((always_inline)) void zmm_gx(float *const *gr, const
             for (int k = 0; k < K; k++) a += G[t * KP + k] * phiT[k * nC + i];
             gr[t][i] = a;
         }
+}
+
+/* The 16 x 16 block r[0..16) of floats transposed in registers (r[i][j] <- r[j][i]): 32-bit and 64-bit
+ * interleaves within 128-bit lanes, then two rounds of 128-bit lane shuffles; 64 shuffles in all, where
+ * moving the 256 values one at a time takes 512 scalar loads and stores. */
+static inline __attribute__((always_inline)) void zmm_transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) { /* t[2i]: per 128-bit lane k, r[2i][4k], r[2i+1][4k], r[2i][4k+1], r[2i+1][4k+1] */
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int b = 0; b < 4; b++) { /* r[4b + c], lane k: rows 4b .. 4b + 3 of column 4k + c */
+        const __m512d t0 = _mm512_castps_pd(t[4 * b]), t1 = _mm512_castps_pd(t[4 * b + 1]);
+        const __m512d t2 = _mm512_castps_pd(t[4 * b + 2]), t3 = _mm512_castps_pd(t[4 * b + 3]);
+        r[4 * b] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+        r[4 * b + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+        r[4 * b + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+        r[4 * b + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+    }
+    for (int c = 0; c < 4; c++) { /* column 4k + c = lane k of r[c], r[4 + c], r[8 + c], r[12 + c] */
+        const __m512 v0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+        const __m512 w0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+        const __m512 w1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+        t[c] = _mm512_shuffle_f32x4(v0, w0, 0x88), t[4 + c] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+        t[8 + c] = _mm512_shuffle_f32x4(v1, w1, 0x88), t[12 + c] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* dst[c][l] = src[l * ld + c] for the rows l < rows (zeros beyond) and columns c < cols <= 16 of a block of
+ * 16 rows (the tokens of a kernel block: per-token rows of coefficients -> one 16-lane vector per column) */
+static inline __attribute__((always_inline)) void zmm_rows_to_cols(const float *src, int64_t ld, int rows, int cols,
+                                                                   float (*dst)[16]) {
+    const __mmask16 m = (__mmask16)((1u << cols) - 1);
+    __m512 r[16];
+    for (int l = 0; l < 16; l++) r[l] = l < rows ? _mm512_maskz_loadu_ps(m, src + l * ld) : _mm512_setzero_ps();
+    zmm_transpose16(r);
+    for (int c = 0; c < cols; c++) _mm512_storeu_ps(dst[c], r[c]);
+}
+
+/* dst[l * ld + c] = src[c][l] for l < rows, c < cols <= 16 (the reverse of zmm_rows_to_cols) */
+static inline __attribute__((always_inline)) void zmm_cols_to_rows(const float (*src)[16], int cols, float *dst,
+                                                                   int64_t ld, int rows) {
+    const __mmask16 m = (__mmask16)((1u << cols) - 1);
+    __m512 r[16];
+    for (int c = 0; c < 16; c++) r[c] = c < cols ? _mm512_loadu_ps(src[c]) : _mm512_setzero_ps();
+    zmm_transpose16(r);
+    for (int l = 0; l < rows; l++) _mm512_mask_storeu_ps(dst + l * ld, m, r[l]);
 }
 #else
 #define MHC_ZMM 0

@@ -10,6 +10,12 @@
 #include "mhc_cpu_hc.h"
 
 #undef KB
+#undef XW
+#undef XV
+#undef XI
+#undef XLD
+#undef XST
+#undef XSHUF
 #undef SHUF
 #undef VLD
 #undef VST

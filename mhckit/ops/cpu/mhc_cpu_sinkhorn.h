@@ -12,6 +12,8 @@ typedef ITYPE FN(iv) __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T
 #define IV FN(iv)
 #define VSEL(mask, a, b) ((VT)(((IV)(a) & (IV)(mask)) | ((IV)(b) & ~(IV)(mask))))
 #define VMAX(acc, v) VSEL((v) > (acc), (v), (acc))
+#define VLD(p) (*(const VT *)(p)) /* W values from p, any alignment */
+#define VST(p, v) (*(VT *)(p) = (v))
 
 #define SK(name) FN(name)
 #define SKW W
@@ -99,6 +101,18 @@ static void FN(skb_grad)(FN(scratch_t) *s, const T *lg, int64_t ld, const T *bia
     const int nn = n * n;
     for (int l0 = 0; l0 < lanes; l0 += SL) {
         const int w = lanes - l0 < SL ? lanes - l0 : SL;
+#if ZMM /* rows of tokens <-> 16-lane columns by register transposes (zmm_rows_to_cols; absent lanes: 0) */
+        for (int c0 = 0; c0 < nn; c0 += 16) {
+            const int cols = nn - c0 < 16 ? nn - c0 : 16;
+            zmm_rows_to_cols(lg + l0 * ld + c0, ld, w, cols, s->m + c0);
+            zmm_rows_to_cols(gr + l0 * nn + c0, nn, w, cols, s->g + c0);
+        }
+        if (bias)
+            for (int i = 0; i < nn; i++) {
+                const SVT v = *(const SVT *)s->m[i];
+                *(SVT *)s->m[i] = bias[i] + v * gate; /* absent lanes: bias (their results are not written) */
+            }
+#else
         for (int i = 0; i < nn; i++)
             for (int l = 0; l < SL; l++) {
                 const int in = l < w;
@@ -106,13 +120,26 @@ static void FN(skb_grad)(FN(scratch_t) *s, const T *lg, int64_t ld, const T *bia
                 s->m[i][l] = in ? (bias ? bias[i] + v * gate : v) : 0;
                 s->g[i][l] = in ? gr[(l0 + l) * nn + i] : 0;
             }
+#endif
         FN(skb_fwd)(s->m, n, iters, s->m0, s->ys, s->cs);
+#if ZMM
+        for (int c0 = 0; c0 < nn; c0 += 16) {
+            const int cols = nn - c0 < 16 ? nn - c0 : 16;
+            if (hres) zmm_cols_to_rows((const float(*)[16])(s->m + c0), cols, hres + l0 * nn + c0, nn, w);
+        }
+        FN(skb_bwd)(s->g, n, iters, s->m0, s->ys, s->cs);
+        for (int c0 = 0; c0 < nn; c0 += 16) {
+            const int cols = nn - c0 < 16 ? nn - c0 : 16;
+            zmm_cols_to_rows((const float(*)[16])(s->g + c0), cols, out + l0 * ldo + c0, ldo, w);
+        }
+#else
         if (hres)
             for (int l = 0; l < w; l++)
                 for (int i = 0; i < nn; i++) hres[(l0 + l) * nn + i] = s->m[i][l];
         FN(skb_bwd)(s->g, n, iters, s->m0, s->ys, s->cs);
         for (int l = 0; l < w; l++)
             for (int i = 0; i < nn; i++) out[(l0 + l) * ldo + i] = s->g[i][l];
+#endif
     }
 }
 

@@ -4,13 +4,16 @@
 
 /* ---- coefficient tail on one block of <= SB tokens (pointers at the block's first row) --------- */
 
+/* sigmoid(bias + gate * a) for the SB lanes of a column a (contiguous) */
+static inline void FN(sigmoid_lanes)(const T *a, T bias, T gate, VT *out) {
+    for (int h = 0; h < HH_; h++) out[h] = 1 / (1 + VEXP(-(bias + VLD(a + h * W) * gate)));
+}
+
 /* sigmoid(bias[i] + gate * z[l, i]) for the SB lanes of column i (absent lanes: z = 0) */
 static inline void FN(sigmoid_col)(const T *z, int K, int i, T bias, T gate, int lanes, VT *out) {
-    for (int h = 0; h < HH_; h++) {
-        VT a;
-        for (int l = 0; l < W; l++) a[l] = h * W + l < lanes ? z[(h * W + l) * K + i] : 0;
-        out[h] = 1 / (1 + VEXP(-(bias + a * gate)));
-    }
+    T a[SB] ALIGNED;
+    for (int l = 0; l < SB; l++) a[l] = l < lanes ? z[l * K + i] : 0;
+    FN(sigmoid_lanes)(a, bias, gate, out);
 }
 
 /* mHC-lite: the softmax over the P = n! logits a_p = bias[p] + gate z[l, p] (z rows of ld K, from the
@@ -79,6 +82,29 @@ static void FN(tail_fwd_block)(const T *z, const T *bias, const T *gates, T *h_p
                                int n, int iters) {
     const int K = 2 * n + mhc_kres(n, iters), nn = n * n;
     T m[MAXN * MAXN][SB] ALIGNED;
+#if ZMM /* the block's z rows as columns of 16 lanes, and the coefficients back to rows, by register transposes */
+    T zT[2 * MAXN][SB] ALIGNED, hT[2 * MAXN][SB] ALIGNED;
+    zmm_rows_to_cols(z, K, lanes, 2 * n, zT);
+    for (int i = 0; i < 2 * n; i++) {
+        VT sg[HH_];
+        FN(sigmoid_lanes)(zT[i], bias[i], gates[i < n ? 0 : 1], sg);
+        for (int h = 0; h < HH_; h++) VST(hT[i] + h * W, i < n ? sg[h] : 2 * sg[h]);
+    }
+    zmm_cols_to_rows((const float(*)[SB])hT, n, h_pre, n, lanes);
+    zmm_cols_to_rows((const float(*)[SB])(hT + n), n, h_post, n, lanes);
+    if (iters == MHC_IDENTITY) return;
+    if (iters != MHC_PERMUTATIONS) {
+        for (int c0 = 0; c0 < nn; c0 += 16) { /* absent lanes: 0, then bias (their results are not written) */
+            zmm_rows_to_cols(z + 2 * n + c0, K, lanes, nn - c0 < 16 ? nn - c0 : 16, m + c0);
+            for (int i = c0; i < c0 + 16 && i < nn; i++)
+                for (int h = 0; h < HH_; h++) VST(m[i] + h * W, bias[2 * n + i] + VLD(m[i] + h * W) * gates[2]);
+        }
+        FN(skb_fwd2)(m, n, iters);
+        for (int c0 = 0; c0 < nn; c0 += 16)
+            zmm_cols_to_rows((const float(*)[SB])(m + c0), nn - c0 < 16 ? nn - c0 : 16, h_res + c0, nn, lanes);
+        return;
+    }
+#else
     for (int i = 0; i < 2 * n; i++) {
         VT sg[HH_];
         FN(sigmoid_col)(z, K, i, bias[i], gates[i < n ? 0 : 1], lanes, sg);
@@ -87,6 +113,7 @@ static void FN(tail_fwd_block)(const T *z, const T *bias, const T *gates, T *h_p
             else h_post[l * n + i - n] = 2 * sg[l / W][l % W];
         }
     }
+#endif
     if (iters == MHC_IDENTITY) return; /* h_res = I: nothing to write */
     if (iters == MHC_PERMUTATIONS) {
         unsigned char pt[MAXP][MAXN_PERM];
@@ -109,6 +136,26 @@ static void FN(tail_fwd_block)(const T *z, const T *bias, const T *gates, T *h_p
 static void FN(tail_bwd_block)(FN(scratch_t) *s, const T *z, const T *bias, const T *gates, const T *g_pre,
                                const T *g_post, const T *g_res, T *da, T *hpre, T *hres, int lanes, int n, int iters) {
     const int kres = mhc_kres(n, iters), K = 2 * n + kres;
+#if ZMM /* as the forward: columns of 16 lanes in, rows out, by register transposes */
+    {
+        T zT[2 * MAXN][SB] ALIGNED, gT[2 * MAXN][SB] ALIGNED, dT[2 * MAXN][SB] ALIGNED;
+        zmm_rows_to_cols(z, K, lanes, 2 * n, zT);
+        if (g_pre) zmm_rows_to_cols(g_pre, n, lanes, n, gT);
+        if (g_post) zmm_rows_to_cols(g_post, n, lanes, n, gT + n);
+        for (int i = 0; i < 2 * n; i++) { /* d sigmoid = s (1 - s); h_post carries a factor 2 */
+            const int pre = i < n;
+            VT sg[HH_];
+            FN(sigmoid_lanes)(zT[i], bias[i], gates[pre ? 0 : 1], sg);
+            for (int h = 0; h < HH_; h++) {
+                const VT dsg = (T)(pre ? 1 : 2) * sg[h] * (1 - sg[h]);
+                VST(dT[i] + h * W, (pre ? g_pre : g_post) ? VLD(gT[i] + h * W) * dsg : (VT){0});
+                if (pre) VST(zT[i] + h * W, sg[h]); /* zT's pre columns now hold h_pre */
+            }
+        }
+        zmm_cols_to_rows((const float(*)[SB])dT, 2 * n, da, K, lanes);
+        if (hpre) zmm_cols_to_rows((const float(*)[SB])zT, n, hpre, n, lanes);
+    }
+#else
     for (int i = 0; i < 2 * n; i++) { /* d sigmoid = s (1 - s); h_post carries a factor 2 */
         const T *gp = i < n ? g_pre : g_post;
         const int col = i < n ? i : i - n;
@@ -123,6 +170,7 @@ static void FN(tail_bwd_block)(FN(scratch_t) *s, const T *z, const T *bias, cons
             }
         }
     }
+#endif
     if (iters == MHC_IDENTITY) return; /* no logits of h_res (and no h_res to recompute) */
     if (!g_res) {
         for (int l = 0; l < lanes; l++) memset(da + l * K + 2 * n, 0, sizeof(T) * kres);
