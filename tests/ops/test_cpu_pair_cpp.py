@@ -7,6 +7,7 @@ checkpointing; and the Python pair when it cannot run."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import subprocess
@@ -93,12 +94,80 @@ def test_cpp_pair_is_bitwise_the_python_pair(ops, monkeypatch, variant, dt, n, c
     hcs = _stack(n, c, dt, variant)
     x = torch.randn(*lead, n, c).to(dt)
     py = _run(hcs, x, cpp=False)
-    calls = ops.calls()
+    calls, joined = ops.calls(), ops.joined()
     with monkeypatch.context() as m:
         _no_python_function(m)
         cc = _run(hcs, x, cpp=True)
-    # each sublayer: the read (with mHC's / dynamic HC's coefficients) and the write-back, forward and backward
-    assert ops.calls() - calls == 4 * len(hcs)
+    # each sublayer: the read (with mHC's / dynamic HC's coefficients) and the write-back, forward and backward;
+    # mHC's coefficient backward (fp32 / fp64 streams) also runs the previous sublayer's write-back backward
+    # (with the projection in the kernel: dx final there)
+    k = 2 * n + {"mhc": n * n, "mhc-lite": math.factorial(n), "identity": 0}.get(variant, 0)
+    joins = (len(hcs) - 1 if variant in ("mhc", "mhc-lite", "identity") and dt in (torch.float32, torch.float64)
+             and cpu._project_here(n, c, k, dt) else 0)
+    assert ops.joined() - joined == joins
+    assert ops.calls() - calls == 4 * len(hcs) - joins
+    _same(py, cc)
+
+
+@contextlib.contextmanager
+def _joining(ops, on: bool):
+    ops.set_join(on)
+    try:
+        yield
+    finally:
+        ops.set_join(True)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_write_back_backward_joined_to_the_next_coefficient_backward(ops, dt):
+    """Where x comes from the previous sublayer's write-back, mHC's coefficient backward runs that write-back's
+    backward on its dx in the same pass: the same gradients bit for bit as separate kernels (and the Python
+    pair); the projection on the BLAS route (dx not final inside the kernel) does not join."""
+    hcs = _stack(4, 32, dt, "mhc", depth=4)
+    x = torch.randn(3, 5, 4, 32, dtype=dt)
+    joined = ops.joined()
+    on = _run(hcs, x, cpp=True)
+    assert ops.joined() - joined == 3
+    with _joining(ops, False):
+        off = _run(hcs, x, cpp=True)
+    assert ops.joined() - joined == 3
+    _same(on, off)
+    _same(on, _run(hcs, x, cpp=False))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cpu, "PROJECT_MAX_COLUMNS", 0)
+        blas = _run(hcs, x, cpp=True)
+    assert ops.joined() - joined == 3
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cpu, "PROJECT_MAX_COLUMNS", 0)
+        _same(blas, _run(hcs, x, cpp=False))
+
+
+@pytest.mark.parametrize("how", ["second use", "hook", "in-place hook"])
+def test_joined_results_dropped_when_the_gradient_is_not_the_coefficient_backwards_dx(ops, how):
+    """The write-back's output also used elsewhere (its gradient a sum), or a hook that replaces or modifies
+    that gradient: the write-back's backward computes its own results from what it receives (the joined ones,
+    made from the coefficient backward's dx alone, would be wrong); equal to the Python pair's."""
+    hcs = _stack(4, 16, torch.float32, "mhc", depth=2)
+
+    def run(cpp):
+        x = torch.randn(2, 5, 4, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        for p in hcs.parameters():
+            p.grad = None
+        with _pair_ran(cpp):
+            mid = hcs[0](x)
+            if how == "hook":
+                mid.register_hook(lambda g: g * 1.5)
+            elif how == "in-place hook":
+                mid.register_hook(lambda g: g.mul_(1.5))
+            out = hcs[1](mid)
+            loss = out.square().sum() + (mid.sum() * 0.25 if how == "second use" else 0)
+            loss.backward()
+        return out.detach(), [x.grad] + [p.grad for p in hcs.parameters()]
+
+    py = run(False)
+    joined = ops.joined()
+    cc = run(True)
+    assert ops.joined() == joined
     _same(py, cc)
 
 

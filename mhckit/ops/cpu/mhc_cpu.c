@@ -405,7 +405,7 @@ static void f16_out(const float *restrict s, uint16_t *restrict d, int64_t n) {
 /* which stream formats this build has: bit 0 bfloat16, bit 1 float16 */
 int mhc_half_formats(void) { return 1 | (MHC_HAVE_F16 << 1); }
 
-int mhc_abi_version(void) { return 10; }
+int mhc_abi_version(void) { return 11; }
 
 /* 1 if the float32 matmuls with phi run in the AVX-512 blocks */
 int mhc_avx512_matmuls(void) { return MHC_ZMM; }

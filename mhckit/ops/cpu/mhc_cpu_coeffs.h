@@ -199,7 +199,23 @@ typedef struct {
     int64_t C, tokens;
     int n, iters;
     const void *aux; /* the half-precision entry points' stream pointers (mhc_cpu_half.h) */
+    /* the previous sublayer's write-back backward on gx (mhc_coeffs_bwd_post; NULL: none) */
+    const T *y_prev, *hp_prev;
+    T *gy_prev, *gp_prev;
 } FN(coeffs_bwd_ctx);
+
+/* The previous sublayer's write-back backward (x = h_res x_prev + h_post_prev y_prev: its dy_prev and
+ * dh_post_prev) on the block's finished gx rows, while they are in cache: FN(post_bwd_tok), as
+ * mhc_post_res_bwd runs it, so the values are bitwise that kernel's. */
+static void FN(coeffs_bwd_post_prev)(const FN(coeffs_bwd_ctx) *c, const T *gx, int64_t t0, int lanes) {
+    const int n = c->n;
+    const int64_t C = c->C, nC = n * C;
+    for (int l = 0; l < lanes; l++) {
+        const int64_t t = t0 + l;
+        FN(post_bwd_tok)(c->hp_prev + t * n, c->y_prev ? c->y_prev + t * C : NULL, gx + l * nC,
+                         c->gy_prev ? c->gy_prev + t * C : NULL, c->gp_prev ? c->gp_prev + t * n : NULL, n, C);
+    }
+}
 
 /* One block of `lanes` tokens from t0: the stream rows x, gu, g_out, gx at the block's first token
  * (gu, g_out, gx may be NULL); the rest from c (whole-tensor pointers). */
@@ -274,6 +290,7 @@ static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, 
                 zmm_gx(&row, G + t * KP, KP, phiT, K, nC, 1);
             }
     }
+    if (gx && (c->gy_prev || c->gp_prev)) FN(coeffs_bwd_post_prev)(c, gx, t0, lanes);
     return;
 #endif
     for (int l0 = 0; l0 < lanes; l0 += 4) { /* 4 tokens at a time; absent ones read zeros */
@@ -290,6 +307,7 @@ static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, 
                 FN(gx_matmul)(&row, G + t * KP, KP, phiT, K, nC, 1);
             }
     }
+    if (gx && (c->gy_prev || c->gp_prev)) FN(coeffs_bwd_post_prev)(c, gx, t0, lanes);
 }
 
 static void FN(coeffs_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, int lanes, int me) {
@@ -306,10 +324,16 @@ static void FN(coeffs_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, i
 }
 
 /* The backward with `body` run on every block (given `extra` per-thread scratch values and `aux`). */
+typedef struct {
+    const T *y, *hp;
+    T *gy, *gp;
+} FN(post_prev);
+
 static int FN(coeffs_bwd_run)(const T *x, const T *gu, const T *g_out, const T *z, const T *r, const T *bias,
                               const T *gates, const T *g_pre, const T *g_post, const T *g_res, const T *phi, T *gzr,
                               T *gx, T *dphi, T *dbias, T *dalpha, int64_t tokens, int n, int64_t C, int iters,
-                              int threads, FN(block_body) body, size_t extra, const void *aux) {
+                              int threads, FN(block_body) body, size_t extra, const void *aux,
+                              const FN(post_prev) *prev) {
     if (!mhc_tail_ok(n, iters) || threads < 1) return 1;
     const int K = 2 * n + mhc_kres(n, iters), KP = (K + KB - 1) / KB * KB;
     const int64_t nC = n * C;
@@ -328,7 +352,9 @@ static int FN(coeffs_bwd_run)(const T *x, const T *gu, const T *g_out, const T *
     int err = !part || (phi && (!phiT || !dphiP || !zero)) ? 2 : 0;
     if (!err) {
         const FN(coeffs_bwd_ctx) c = {x, gu, g_out, z, r, bias, gates, gk, g_pre, g_post, g_res, phiT, zero,
-                                      gzr, gx, part, dphi ? dphiP : NULL, C, tokens, n, iters, aux};
+                                      gzr, gx, part, dphi ? dphiP : NULL, C, tokens, n, iters, aux,
+                                      prev ? prev->y : NULL, prev ? prev->hp : NULL, prev ? prev->gy : NULL,
+                                      prev ? prev->gp : NULL};
         err = FN(for_blocks)(tokens, n, iters, threads, extra, body, &c);
     }
     if (!err) {
@@ -360,5 +386,20 @@ int FN(mhc_coeffs_bwd)(const T *x, const T *gu, const T *g_out, const T *z, cons
                        const T *g_pre, const T *g_post, const T *g_res, const T *phi, T *gzr, T *gx, T *dphi, T *dbias,
                        T *dalpha, int64_t tokens, int n, int64_t C, int iters, int threads) {
     return FN(coeffs_bwd_run)(x, gu, g_out, z, r, bias, gates, g_pre, g_post, g_res, phi, gzr, gx, dphi, dbias, dalpha,
-                              tokens, n, C, iters, threads, FN(coeffs_bwd_body), 0, NULL);
+                              tokens, n, C, iters, threads, FN(coeffs_bwd_body), 0, NULL, NULL);
+}
+
+/* mhc_coeffs_bwd, and on its gx (finished per block, in cache) the backward of the previous sublayer's
+ * write-back x = h_res_prev x_prev + h_post_prev[k] y_prev, whose output gradient that gx is:
+ *     gy_prev = sum_k h_post_prev[k] gx[k],  gp_prev[k] = <gx[k], y_prev>   (each if not NULL)
+ * as mhc_post_res_bwd computes them (bitwise): one pass over the stream gradient instead of two. Needs the
+ * projection here (phi) and gx; 1 otherwise. */
+int FN(mhc_coeffs_bwd_post)(const T *x, const T *gu, const T *g_out, const T *z, const T *r, const T *bias,
+                            const T *gates, const T *g_pre, const T *g_post, const T *g_res, const T *phi, T *gzr, T *gx,
+                            T *dphi, T *dbias, T *dalpha, int64_t tokens, int n, int64_t C, int iters, int threads,
+                            const T *y_prev, const T *hp_prev, T *gy_prev, T *gp_prev) {
+    if (!phi || !gx || !hp_prev || (gp_prev && !y_prev)) return 1;
+    const FN(post_prev) prev = {y_prev, hp_prev, gy_prev, gp_prev};
+    return FN(coeffs_bwd_run)(x, gu, g_out, z, r, bias, gates, g_pre, g_post, g_res, phi, gzr, gx, dphi, dbias, dalpha,
+                              tokens, n, C, iters, threads, FN(coeffs_bwd_body), 0, NULL, &prev);
 }

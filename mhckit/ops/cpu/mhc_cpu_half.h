@@ -78,7 +78,7 @@ int HF(mhc_coeffs_bwd)(const uint16_t *x, const uint16_t *gu, const uint16_t *g_
     const HF(bwd_aux) a = {x, gu, g_out, gx};
     const size_t extra = SB * ((size_t)nC * (1 + (g_out != NULL) + (gx != NULL)) + (gu ? (size_t)C : 0));
     return coeffs_bwd_run_f32(NULL, NULL, NULL, z, r, bias, gates, g_pre, g_post, g_res, phi, gzr, NULL, dphi, dbias,
-                              dalpha, tokens, n, C, iters, threads, HF(coeffs_bwd_body), extra, &a);
+                              dalpha, tokens, n, C, iters, threads, HF(coeffs_bwd_body), extra, &a, NULL);
 }
 
 /* ---- the stream read and write-back (Eq. 3), one token at a time through float scratch ---- */

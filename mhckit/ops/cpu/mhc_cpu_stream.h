@@ -363,11 +363,26 @@ int FN(mhc_post_res_fwd)(const T *x, const T *y, const T *hp, const T *hr, T *ou
     return 0;
 }
 
+/* The write-back's own backward for one token: gy = sum_k h_post[k] g[k], gpost[k] = <g[k], y> (either output
+ * NULL). One out-of-line function for mhc_post_res_bwd and mhc_coeffs_bwd_post (the write-back's backward
+ * joined to the next sublayer's coefficient backward), so that both give the same bits: inlined into each,
+ * the compiler vectorised the generic-n code differently (fp64, n = 3: last-bit differences). */
+static __attribute__((noinline)) void FN(post_bwd_tok)(const T *hp, const T *yt, const T *gt, T *gy, T *gpost, int n,
+                                                       int64_t C) {
+    if (gy) CALL_N(FN(post_res_bwd_tok), n, hp, NULL, gt, NULL, gy);
+    if (gpost) CALL_N(FN(post_res_dots_tok), n, NULL, yt, gt, gpost, NULL);
+}
+
 int FN(mhc_post_res_bwd)(const T *x, const T *y, const T *hp, const T *hr, const T *g, T *gx, T *gy, T *gpost, T *gres,
                          int64_t tokens, int n, int64_t C, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tokens; t++) {
         const T *gt = g + t * n * C;
+        if (!gx && !gres) { /* the write-back's own backward (the pair's; h_res's terms are the coefficients') */
+            FN(post_bwd_tok)(hp + t * n, y ? y + t * C : NULL, gt, gy ? gy + t * C : NULL, gpost ? gpost + t * n : NULL,
+                             n, C);
+            continue;
+        }
         if (gx || gy)
             CALL_N(FN(post_res_bwd_tok), n, hp + t * n, gx ? hr + t * n * n : NULL, gt, gx ? gx + t * n * C : NULL,
                    gy ? gy + t * C : NULL);

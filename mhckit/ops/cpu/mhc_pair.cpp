@@ -1,7 +1,9 @@
 // The fused sublayer pair of mhckit/ops/carry.py (CoeffsCarryFunction, HCCarryFunction, ReadCarryFunction,
 // PostCarryFunction) as C++ autograd Functions on the same C kernels (mhc_cpu.c), so that a sublayer's forward is two dispatcher calls from
 // Python and its backward runs no Python at all. Same maths, same kernel calls, same outputs bit for bit
-// as the Python pair; see mhckit/ops/cpu/_pair.py for how it is built and when it runs.
+// as the Python pair, except that a write-back's backward may be joined to the next sublayer's coefficient
+// backward (mhc_coeffs_bwd_post: same bits, one pass fewer); see mhckit/ops/cpu/_pair.py for how it is
+// built, when it runs and when the join holds.
 //
 // The kernels are not linked: mhckit/ops/cpu/_pair.py hands over the addresses of the ctypes-loaded
 // library's entry points once (mhckit_pair::set_kernels), per kernel and stream dtype.
@@ -25,6 +27,10 @@ typedef int (*coeffs_fwd_t)(const void *, const void *, void *, const void *, co
 typedef int (*coeffs_bwd_t)(const void *, const void *, const void *, const void *, const void *, const void *,
                             const void *, const void *, const void *, const void *, const void *, void *, void *,
                             void *, void *, void *, int64_t, int, int64_t, int, int);
+typedef int (*coeffs_bwd_post_t)(const void *, const void *, const void *, const void *, const void *, const void *,
+                                 const void *, const void *, const void *, const void *, const void *, void *, void *,
+                                 void *, void *, void *, int64_t, int, int64_t, int, int, const void *, const void *,
+                                 void *, void *);
 typedef int (*post_res_fwd_t)(const void *, const void *, const void *, const void *, void *, int64_t, int, int64_t,
                               int);
 typedef int (*post_res_bwd_t)(const void *, const void *, const void *, const void *, const void *, void *, void *,
@@ -41,7 +47,7 @@ typedef int (*read_bwd_t)(const void *, const void *, const void *, const void *
                           void *, int64_t, int, int64_t, int);
 
 enum { K_COEFFS_FWD, K_COEFFS_BWD, K_POST_RES_FWD, K_POST_RES_BWD, K_HC_FWD, K_HC_BWD, K_PRE_FWD, K_READ_BWD,
-       N_KERNELS };
+       K_COEFFS_BWD_POST, N_KERNELS };
 constexpr int N_DTYPES = 4;  // float32, float64, bfloat16, float16
 constexpr int64_t IDENTITY = -2;  // mhckit.ops.cpu.IDENTITY: no h_res
 
@@ -49,6 +55,8 @@ std::array<std::atomic<int64_t>, N_KERNELS * N_DTYPES> g_kernels{};
 std::atomic<int64_t> g_calls{0};     // kernel calls so far (benchmarks count them)
 std::atomic<bool> g_skip{false};     // benchmarks: every kernel call returns at once, having done nothing
 std::atomic<int64_t> g_reused{0};    // backwards that wrote dx into their output gradient's buffer (tests)
+std::atomic<int64_t> g_joined{0};    // write-back backwards whose results the next coefficient backward made
+std::atomic<bool> g_join{true};      // whether the coefficient backward may make them (tests switch it off)
 
 int dtype_code(at::ScalarType s) {
     switch (s) {
@@ -119,6 +127,60 @@ void no_double_backward(const variable_list &grads, const char *name) {
                     "differentiated again (create_graph=True); use backend='reference' for higher derivatives");
 }
 
+struct PostCarry : public torch::autograd::Function<PostCarry> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &carrier, const Tensor &y_in, const Tensor &h_post_in,
+                          const std::optional<Tensor> &h_res_opt) {
+        const Tensor h_res_in = h_res_opt.has_value() ? *h_res_opt : Tensor();
+        const at::ScalarType dt = carrier.scalar_type(), cd = coef_type(dt);
+        const int64_t n = carrier.size(-2), c = carrier.size(-1), t = carrier.numel() / (n * c);
+        TORCH_CHECK(carrier.is_contiguous(), "mhckit_pair::post_carry: the carrier must be contiguous");
+        const Tensor y = contig(y_in, dt), h_post = contig(h_post_in, cd), h_res = contig(h_res_in, cd);
+        Tensor out = at::empty(carrier.sizes(), carrier.options());
+        check(run<post_res_fwd_t>(K_POST_RES_FWD, dt, ptr(carrier), ptr(y), ptr(h_post), ptr(h_res), mptr(out), t,
+                                                          (int)n, c, at::get_num_threads()),
+              "mhc_post_res_fwd");
+        ctx->save_for_backward({y, h_post});
+        return out;
+    }
+
+    static variable_list backward(AutogradContext *ctx, const variable_list &grads) {
+        no_double_backward(grads, "mhc_post_res");
+        const Tensor &g_in = grads[0];
+        const bool need_y = ctx->needs_input_grad(1), need_post = ctx->needs_input_grad(2);
+        Tensor gy, gp;
+        auto &sd = ctx->saved_data;
+        if (sd.count("joined")) {  // made by the next sublayer's coefficient backward (CoeffsCarry)
+            const Tensor g = sd.at("joined").toTensor();
+            const int64_t version = sd.at("joined_version").toInt();
+            if (sd.count("joined_gy")) gy = sd.at("joined_gy").toTensor();
+            if (sd.count("joined_gp")) gp = sd.at("joined_gp").toTensor();
+            for (const char *k : {"joined", "joined_version", "joined_gy", "joined_gp"}) sd.erase(k);
+            // only if this gradient is the very tensor they were made from, unchanged (no other consumer of
+            // the write-back's output added to it, no hook replaced or modified it)
+            if (g_in.defined() && g_in.unsafeGetTensorImpl() == g.unsafeGetTensorImpl() && g_in._version() == version &&
+                gy.defined() == need_y && gp.defined() == need_post) {
+                g_joined.fetch_add(1, std::memory_order_relaxed);
+                return {ctx->needs_input_grad(0) ? g_in : Tensor(), gy, gp, Tensor()};
+            }
+            gy = gp = Tensor();
+        }
+        auto saved = ctx->get_saved_variables();
+        const Tensor &y = saved[0], &h_post = saved[1];
+        if (need_y || need_post) {
+            const at::ScalarType dt = g_in.scalar_type();
+            const int64_t n = g_in.size(-2), c = g_in.size(-1), t = g_in.numel() / (n * c);
+            Tensor g = contig(g_in, dt);
+            gy = need_y ? at::empty(y.sizes(), y.options()) : Tensor();
+            gp = need_post ? at::empty(h_post.sizes(), h_post.options()) : Tensor();
+            check(run<post_res_bwd_t>(K_POST_RES_BWD, dt, nullptr, ptr(y), ptr(h_post), nullptr, ptr(g), nullptr,
+                                                              mptr(gy), mptr(gp), nullptr, t, (int)n, c,
+                                                              at::get_num_threads()),
+                  "mhc_post_res_bwd");
+        }
+        return {ctx->needs_input_grad(0) ? g_in : Tensor(), gy, gp, Tensor()};
+    }
+};
+
 struct CoeffsCarry : public torch::autograd::Function<CoeffsCarry> {
     // (u, h_pre, h_post, h_res (an empty stand-in for the identity), carrier)
     static variable_list forward(AutogradContext *ctx, const Tensor &x_in, const Tensor &phi_in,
@@ -140,6 +202,13 @@ struct CoeffsCarry : public torch::autograd::Function<CoeffsCarry> {
                                                       mptr(u), t, (int)n, c, (int)iters, at::get_num_threads()),
               "mhc_coeffs_fwd");
         ctx->save_for_backward({x, phi, bias, alpha, r, z});
+        // x made by the previous sublayer's write-back (the C++ pair's PostCarry): this backward's dx is that
+        // write-back's output gradient, and it can run that backward on it too (the node outlives this one's
+        // backward: it is the grad_fn at the end of this node's edge for x)
+        const auto prev = x_in.grad_fn();
+        auto *post = dynamic_cast<torch::autograd::CppNode<PostCarry> *>(prev.get());
+        ctx->saved_data["prev"] = static_cast<int64_t>(
+            post != nullptr && (dt == at::kFloat || dt == at::kDouble) && here ? reinterpret_cast<intptr_t>(post) : 0);
         ctx->saved_data["iters"] = iters;
         ctx->saved_data["here"] = here;
         ctx->saved_data["reuse"] = reuse;
@@ -166,55 +235,46 @@ struct CoeffsCarry : public torch::autograd::Function<CoeffsCarry> {
         Tensor gx = !need_x ? Tensor() : free ? g_out : at::empty(x.sizes(), x.options());
         Tensor dphi = here && need_phi ? at::empty({n * c, k}, f32) : Tensor();
         Tensor dbias = at::empty({k}, f32), dalpha = at::empty({3}, f32);
-        check(run<coeffs_bwd_t>(K_COEFFS_BWD, dt, ptr(x), ptr(gu), ptr(g_out), ptr(z), ptr(r), ptr(bias),
-                                                      ptr(alpha), ptr(g_pre), ptr(g_post), ptr(g_res),
-                                                      here ? ptr(phi) : nullptr, mptr(gzr), mptr(gx), mptr(dphi),
-                                                      mptr(dbias), mptr(dalpha), t, (int)n, c, (int)iters,
-                                                      at::get_num_threads()),
-              "mhc_coeffs_bwd");
+        auto *post = reinterpret_cast<torch::autograd::CppNode<PostCarry> *>(
+            static_cast<intptr_t>(ctx->saved_data["prev"].toInt()));
+        Tensor y_prev, hp_prev, gy_prev, gp_prev;
+        if (post != nullptr && gx.defined() && g_join.load(std::memory_order_relaxed)) {
+            AutogradContext &pc = post->ctx_;
+            const bool ny = pc.needs_input_grad(1), np = pc.needs_input_grad(2);
+            if (ny || np) {
+                auto prev_saved = pc.get_saved_variables();
+                y_prev = prev_saved[0], hp_prev = prev_saved[1];
+                if (y_prev.scalar_type() == dt && y_prev.numel() == t * c && hp_prev.scalar_type() == cd &&
+                    hp_prev.numel() == t * n) {
+                    gy_prev = ny ? at::empty(y_prev.sizes(), y_prev.options()) : Tensor();
+                    gp_prev = np ? at::empty(hp_prev.sizes(), hp_prev.options()) : Tensor();
+                }
+            }
+        }
+        if (gy_prev.defined() || gp_prev.defined()) {
+            check(run<coeffs_bwd_post_t>(K_COEFFS_BWD_POST, dt, ptr(x), ptr(gu), ptr(g_out), ptr(z), ptr(r), ptr(bias),
+                                         ptr(alpha), ptr(g_pre), ptr(g_post), ptr(g_res), ptr(phi), mptr(gzr),
+                                         mptr(gx), mptr(dphi), mptr(dbias), mptr(dalpha), t, (int)n, c, (int)iters,
+                                         at::get_num_threads(), ptr(y_prev), ptr(hp_prev), mptr(gy_prev),
+                                         mptr(gp_prev)),
+                  "mhc_coeffs_bwd_post");
+            auto &sd = post->ctx_.saved_data;
+            sd["joined"] = gx;
+            sd["joined_version"] = static_cast<int64_t>(gx._version());
+            if (gy_prev.defined()) sd["joined_gy"] = gy_prev;
+            if (gp_prev.defined()) sd["joined_gp"] = gp_prev;
+        } else {
+            check(run<coeffs_bwd_t>(K_COEFFS_BWD, dt, ptr(x), ptr(gu), ptr(g_out), ptr(z), ptr(r), ptr(bias),
+                                    ptr(alpha), ptr(g_pre), ptr(g_post), ptr(g_res), here ? ptr(phi) : nullptr,
+                                    mptr(gzr), mptr(gx), mptr(dphi), mptr(dbias), mptr(dalpha), t, (int)n, c,
+                                    (int)iters, at::get_num_threads()),
+                  "mhc_coeffs_bwd");
+        }
         if (!here) {
             if (need_phi) dphi = at::mm(x.view({t, n * c}).t(), gzr);
             if (gx.defined()) gx.view({t, n * c}).addmm_(gzr, phi.t());
         }
         return {gx, need_phi ? dphi : Tensor(), dbias, dalpha, Tensor(), Tensor(), Tensor(), Tensor()};
-    }
-};
-
-struct PostCarry : public torch::autograd::Function<PostCarry> {
-    static Tensor forward(AutogradContext *ctx, const Tensor &carrier, const Tensor &y_in, const Tensor &h_post_in,
-                          const std::optional<Tensor> &h_res_opt) {
-        const Tensor h_res_in = h_res_opt.has_value() ? *h_res_opt : Tensor();
-        const at::ScalarType dt = carrier.scalar_type(), cd = coef_type(dt);
-        const int64_t n = carrier.size(-2), c = carrier.size(-1), t = carrier.numel() / (n * c);
-        TORCH_CHECK(carrier.is_contiguous(), "mhckit_pair::post_carry: the carrier must be contiguous");
-        const Tensor y = contig(y_in, dt), h_post = contig(h_post_in, cd), h_res = contig(h_res_in, cd);
-        Tensor out = at::empty(carrier.sizes(), carrier.options());
-        check(run<post_res_fwd_t>(K_POST_RES_FWD, dt, ptr(carrier), ptr(y), ptr(h_post), ptr(h_res), mptr(out), t,
-                                                          (int)n, c, at::get_num_threads()),
-              "mhc_post_res_fwd");
-        ctx->save_for_backward({y, h_post});
-        return out;
-    }
-
-    static variable_list backward(AutogradContext *ctx, const variable_list &grads) {
-        no_double_backward(grads, "mhc_post_res");
-        auto saved = ctx->get_saved_variables();
-        const Tensor &y = saved[0], &h_post = saved[1];
-        const Tensor &g_in = grads[0];
-        const bool need_y = ctx->needs_input_grad(1), need_post = ctx->needs_input_grad(2);
-        Tensor gy, gp;
-        if (need_y || need_post) {
-            const at::ScalarType dt = g_in.scalar_type();
-            const int64_t n = g_in.size(-2), c = g_in.size(-1), t = g_in.numel() / (n * c);
-            Tensor g = contig(g_in, dt);
-            gy = need_y ? at::empty(y.sizes(), y.options()) : Tensor();
-            gp = need_post ? at::empty(h_post.sizes(), h_post.options()) : Tensor();
-            check(run<post_res_bwd_t>(K_POST_RES_BWD, dt, nullptr, ptr(y), ptr(h_post), nullptr, ptr(g), nullptr,
-                                                              mptr(gy), mptr(gp), nullptr, t, (int)n, c,
-                                                              at::get_num_threads()),
-                  "mhc_post_res_bwd");
-        }
-        return {ctx->needs_input_grad(0) ? g_in : Tensor(), gy, gp, Tensor()};
     }
 };
 
@@ -352,7 +412,11 @@ int64_t calls() { return g_calls.load(); }
 
 int64_t reused() { return g_reused.load(); }
 
-int64_t abi_version() { return 2; }
+int64_t joined() { return g_joined.load(); }
+
+void set_join(bool on) { g_join.store(on); }
+
+int64_t abi_version() { return 3; }
 
 }  // namespace
 
@@ -368,6 +432,8 @@ TORCH_LIBRARY(mhckit_pair, m) {
     m.def("set_skip(bool on) -> ()", &set_skip);
     m.def("calls() -> int", &calls);
     m.def("reused() -> int", &reused);
+    m.def("joined() -> int", &joined);
+    m.def("set_join(bool on) -> ()", &set_join);
     m.def("abi_version() -> int", &abi_version);
 }
 
