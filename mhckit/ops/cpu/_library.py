@@ -170,8 +170,6 @@ def _declare(lib: ctypes.CDLL) -> None:
                                                           i64, i32, i32]
         getattr(lib, f"mhc_coeffs_bwd_{suf}").argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i64,
                                                           i32, i64, i32, i32]
-    for suf in ("f32", "f64"):  # for the C++ pair (mhckit/ops/cpu/mhc_pair.cpp), declared for checks
-        getattr(lib, f"mhc_coeffs_bwd_post_{suf}").argtypes = [p] * 16 + [i64, i32, i64, i32, i32] + [p] * 4
 
 
 def status() -> dict[str, object]:

@@ -193,27 +193,32 @@ static inline __attribute__((always_inline)) void FN(gx_matmul)(T *const *gr, co
  * a block reads its tokens' g_out rows (the dots, then coeffs_gx_tok column by column) before writing
  * their gx rows, and the matmul terms then update gx in place; 2-byte streams are converted to float
  * scratch per block first. */
+/* y_prev, h_post_prev and the outputs dy_prev, dh_post_prev of mhc_coeffs_bwd_post (each may be NULL) */
+typedef struct {
+    const T *y, *hp;
+    T *gy, *gp;
+} FN(post_prev);
+
 typedef struct {
     const T *x, *gu, *g_out, *z, *r, *bias, *gates, *gk, *g_pre, *g_post, *g_res, *phiT, *zero;
     T *gzr, *gx, *part, *dphiP; /* part: per thread 2K sums; dphiP: per thread [nC, KP] (NULL: no dphi) */
     int64_t C, tokens;
     int n, iters;
     const void *aux; /* the half-precision entry points' stream pointers (mhc_cpu_half.h) */
-    /* the previous sublayer's write-back backward on gx (mhc_coeffs_bwd_post; NULL: none) */
-    const T *y_prev, *hp_prev;
-    T *gy_prev, *gp_prev;
+    FN(post_prev) prev; /* the previous sublayer's write-back backward on gx (mhc_coeffs_bwd_post; all NULL: none) */
 } FN(coeffs_bwd_ctx);
 
 /* The previous sublayer's write-back backward (x = h_res x_prev + h_post_prev y_prev: its dy_prev and
  * dh_post_prev) on the block's finished gx rows, while they are in cache: FN(post_bwd_tok), as
  * mhc_post_res_bwd runs it, so the values are bitwise that kernel's. */
 static void FN(coeffs_bwd_post_prev)(const FN(coeffs_bwd_ctx) *c, const T *gx, int64_t t0, int lanes) {
+    const FN(post_prev) *p = &c->prev;
     const int n = c->n;
     const int64_t C = c->C, nC = n * C;
     for (int l = 0; l < lanes; l++) {
         const int64_t t = t0 + l;
-        FN(post_bwd_tok)(c->hp_prev + t * n, c->y_prev ? c->y_prev + t * C : NULL, gx + l * nC,
-                         c->gy_prev ? c->gy_prev + t * C : NULL, c->gp_prev ? c->gp_prev + t * n : NULL, n, C);
+        FN(post_bwd_tok)(p->hp + t * n, p->y ? p->y + t * C : NULL, gx + l * nC, p->gy ? p->gy + t * C : NULL,
+                         p->gp ? p->gp + t * n : NULL, n, C);
     }
 }
 
@@ -290,7 +295,7 @@ static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, 
                 zmm_gx(&row, G + t * KP, KP, phiT, K, nC, 1);
             }
     }
-    if (gx && (c->gy_prev || c->gp_prev)) FN(coeffs_bwd_post_prev)(c, gx, t0, lanes);
+    if (gx && (c->prev.gy || c->prev.gp)) FN(coeffs_bwd_post_prev)(c, gx, t0, lanes);
     return;
 #endif
     for (int l0 = 0; l0 < lanes; l0 += 4) { /* 4 tokens at a time; absent ones read zeros */
@@ -307,7 +312,7 @@ static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, 
                 FN(gx_matmul)(&row, G + t * KP, KP, phiT, K, nC, 1);
             }
     }
-    if (gx && (c->gy_prev || c->gp_prev)) FN(coeffs_bwd_post_prev)(c, gx, t0, lanes);
+    if (gx && (c->prev.gy || c->prev.gp)) FN(coeffs_bwd_post_prev)(c, gx, t0, lanes);
 }
 
 static void FN(coeffs_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, int lanes, int me) {
@@ -324,11 +329,6 @@ static void FN(coeffs_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, i
 }
 
 /* The backward with `body` run on every block (given `extra` per-thread scratch values and `aux`). */
-typedef struct {
-    const T *y, *hp;
-    T *gy, *gp;
-} FN(post_prev);
-
 static int FN(coeffs_bwd_run)(const T *x, const T *gu, const T *g_out, const T *z, const T *r, const T *bias,
                               const T *gates, const T *g_pre, const T *g_post, const T *g_res, const T *phi, T *gzr,
                               T *gx, T *dphi, T *dbias, T *dalpha, int64_t tokens, int n, int64_t C, int iters,
@@ -353,8 +353,7 @@ static int FN(coeffs_bwd_run)(const T *x, const T *gu, const T *g_out, const T *
     if (!err) {
         const FN(coeffs_bwd_ctx) c = {x, gu, g_out, z, r, bias, gates, gk, g_pre, g_post, g_res, phiT, zero,
                                       gzr, gx, part, dphi ? dphiP : NULL, C, tokens, n, iters, aux,
-                                      prev ? prev->y : NULL, prev ? prev->hp : NULL, prev ? prev->gy : NULL,
-                                      prev ? prev->gp : NULL};
+                                      prev ? *prev : (FN(post_prev)){NULL, NULL, NULL, NULL}};
         err = FN(for_blocks)(tokens, n, iters, threads, extra, body, &c);
     }
     if (!err) {

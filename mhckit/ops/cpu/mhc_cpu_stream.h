@@ -3,9 +3,8 @@
  * backward. */
 
 /* ---- stream read and write-back: x [T, n, C], y / u [T, C], coefficients [T, n] / [T, n, n] ---- */
-/* Per token, the C axis is walked in vectors of W values (one load of each x[j] chunk serves every
- * output), with a scalar loop for the C % W rest. n = 4 gets a compile-time-n copy (see *_tok). */
-
+/* Per token, the C axis is walked in vectors of XW values (below; one load of each x[j] chunk serves every
+ * output), with a scalar loop for the C % XW rest. n = 4 gets a compile-time-n copy (see *_tok). */
 
 /* the W lanes of v summed in a fixed order */
 static inline T FN(hsum)(VT v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
