@@ -106,8 +106,6 @@ int FN(mhc_coeffs_fwd)(const T *x, const T *phi, T *z, const T *bias, const T *g
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t t0 = b * SB;
         const int lanes = tokens - t0 < SB ? (int)(tokens - t0) : SB;
-        if (t0 + lanes < tokens) /* the next block's rows, while this one computes */
-            mhc_prefetch(x + (t0 + lanes) * nC, sizeof(T) * (tokens - t0 - lanes < SB ? tokens - t0 - lanes : SB) * nC);
         FN(coeffs_fwd_block)(x + t0 * nC, phiP, KP, z + t0 * K, bias, gates, rms_eps, r + t0, h_pre + t0 * n,
                              h_post + t0 * n, h_res ? h_res + t0 * nn : NULL, u ? u + t0 * C : NULL, lanes, n, C,
                              iters);
@@ -201,7 +199,7 @@ typedef struct {
 
 typedef struct {
     const T *x, *gu, *g_out, *z, *r, *bias, *gates, *gk, *g_pre, *g_post, *g_res, *phiT, *zero;
-    T *gzr, *gx, *part, *dphiP; /* part: per thread 2K sums; dphiP: per thread [nC, KP] (NULL: no dphi) */
+    T *gzr, *gx, *part, *dphiP; /* part: per thread 2K sums; dphiP: per thread [nC, KP], [K, nC] with ZMM (NULL: no dphi) */
     int64_t C, tokens;
     int n, iters;
     const void *aux; /* the half-precision entry points' stream pointers (mhc_cpu_half.h) */
@@ -259,6 +257,13 @@ static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, 
         const int64_t t = t0 + l;
         const T rt = r[t], *zt = z + t * K, *dl = da + l * K;
         T *Gl = G + l * KP;
+        if (c->x && t + lanes < c->tokens) { /* the next block's rows of this lane (NULL x: half streams) */
+            const int64_t tn = t + lanes;
+            mhc_prefetch(c->x + tn * nC, sizeof(T) * nC);
+            if (c->g_out) mhc_prefetch(c->g_out + tn * nC, sizeof(T) * nC);
+            if (c->gu) mhc_prefetch(c->gu + tn * C, sizeof(T) * C);
+            if (c->gx && c->gx != c->g_out) mhc_prefetch_w(c->gx + tn * nC, sizeof(T) * nC);
+        }
         VT czv = {0};
         int k = 0;
         for (; k + W <= K; k += W) {
@@ -317,13 +322,7 @@ static void FN(coeffs_bwd_block)(const FN(coeffs_bwd_ctx) *c, FN(scratch_t) *s, 
 
 static void FN(coeffs_bwd_body)(const void *ctx, FN(scratch_t) *s, int64_t t0, int lanes, int me) {
     const FN(coeffs_bwd_ctx) *c = ctx;
-    const int64_t C = c->C, nC = c->n * C, t1 = t0 + lanes, next = c->tokens - t1 < SB ? c->tokens - t1 : SB;
-    if (next > 0) { /* the next block's stream rows, while this one computes */
-        mhc_prefetch(c->x + t1 * nC, sizeof(T) * next * nC);
-        if (c->g_out) mhc_prefetch(c->g_out + t1 * nC, sizeof(T) * next * nC);
-        if (c->gu) mhc_prefetch(c->gu + t1 * C, sizeof(T) * next * C);
-        if (c->gx) mhc_prefetch_w(c->gx + t1 * nC, sizeof(T) * next * nC);
-    }
+    const int64_t C = c->C, nC = c->n * C;
     FN(coeffs_bwd_block)(c, s, c->x + t0 * nC, c->gu ? c->gu + t0 * C : NULL, c->g_out ? c->g_out + t0 * nC : NULL,
                          c->gx ? c->gx + t0 * nC : NULL, t0, lanes, me);
 }
@@ -345,9 +344,14 @@ static int FN(coeffs_bwd_run)(const T *x, const T *gu, const T *g_out, const T *
         phiT = mhc_alloc(sizeof(T) * (size_t)nC * K, 0);
         dphiP = mhc_alloc(sizeof(T) * (size_t)threads * nC * KP, 1);
         zero = mhc_alloc(sizeof(T) * (size_t)nC, 1);
-        if (phiT)
+        if (phiT) {
+#if ZMM
+            zmm_transpose_to(phi, nC, K, phiT, nC);
+#else
             for (int64_t i = 0; i < nC; i++)
                 for (int k = 0; k < K; k++) phiT[k * nC + i] = phi[i * K + k];
+#endif
+        }
     }
     int err = !part || (phi && (!phiT || !dphiP || !zero)) ? 2 : 0;
     if (!err) {
@@ -367,15 +371,17 @@ static int FN(coeffs_bwd_run)(const T *x, const T *gu, const T *g_out, const T *
             dbias[k] = sum;
             dalpha[k < n ? 0 : k < 2 * n ? 1 : 2] += sumz;
         }
+#if ZMM /* per thread [K, nC]: summed and transposed in tiles (the same sums in the same order) */
+        if (phi && dphi) zmm_sum_transpose(dphiP, threads, (int64_t)nC * KP, nC, K, dphi);
+#else
         if (phi && dphi)
             for (int64_t i = 0; i < nC; i++)
                 for (int k = 0; k < K; k++) {
                     T sum = 0;
-                    for (int th = 0; th < threads; th++) /* ZMM: per thread [K, nC], else [nC, KP] */
-                        sum += ZMM ? dphiP[(size_t)th * nC * KP + (size_t)k * nC + i]
-                                   : dphiP[((size_t)th * nC + i) * KP + k];
+                    for (int th = 0; th < threads; th++) sum += dphiP[((size_t)th * nC + i) * KP + k]; /* [nC, KP] */
                     dphi[i * K + k] = sum;
                 }
+#endif
     }
     free(part), free(phiT), free(dphiP), free(zero);
     return err;
