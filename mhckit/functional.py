@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import reference
 from ._validate import (
+    _FINITE_CHECK,
     NonFiniteError,
     check_alpha,
     check_coefficient,
@@ -51,6 +52,7 @@ from .ops import carry as _carry
 from .ops.carry import _read as _carry_read, _write as _carry_write
 from .ops.carry_ops import carry_hc_read, carry_pre_read, carry_read, carry_write
 from .ops.cpu import _pair
+from .recompute import active as recompute_active, in_compiled_region as recompute_in_compiled_region
 from .reference import DEFAULT_RMS_EPS
 
 __all__ = [
@@ -229,6 +231,18 @@ def _mhc_read_carry(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, iter
                                                                  _carry.REUSE_GRADIENT_BUFFER)
         return u, h_pre, h_post, None if ident else h_res, carrier
     return CoeffsCarryFunction.apply(x, phi, bias, alpha, iters, rms_eps, triton)
+
+
+def _pair_now() -> bool:
+    """Whether the C++ pair runs now, as :func:`_mhc_read_carry` / :func:`_mhc_write_carry` would decide
+    for CPU streams of float32 / float64 in a plain eager step: not tracing, the kernels not switched
+    off, the pair on and loaded, no finite checks, no :func:`mhckit.ops.carry.separate_ops`, no
+    recomputation recording. Flag reads only: :meth:`mhckit.modules.HyperConnection.split` asks this
+    twice per sublayer, and every microsecond of Python there costs ~0.1 % of the default GPT's CPU
+    step (measured: it runs cold between the branches, several times its cost in a loop)."""
+    return (not torch.compiler.is_compiling() and not cpu._OFF[0] and _pair._ON[0] and _pair._STATE.get("ok") is True
+            and not _FINITE_CHECK[0] and not _carry._OFF[0] and recompute_active() is None
+            and not recompute_in_compiled_region() and cpu._load() is not None)
 
 
 def _as(t: Tensor, dt: torch.dtype) -> Tensor:

@@ -42,7 +42,11 @@ import weakref
 import torch
 from torch import Tensor
 
-_ACTIVE = threading.local()
+class _Active(threading.local):
+    ctx: StreamRecompute | None = None  # per thread; a class default, so that reading it never misses
+
+
+_ACTIVE = _Active()  # getattr(threading.local(), "ctx", None) took ~0.6 us when unset (a caught miss)
 _COMPILED_REGIONS = 0  # > 0 while torch.compile traces the regions of sequential() (a plain global: dynamo tracks it)
 
 
@@ -52,7 +56,7 @@ def default_interval(n_streams: int, n_sublayers: int) -> int:
 
 
 def active() -> StreamRecompute | None:
-    return getattr(_ACTIVE, "ctx", None)
+    return _ACTIVE.ctx
 
 
 class _Group:

@@ -404,3 +404,102 @@ def test_non_contiguous_parameters(ops):
         assert not hc.coeffs.phi.is_contiguous()
     x = torch.randn(3, 5, 4, 16)
     _same(_run(hcs, x, cpp=False), _run(hcs, x, cpp=True))
+
+
+@contextlib.contextmanager
+def _short_ways(monkeypatch, off: bool = False):
+    """Counts the sublayers that took :meth:`HyperConnection._split_on_pair`'s short way (``taken[0]``)
+    and the write-backs that took its short way too (``taken[1]``); ``off``: neither is taken."""
+    real = HyperConnection._split_on_pair
+    taken = [0, 0]
+
+    def split_on_pair(self, x):
+        got = None if off else real(self, x)
+        if got is None:
+            return None
+        taken[0] += 1
+        u, finish = got
+        before = [0]
+
+        def counted(y):
+            calls = torch.ops.mhckit_pair.calls()
+            with monkeypatch.context() as m:  # the short write-back calls the pair, _finish not at all
+                m.setattr(HyperConnection, "_finish", lambda *a: before.__setitem__(0, 1) or real_finish(*a))
+                out = finish(y)
+            taken[1] += not before[0] and torch.ops.mhckit_pair.calls() > calls
+            return out
+
+        return u, counted
+
+    real_finish = HyperConnection._finish
+    with monkeypatch.context() as m:
+        m.setattr(HyperConnection, "_split_on_pair", split_on_pair)
+        yield taken
+
+
+@pytest.mark.parametrize("variant", ["mhc", "mhc-lite", "identity"])
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_short_way_is_the_general_path(ops, monkeypatch, variant, dt):
+    """mHC / mHC-lite / the identity on the C++ pair in a plain step: split's short way is taken (read
+    and write-back) and gives the general path's output and gradients, bitwise."""
+    hcs = _stack(4, 16, dt, variant)
+    x = torch.randn(2, 5, 4, 16).to(dt)
+    with _short_ways(monkeypatch) as taken:
+        short = _run(hcs, x, cpp=True)
+    assert taken == [len(hcs), len(hcs)]
+    with _short_ways(monkeypatch, off=True) as taken:
+        general = _run(hcs, x, cpp=True)
+    assert taken == [0, 0]
+    _same(short, general)
+
+
+def test_short_way_steps_aside(ops, monkeypatch):
+    """Wherever a condition of the short way fails, split and the write-back take the general path,
+    whose behaviour (errors, finite checks, capture, no-grad results) is unchanged."""
+    from mhckit import check_finite, diagnostics, recompute
+    from mhckit._validate import NonFiniteError
+
+    torch.manual_seed(0)
+    hc = HyperConnection(16, torch.nn.Linear(16, 16), variant="mhc", n_streams=4)
+    x = torch.randn(3, 4, 16, requires_grad=True)
+    for p in hc.parameters():
+        p.requires_grad_(True)
+
+    def took(fn):
+        with _short_ways(monkeypatch) as taken:
+            fn()
+        return taken[0]
+
+    assert took(lambda: hc(x)) == 1
+    with torch.no_grad():
+        assert took(lambda: hc(x)) == 0
+    assert took(lambda: hc(x.transpose(0, 1).contiguous().transpose(0, 1))) == 0  # not contiguous
+    assert torch.equal(hc(x.transpose(0, 1).contiguous().transpose(0, 1)), hc(x))
+    assert took(lambda: hc.split(x.bfloat16())) == 0
+    with carry.separate_ops():
+        assert took(lambda: hc(x)) == 0
+    with cpu.disabled():
+        assert took(lambda: hc(x)) == 0
+    with recompute.StreamRecompute(2):
+        assert took(lambda: hc(x)) == 0
+    with diagnostics.record_coefficients(hc) as records:
+        assert took(lambda: hc(x)) == 0
+    assert len(records) == 1
+    with check_finite():
+        assert took(lambda: hc(x)) == 0
+        with pytest.raises(NonFiniteError, match="x"):
+            hc(x * float("nan"))
+    with pytest.raises(ValueError, match=r"x\.shape"):
+        hc.split(torch.randn(3, 5, 16))
+    # the write-back: a y of the wrong shape or dtype goes to the general path (which names y)
+    u, finish = hc.split(x)
+    with pytest.raises(ValueError, match="y"):
+        finish(torch.randn(3, 15))
+    u, finish = hc.split(x)
+    with _short_ways(monkeypatch, off=True):
+        ref_u, ref_finish = hc.split(x)
+    assert torch.equal(finish(u.double() + 1), ref_finish(ref_u.double() + 1))  # another dtype: the general path
+    u, finish = hc.split(x)  # gradients switched off between the read and the write-back
+    with torch.no_grad():
+        out = finish(u + 1)
+    assert not out.requires_grad
