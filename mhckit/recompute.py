@@ -42,6 +42,7 @@ import weakref
 import torch
 from torch import Tensor
 
+
 class _Active(threading.local):
     ctx: StreamRecompute | None = None  # per thread; a class default, so that reading it never misses
 
