@@ -106,14 +106,10 @@ class DynamicCoefficients(nn.Module):
         compiled CPU kernels (the write-back then takes ``carrier`` and ``triton``, and its stream
         gradient joins the coefficient backward; see :mod:`mhckit.ops.carry`), else None."""
         cfg = self.cfg
-        if isinstance(self.constraint, SinkhornConstraint):
-            iters = cfg.sinkhorn_iters
-        elif isinstance(self.constraint, PermutationMixture) and self.n_streams <= cpu.MAX_PERMUTATION_STREAMS:
-            iters = cpu.PERMUTATIONS  # mHC-lite: the C kernels' permutation-mixture tail
-        elif isinstance(self.constraint, IdentityConstraint):
-            iters = cpu.IDENTITY  # h_res = I: no logits, h_res None
-        else:
+        iters = _pair_iters(self.constraint, self.n_streams)
+        if iters is None:
             return None
+        iters = iters or cfg.sinkhorn_iters
         mode = F._carry_mode(x, self.phi, self.bias, self.alpha, cfg.backend)
         if mode is None or (mode == "triton" and iters < 1):  # no Triton tail for the permutations or I
             return None
@@ -375,21 +371,29 @@ class HyperConnection(nn.Module):
         return finish(out)
 
 
+def _pair_iters(con: nn.Module | None, n: int) -> int | None:
+    """The C++ pair's ``iters`` for the constraint ``con`` of ``n`` streams: 0 for the Sinkhorn projection
+    (the config's iterations, read at each call), ``cpu.PERMUTATIONS`` for mHC-lite's permutation mixture
+    (n <= ``cpu.MAX_PERMUTATION_STREAMS``), ``cpu.IDENTITY`` for h_res = I; None where the pair has no tail."""
+    if isinstance(con, SinkhornConstraint):
+        return 0
+    if isinstance(con, PermutationMixture) and n <= cpu.MAX_PERMUTATION_STREAMS:
+        return cpu.PERMUTATIONS  # mHC-lite: the C kernels' permutation-mixture tail
+    if isinstance(con, IdentityConstraint):
+        return cpu.IDENTITY  # h_res = I: no logits, h_res None
+    return None
+
+
 def _pair_plan(co: nn.Module | None, n: int) -> tuple:
     """``(coeffs, constraint, iters, k)`` of :meth:`HyperConnection._split_on_pair` for the coefficient
-    module ``co``: the pair's ``iters`` (0: the config's Sinkhorn iterations, read at each call;
-    ``cpu.PERMUTATIONS``; ``cpu.IDENTITY``) and ``k`` logits, or iters None where the short way never
-    applies (a residual, HC, another constraint, a subclass)."""
+    module ``co``: :func:`_pair_iters` and the ``k`` logits, or iters None where the short way never
+    applies (a residual, HC, a subclass of :class:`DynamicCoefficients`, a constraint without a pair tail)."""
     if type(co) is not DynamicCoefficients:
         return co, None, None, 0
     con = co._modules.get("constraint")
-    if type(con) is SinkhornConstraint:
-        return co, con, 0, 2 * n + n * n
-    if type(con) is PermutationMixture and n <= cpu.MAX_PERMUTATION_STREAMS:
-        return co, con, cpu.PERMUTATIONS, 2 * n + math.factorial(n)
-    if type(con) is IdentityConstraint:
-        return co, con, cpu.IDENTITY, 2 * n
-    return co, con, None, 0
+    iters = _pair_iters(con, n)
+    k = 2 * n + (math.factorial(n) if iters == cpu.PERMUTATIONS else 0 if iters == cpu.IDENTITY else n * n)
+    return co, con, iters, k
 
 
 def _post_res_op(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor | None) -> Tensor:
