@@ -159,7 +159,7 @@ static inline __attribute__((always_inline)) void FN(hc_bwd_tok)(
             for (int k = 0; k < n; k++)
                 for (int64_t i = c; i < C; i++) gs[k * W + (i - c)] = got[k * C + i];
         const VT uv = vec && gut ? VLD(gut + c) : (VT){0};
-        VT wv[MAXN + 2], xs[MAXN];
+        VT wv[MAXN + 2] = {{0}}, xs[MAXN]; /* wv read only when vec (zeroed: GCC's -Wmaybe-uninitialized) */
         if (vec)
             for (int q = 0; q < m; q++) wv[q] = VLD(WT + q * C + c);
         for (int j = 0; j < n; j++) {
