@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Result, command_line, save_results
+from benchmarks.harness import Result, command_line, median_ci, save_results
 from mhckit import MHCConfig
 from mhckit.models import GPT, GPTConfig
 from mhckit.ops import carry, cpu
@@ -217,11 +217,12 @@ def main(argv=None) -> int:
         params = {"preset": args.preset, "variant": n, "tokens_per_s": round(ntok / med),
                   "memory_MB": round(memory[n] / 2**20, 1), "memory_ratio": round(memory[n] / memory[base], 3),
                   "memory_kind": "cuda peak allocated" if dev.startswith("cuda") else "params+grads+adam+saved",
-                  "compiled": args.compile, "first_step_s": round(first_step[n], 1), "dtype": args.dtype}
+                  "compiled": args.compile, "first_step_s": round(first_step[n], 1), "dtype": args.dtype,
+                  "ratio_ci95": "%.3f-%.3f" % median_ci(ratios)}
         q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else (ratios[0], ratios[-1])
         results.append(Result(n, 1e3 * med, statistics.median(ratios), (q[0], q[-1]), args.steps, params))
         print(f"{n:15s} {1e3 * med:9.1f} ms/step  {ntok / med:10,.0f} tok/s  throughput x{statistics.median(ratios):.3f} "
-              f"vs {base}  memory {memory[n] / 2**20:8.1f} MB (x{memory[n] / memory[base]:.2f})")
+              f"(95% CI {params['ratio_ci95']}) vs {base}  memory {memory[n] / 2**20:8.1f} MB (x{memory[n] / memory[base]:.2f})")
     suffix = ("_compiled" if args.compile else "") + ("" if dtype == torch.float32 else f"_{args.dtype}")
     stem = Path(args.out) if args.out else RESULTS / f"model_{args.preset}_{dev.split(':')[0]}{suffix}"
     save_results(results, stem, command_line(__spec__ and __spec__.name, argv),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -30,6 +31,26 @@ class Result:
     ratio_iqr: tuple[float, float]
     rounds: int
     params: dict = field(default_factory=dict)
+
+
+def median_ci(values, level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median of ``values`` (independent draws): the
+    order statistics ``x_(l)`` and ``x_(n-1-l)`` (0-based, sorted) for the largest ``l`` with
+    ``P(Binomial(n, 1/2) <= l) <= (1 - level) / 2``; the interval then misses the median with
+    probability at most ``1 - level``. (min, max) when no ``l`` qualifies (``n < 6`` at 95 %)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("values: got none; expected at least one")
+    if not 0 < level < 1:
+        raise ValueError(f"level: got {level}; expected 0 < level < 1")
+    tail, cdf, l = (1 - level) / 2, 0.0, -1
+    for k in range(n):
+        cdf += math.comb(n, k) / 2**n  # P(B <= k)
+        if cdf > tail:
+            break
+        l = k
+    return (xs[0], xs[-1]) if l < 0 else (xs[l], xs[n - 1 - l])
 
 
 def _sync(device: str) -> None:

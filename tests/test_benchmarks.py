@@ -301,6 +301,34 @@ def test_results_start_with_the_command_that_made_them(tmp_path, monkeypatch):
     assert meta["command"] == f"python -m benchmarks.bench_route --out {stem}"
 
 
+def test_median_ci_order_statistics_and_coverage():
+    """The interval is the pair of order statistics the binomial gives (n = 40: x_(13), x_(26); 160:
+    x_(67), x_(92)); it holds the median, is (min, max) for n < 6, and in repeated draws misses the
+    true median at most about 5 % of the time."""
+    import random
+    import statistics
+
+    from benchmarks.harness import median_ci
+
+    assert median_ci(range(40)) == (13, 26) and median_ci(range(160)) == (67, 92)
+    assert median_ci([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0) and median_ci(range(6)) == (0, 5)
+    assert median_ci(range(10), level=0.5) == (3, 6)
+    rng = random.Random(0)
+    for n in (7, 40, 161):
+        v = [rng.expovariate(1.0) for _ in range(n)]
+        lo, hi = median_ci(v)
+        assert lo <= statistics.median(v) <= hi
+    misses = 0
+    for _ in range(2000):
+        lo, hi = median_ci([rng.gauss(0.0, 1.0) for _ in range(40)])
+        misses += not lo <= 0.0 <= hi
+    assert 0.01 < misses / 2000 < 0.06
+    with pytest.raises(ValueError, match="values"):
+        median_ci([])
+    with pytest.raises(ValueError, match="level"):
+        median_ci([1.0], level=1.0)
+
+
 def test_every_committed_cpu_result_is_made_by_a_make_target():
     """`make bench-cpu` and `make bench-cpu-more` make every committed CPU result again: the command each
     result file starts with is one of those targets' lines (the one-off of an older commit excepted)."""
