@@ -588,6 +588,19 @@ def _transformers_modules():
     return M
 
 
+def _norm_eps(norm: nn.Module) -> float:
+    """The eps of transformers' ``DeepseekV4UnweightedRMSNorm``: ``eps`` up to transformers 5.24,
+    ``variance_epsilon`` from 5.25."""
+    for name in ("eps", "variance_epsilon"):
+        value = getattr(norm, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    raise ValueError(
+        f"input_norm: {type(norm).__name__} has neither `eps` nor `variance_epsilon`; "
+        "expected transformers' DeepseekV4UnweightedRMSNorm (transformers >= 5.23)"
+    )
+
+
 def from_transformers(module: nn.Module, **module_kwargs):
     """mhckit module(s) from transformers' DeepSeek-V4 (exact weights; eps and iterations copied).
 
@@ -601,14 +614,14 @@ def from_transformers(module: nn.Module, **module_kwargs):
         n = module.hc_mult
         return load_deepseek_v4(
             dict(module.named_parameters()), kind="hc", n_streams=n, dim=module.fn.shape[1] // n,
-            sinkhorn_iters=module.hc_sinkhorn_iters, hc_eps=module.hc_eps, rms_eps=module.input_norm.eps,
+            sinkhorn_iters=module.hc_sinkhorn_iters, hc_eps=module.hc_eps, rms_eps=_norm_eps(module.input_norm),
             **module_kwargs,
         )  # fmt: skip
     if isinstance(module, M.DeepseekV4HyperHead):
         n = module.hc_mult
         return load_deepseek_v4(
             dict(module.named_parameters()), kind="head", n_streams=n, dim=module.hc_fn.shape[1] // n,
-            hc_eps=module.eps, rms_eps=module.input_norm.eps,
+            hc_eps=module.eps, rms_eps=_norm_eps(module.input_norm),
         )  # fmt: skip
     kinds = (M.DeepseekV4HyperConnection, M.DeepseekV4HyperHead)
     out = {name: from_transformers(m) for name, m in module.named_modules() if isinstance(m, kinds)}

@@ -206,6 +206,21 @@ def _assert_bit_equal(a: dict, b: dict):
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
 
 
+def test_norm_eps_is_read_under_either_name():
+    """transformers 5.25 renamed the unweighted RMSNorm's ``eps`` to ``variance_epsilon``; both are read,
+    and a norm with neither is refused by name (the installed version is covered by the tests above)."""
+
+    class Old(nn.Module):
+        eps = 1e-5
+
+    class New(nn.Module):
+        variance_epsilon = 3e-6
+
+    assert D._norm_eps(Old()) == 1e-5 and D._norm_eps(New()) == 3e-6
+    with pytest.raises(ValueError, match="input_norm.*neither"):
+        D._norm_eps(nn.Identity())
+
+
 def test_round_trips_are_bit_exact():
     model = _tiny_model(4, 8, layers=2)
     leaves = D.HC_KEYS + D.HEAD_KEYS
