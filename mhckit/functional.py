@@ -238,8 +238,8 @@ def _pair_now() -> bool:
     for CPU streams of float32 / float64 in a plain eager step: not tracing, the kernels not switched
     off, the pair on and loaded, no finite checks, no :func:`mhckit.ops.carry.separate_ops`, no
     recomputation recording. Flag reads only: :meth:`mhckit.modules.HyperConnection.split` asks this
-    twice per sublayer, and every microsecond of Python there costs ~0.1 % of the default GPT's CPU
-    step (measured: it runs cold between the branches, several times its cost in a loop)."""
+    twice per sublayer, where Python runs cold between the branches (measured: several times its cost
+    in a loop)."""
     return (not torch.compiler.is_compiling() and not cpu._OFF[0] and _pair._ON[0] and _pair._STATE.get("ok") is True
             and not _FINITE_CHECK[0] and not _carry._OFF[0] and recompute_active() is None
             and not recompute_in_compiled_region() and cpu._load() is not None)
